@@ -1,0 +1,178 @@
+"""OutpostClient: a typed asyncio client for one Outpost.
+
+One client (one gRPC channel) per Outpost address, shared by every spawner of a hub.
+Every call has a deadline; failed calls raise typed :mod:`outpost_client.errors`
+exceptions; read-only calls (Poll, ListServers, Events resumption) and the idempotent ones
+(Start with the same start_id, Stop) are safe to retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from .errors import from_rpc_error
+from .v1 import outpost_pb2 as pb
+from .v1 import outpost_pb2_grpc as pb_grpc
+
+ServerStatus = pb.ServerStatus
+ServerState = pb.ServerState
+StopOutcome = pb.StopOutcome
+Event = pb.EventsResponse
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS to the Outpost: ca (PEM file) to verify it; cert and key (PEM files) for mTLS."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name_override: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path):
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca),
+            private_key=read(self.key),
+            certificate_chain=read(self.cert),
+        )
+
+
+class OutpostClient:
+    """An asyncio client of one Outpost.
+
+    ``address`` is ``host:port``. Without ``tls`` the channel is plaintext (only for an
+    Outpost on loopback or behind a trusted network).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: TLSConfig | None = None,
+        timeout: float = 30.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        options: Sequence[tuple[str, Any]] = (),
+    ):
+        self.address = address
+        self.timeout = timeout
+        opts = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            *options,
+        ]
+        if tls is not None:
+            if tls.server_name_override:
+                opts.append(("grpc.ssl_target_name_override", tls.server_name_override))
+            self.channel = grpc.aio.secure_channel(address, tls.credentials(), options=opts)
+        else:
+            self.channel = grpc.aio.insecure_channel(address, options=opts)
+        self.stub = pb_grpc.OutpostServiceStub(self.channel)
+
+    async def __aenter__(self) -> OutpostClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method, request, timeout: float | None):
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def start(
+        self,
+        server_name: str,
+        start_id: str,
+        *,
+        user_name: str,
+        user_id: int = 0,
+        admin: bool = False,
+        groups: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        user_options: Mapping[str, Any] | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
+        spawner_name: str = "",
+        internal_ssl: Mapping[str, str] | None = None,
+        wait_until_ready: bool = False,
+        timeout: float | None = None,
+    ) -> pb.StartResponse:
+        """Start a server (idempotent per (server_name, start_id))."""
+        request = pb.StartRequest(
+            server_name=server_name,
+            start_id=start_id,
+            user=pb.User(name=user_name, id=user_id, admin=admin, groups=list(groups)),
+            env=dict(env or {}),
+            spawner_name=spawner_name,
+            wait_until_ready=wait_until_ready,
+        )
+        if user_options:
+            request.user_options.update(dict(user_options))
+        if config_overrides:
+            request.config_overrides.update(dict(config_overrides))
+        if internal_ssl:
+            request.internal_ssl.CopyFrom(pb.InternalSslCertificates(**internal_ssl))
+        return await self._call(self.stub.Start, request, timeout)
+
+    async def poll(self, server_name: str, *, timeout: float | None = None) -> pb.ServerStatus:
+        response = await self._call(self.stub.Poll, pb.PollRequest(server_name=server_name), timeout)
+        return response.status
+
+    async def stop(
+        self, server_name: str, start_id: str = "", *, timeout: float | None = None
+    ) -> pb.StopResponse:
+        """Stop a server (idempotent; a stale start_id stops nothing)."""
+        request = pb.StopRequest(server_name=server_name, start_id=start_id)
+        return await self._call(self.stub.Stop, request, timeout)
+
+    async def list_servers(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> list[pb.ServerStatus]:
+        """Every server of this hub (follows the pages)."""
+        servers: list[pb.ServerStatus] = []
+        token = ""
+        while True:
+            request = pb.ListServersRequest(page_size=page_size, page_token=token)
+            response = await self._call(self.stub.ListServers, request, timeout)
+            servers.extend(response.servers)
+            token = response.next_page_token
+            if not token:
+                return servers
+
+    async def events(
+        self,
+        server_name: str,
+        *,
+        start_id: str = "",
+        after_sequence: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[pb.EventsResponse]:
+        """Follow a start's events until its terminal event.
+
+        ``timeout`` bounds the whole stream (default: none, the stream ends by itself).
+        """
+        request = pb.EventsRequest(
+            server_name=server_name, start_id=start_id, after_sequence=after_sequence
+        )
+        call = self.stub.Events(request, timeout=timeout)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()

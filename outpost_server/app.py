@@ -1,0 +1,376 @@
+"""The `jupyterhub-outpost` application: configuration, start-up and shutdown.
+
+Reads like JupyterHub's own: a traitlets Application with `outpost_config.py`,
+`--generate-config`, `init_*` steps in order and teardown in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from jupyterhub.spawner import LocalProcessSpawner, Spawner
+from jupyterhub.traitlets import EntryPointType
+from traitlets import (
+    Any,
+    Bool,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Unicode,
+    default,
+    validate,
+)
+from tornado.log import LogFormatter
+from traitlets.config import Application
+
+from outpost_client.errors import OverrideNotAllowed
+from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
+
+from . import __version__
+from .hosting import DEFAULT_SITE_ENV_KEYS
+from .interceptors import OutpostInterceptor, plaintext_resolver
+from .manager import LifecycleManager
+from .servicer import OutpostServicer
+from .store import Store
+
+SERVICE_NAME = outpost_pb2.DESCRIPTOR.services_by_name["OutpostService"].full_name
+
+aliases = {
+    "ip": "Outpost.ip",
+    "port": "Outpost.port",
+    "db-url": "Outpost.db_url",
+    "spawner-class": "Outpost.spawner_class",
+    "log-level": "Application.log_level",
+    "config": "Outpost.config_file",
+    "f": "Outpost.config_file",
+}
+
+flags = {
+    "generate-config": (
+        {"Outpost": {"generate_config": True}},
+        "Write a default config file (outpost_config.py) and exit.",
+    ),
+    "allow-plaintext": (
+        {"Outpost": {"allow_plaintext": True}},
+        "Serve plaintext on a non-loopback address (only behind a trusted network).",
+    ),
+    "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log at DEBUG level."),
+}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Outpost(Application):
+    """Host a JupyterHub Spawner for remote hubs, over gRPC."""
+
+    name = "jupyterhub-outpost"
+    version = __version__
+    description = """Start, poll and stop JupyterHub single-user servers for remote hubs.
+
+    The Outpost runs on (or next to) a system a JupyterHub cannot reach directly and
+    hosts that system's Spawner. Configure it like jupyterhub_config.py, in
+    outpost_config.py: c.Outpost.spawner_class and the Spawner's own options.
+    """
+    examples = """
+    jupyterhub-outpost --generate-config
+    jupyterhub-outpost --port 50051 --spawner-class simple
+    jupyterhub-outpost -f /etc/outpost/outpost_config.py
+    """
+    aliases = aliases
+    flags = flags
+    raise_config_file_errors = True
+    _log_formatter_cls = LogFormatter
+
+    config_file = Unicode(
+        "outpost_config.py", config=True, help="The config file to load (Python, like jupyterhub_config.py)."
+    )
+    generate_config = Bool(False, config=True, help="Write a default config file and exit.")
+
+    ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""The address the gRPC server listens on.
+
+        Plaintext is served only on a loopback address unless allow_plaintext is set.
+        """,
+    )
+    port = Integer(50051, config=True, help="The port the gRPC server listens on (0: any free port).")
+    allow_plaintext = Bool(
+        False,
+        config=True,
+        help="""Serve plaintext gRPC on a non-loopback address.
+
+        Without TLS anyone who can reach the port can start servers as the default hub;
+        only set this behind a network you trust.
+        """,
+    )
+    default_hub = Unicode(
+        "default",
+        config=True,
+        help="""The hub identity of plaintext connections.
+
+        A server is identified by (hub, server_name); with mTLS the hub identity comes
+        from the client certificate, on plaintext loopback connections it is this name.
+        """,
+    )
+
+    db_url = Unicode(
+        "sqlite:///outpost.sqlite",
+        config=True,
+        help="""The database URL (SQLAlchemy): sqlite:///path/file.sqlite (default, relative
+        to the working directory) or postgresql://user@host:5432/dbname.""",
+    )
+
+    spawner_class = EntryPointType(
+        default_value=LocalProcessSpawner,
+        klass=Spawner,
+        entry_point_group="jupyterhub.spawners",
+        config=True,
+        help="""The JupyterHub Spawner class the Outpost hosts.
+
+        A name registered under the jupyterhub.spawners entry point ("simple",
+        "localprocess", "kubespawner", ...) or an import string
+        ("batchspawner.SlurmSpawner"). Configure it exactly as in jupyterhub_config.py,
+        e.g. c.LocalProcessSpawner.cmd = [...].
+        """,
+    )
+
+    site_env_keys = List(
+        Unicode(),
+        default_value=list(DEFAULT_SITE_ENV_KEYS),
+        config=True,
+        help="""Environment keys the site keeps when the hub also sends them.
+
+        The notebook's environment is the hosted Spawner's get_env() with the hub's env laid
+        over it, except for these keys and the keys of the Spawner's own `environment`
+        config: those keep the site's value.
+        """,
+    )
+
+    allow_override = Any(
+        False,
+        config=True,
+        help="""Which config_overrides a hub may send with Start.
+
+        False (default): none; a Start with overrides fails with PERMISSION_DENIED
+        (reason OVERRIDE_NOT_ALLOWED). True: any configurable trait of the Spawner.
+        A list of trait names: only those.
+        """,
+    )
+
+    poll_interval = Float(
+        30.0,
+        config=True,
+        help="Seconds between two polls of every running Spawner by the lifecycle manager.",
+    )
+    poll_timeout = Float(60.0, config=True, help="Seconds one Spawner's poll() may take before it counts as failed.")
+    poll_concurrency = Integer(32, config=True, help="How many Spawner polls run at the same time.")
+    max_events_per_server = Integer(
+        200,
+        config=True,
+        help="Progress events kept per server (oldest dropped first; the terminal event is always kept).",
+    )
+    max_message_bytes = Integer(
+        4 * 1024 * 1024,
+        config=True,
+        help="The largest request the Outpost accepts; larger ones get RESOURCE_EXHAUSTED.",
+    )
+    max_struct_depth = Integer(
+        32,
+        config=True,
+        help="How deeply user_options and config_overrides may nest; deeper gets INVALID_ARGUMENT.",
+    )
+    shutdown_grace = Float(
+        10.0,
+        config=True,
+        help="""Seconds in-flight RPCs and pending starts get on SIGTERM.
+
+        Running notebooks are never stopped by a shutdown; their state is persisted.
+        """,
+    )
+
+    @default("log_level")
+    def _log_level_default(self):
+        return logging.INFO
+
+    @default("log_format")
+    def _log_format_default(self):
+        return "%(color)s[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s]%(end_color)s %(message)s"
+
+    @validate("port")
+    def _check_port(self, proposal):
+        if not 0 <= proposal.value < 65536:
+            raise TraitError(f"port must be 0 to 65535, not {proposal.value}")
+        return proposal.value
+
+    @validate("allow_override")
+    def _check_allow_override(self, proposal):
+        value = proposal.value
+        if isinstance(value, bool) or (isinstance(value, (list, tuple, set)) and all(isinstance(x, str) for x in value)):
+            return value
+        raise TraitError("allow_override must be True, False or a list of trait names")
+
+    @property
+    def classes(self):
+        return [Outpost, self.spawner_class if isinstance(self.spawner_class, type) else LocalProcessSpawner]
+
+    # --- start-up -------------------------------------------------------------------
+
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.generate_config:
+            return
+        self.load_config_file(self.config_file)
+        # command-line options win over the config file
+        if self.cli_config:
+            self.update_config(self.cli_config)
+        self.init_logging()
+        self.check_network()
+
+    def init_logging(self):
+        self.log.propagate = False
+        for name in ("outpost", "traitlets"):
+            logger = logging.getLogger(name)
+            logger.setLevel(self.log_level)
+            logger.handlers = self.log.handlers
+            logger.propagate = False
+        logging.getLogger().setLevel(self.log_level)
+
+    def check_network(self):
+        if not _is_loopback(self.ip) and not self.allow_plaintext:
+            raise SystemExit(
+                f"jupyterhub-outpost: refusing to serve plaintext gRPC on {self.ip}: "
+                "use a loopback address, or --allow-plaintext behind a trusted network"
+            )
+
+    async def override_policy(self, hub: str, overrides: dict) -> None:
+        allowed = self.allow_override
+        if allowed is True:
+            return
+        denied = sorted(overrides) if allowed is False else sorted(set(overrides) - set(allowed))
+        if denied:
+            raise OverrideNotAllowed(
+                f"This Outpost does not allow your hub to override {', '.join(denied)}.",
+                metadata={"keys": ",".join(denied)},
+            )
+
+    async def init_store(self):
+        self.store = Store(self.db_url, max_events_per_server=self.max_events_per_server)
+        await self.store.open()
+
+    async def init_manager(self):
+        self.manager = LifecycleManager(
+            store=self.store,
+            spawner_class=self.spawner_class,
+            config=self.config,
+            site_env_keys=frozenset(self.site_env_keys),
+            poll_interval=self.poll_interval,
+            poll_timeout=self.poll_timeout,
+            poll_concurrency=self.poll_concurrency,
+            max_events_per_server=self.max_events_per_server,
+            override_policy=self.override_policy,
+        )
+        restored = await self.manager.restore()
+        if restored:
+            self.log.info("Restored %d servers from the database", restored)
+        self.manager.start_polling()
+
+    async def init_server(self):
+        self.server = grpc.aio.server(
+            interceptors=[OutpostInterceptor(plaintext_resolver(self.default_hub))],
+            options=[
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        outpost_pb2_grpc.add_OutpostServiceServicer_to_server(
+            OutpostServicer(self.manager, max_struct_depth=self.max_struct_depth), self.server
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        address = f"{self.ip}:{self.port}" if ":" not in self.ip else f"[{self.ip}]:{self.port}"
+        self.bound_port = self.server.add_insecure_port(address)
+        await self.server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        # a line tests and scripts can wait for
+        self.log.info(
+            "Outpost %s serving %s on %s:%d (plaintext, hub %r) with %s",
+            __version__,
+            SERVICE_NAME,
+            self.ip,
+            self.bound_port,
+            self.default_hub,
+            self.spawner_class.__name__,
+        )
+
+    async def start(self):
+        if self.generate_config:
+            self.write_config_file()
+            return
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.init_store()
+        try:
+            await self.init_manager()
+            await self.init_server()
+            await stop.wait()
+            self.log.info("Shutting down: health NOT_SERVING, finishing in-flight RPCs")
+            await self.cleanup()
+        finally:
+            await self.store.close()
+        self.log.info("Outpost stopped; running notebooks keep running")
+
+    async def cleanup(self):
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.shutdown_grace)
+        await self.manager.shutdown(self.shutdown_grace)
+
+    def write_config_file(self):
+        path = self.config_file
+        if os.path.exists(path):
+            print(f"{path} exists; not overwriting it", file=sys.stderr)
+            self.exit(1)
+        with open(path, "w") as f:
+            f.write(self.generate_config_file())
+        os.chmod(path, 0o600)
+        print(f"Wrote default config file to {path}")
+
+    @classmethod
+    def launch_instance(cls, argv=None, **kwargs):
+        app = cls.instance(**kwargs)
+        try:
+            app.initialize(argv)
+        except TraitError as e:
+            print(f"jupyterhub-outpost: configuration error: {e}", file=sys.stderr)
+            sys.exit(1)
+        asyncio.run(app.start())
+
+
+main = Outpost.launch_instance
+
+
+if __name__ == "__main__":
+    main()

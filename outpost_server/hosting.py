@@ -1,0 +1,219 @@
+"""Hosting a real JupyterHub Spawner outside of JupyterHub.
+
+A Spawner expects to live inside a hub: it reads ``self.user``, ``self.hub``,
+``self.name`` and ``self.server`` and computes the notebook's environment in ``get_env()``.
+Here those come from what the hub sent in StartRequest: :class:`StandInUser` and
+:class:`StandInHub` carry it, and :func:`hosted_spawner_class` wraps the configured class so
+that ``name`` and ``get_env()`` answer with the hub's values.
+
+The notebook's environment is the hosted Spawner's own ``get_env()`` (its ``environment``
+config, ``env_keep``, user env such as HOME) with the hub's env laid over it, except for
+keys the site owns: the Spawner's ``environment`` config and ``Outpost.site_env_keys``
+(by default the keys that describe the local process, like JUPYTERHUB_SERVICE_URL, whose
+address only the site knows).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from jupyterhub.objects import Server
+from jupyterhub.spawner import Spawner
+from jupyterhub.utils import url_path_join
+
+from outpost_client.errors import InvalidArgument
+
+DEFAULT_SITE_ENV_KEYS = (
+    "JUPYTERHUB_SERVICE_URL",
+    "JUPYTERHUB_SSL_KEYFILE",
+    "JUPYTERHUB_SSL_CERTFILE",
+    "JUPYTERHUB_SSL_CLIENT_CA",
+    "PATH",
+    "HOME",
+    "USER",
+    "SHELL",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "CONDA_ROOT",
+    "CONDA_DEFAULT_ENV",
+)
+
+
+@dataclass
+class StandInGroup:
+    name: str
+
+
+@dataclass
+class StandInUser:
+    """What a hosted Spawner sees as ``self.user``."""
+
+    name: str
+    id: int = 0
+    admin: bool = False
+    groups: list[StandInGroup] = field(default_factory=list)
+    url: str = ""
+
+    @property
+    def escaped_name(self) -> str:
+        from urllib.parse import quote
+
+        return quote(self.name, safe="@~")
+
+    def progress_url(self, server_name: str = "") -> str:
+        return url_path_join(self.url, server_name, "api/progress")
+
+
+@dataclass
+class StandInHub:
+    """What a hosted Spawner sees as ``self.hub``."""
+
+    api_url: str = "http://127.0.0.1:8081/hub/api"
+    base_url: str = "/hub/"
+    public_host: str = ""
+
+    @property
+    def url(self) -> str:
+        return self.base_url
+
+
+def stand_ins_from_env(
+    env: dict[str, str], user_name: str, user_id: int, admin: bool, groups: list[str]
+) -> tuple[StandInUser, StandInHub]:
+    """Build the stand-in user and hub from the env the hub computed for the notebook."""
+    base = env.get("JUPYTERHUB_BASE_URL", "/") or "/"
+    hub = StandInHub(
+        api_url=env.get("JUPYTERHUB_API_URL", StandInHub.api_url),
+        base_url=url_path_join(base, "hub/"),
+        public_host=env.get("JUPYTERHUB_HOST", ""),
+    )
+    user = StandInUser(
+        name=user_name,
+        id=user_id,
+        admin=admin,
+        groups=[StandInGroup(g) for g in groups],
+        url=url_path_join(base, "user", user_name) + "/",
+    )
+    return user, hub
+
+
+class HostedSpawnerMixin:
+    """Mixed in front of the configured Spawner class (see :func:`hosted_spawner_class`)."""
+
+    _outpost_name: str = ""
+    _outpost_hub_env: dict[str, str] = {}
+    _outpost_site_env_keys: frozenset[str] = frozenset()
+
+    @property
+    def name(self) -> str:  # Spawner.name reads the hub's ORM object; we have none
+        return self._outpost_name
+
+    def get_env(self) -> dict[str, str]:
+        env = super().get_env()
+        site_keys = self._outpost_site_env_keys | set(self.environment)
+        for key, value in self._outpost_hub_env.items():
+            if key not in site_keys or key not in env:
+                env[key] = value
+        return env
+
+
+_hosted_classes: dict[type, type] = {}
+
+
+def hosted_spawner_class(cls: type[Spawner]) -> type[Spawner]:
+    """The hosted variant of a Spawner class (cached; same name, so its config applies)."""
+    try:
+        return _hosted_classes[cls]
+    except KeyError:
+        hosted = type(cls.__name__, (HostedSpawnerMixin, cls), {"__module__": cls.__module__})
+        _hosted_classes[cls] = hosted
+        return hosted
+
+
+def make_spawner(
+    spawner_class: type[Spawner],
+    *,
+    config,
+    spawner_name: str,
+    user: StandInUser,
+    hub: StandInHub,
+    env: dict[str, str],
+    user_options: dict,
+    site_env_keys: frozenset[str],
+    overrides: dict[str, Any] | None = None,
+    log=None,
+) -> Spawner:
+    """Create a hosted Spawner for one start."""
+    cls = hosted_spawner_class(spawner_class)
+    kwargs: dict[str, Any] = dict(
+        user=user,
+        hub=hub,
+        config=config,
+        orm_spawner=None,
+        api_token=env.get("JUPYTERHUB_API_TOKEN", ""),
+        oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID", ""),
+        user_options=user_options,
+    )
+    if log is not None:
+        kwargs["log"] = log
+    spawner = cls(**kwargs)
+    spawner._outpost_name = spawner_name
+    spawner._outpost_hub_env = dict(env)
+    spawner._outpost_site_env_keys = frozenset(site_env_keys)
+    prefix = env.get("JUPYTERHUB_SERVICE_PREFIX") or user.url
+    spawner._server = Server(base_url=prefix)
+    if overrides:
+        apply_overrides(spawner, overrides)
+    return spawner
+
+
+def apply_overrides(spawner: Spawner, overrides: dict[str, Any]) -> None:
+    """Set trait values on this Spawner instance only (never on the shared config)."""
+    traits = spawner.traits(config=True)
+    for key, value in overrides.items():
+        if key not in traits:
+            raise InvalidArgument(
+                f"config_overrides: {type(spawner).__name__} has no configurable option {key!r}",
+                metadata={"field": f"config_overrides.{key}"},
+            )
+        try:
+            setattr(spawner, key, value)
+        except Exception as e:  # traitlets.TraitError and friends
+            raise InvalidArgument(
+                f"config_overrides.{key}: {e}", metadata={"field": f"config_overrides.{key}"}
+            ) from None
+
+
+async def maybe_await(value):
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def normalise_address(result, spawner: Spawner) -> tuple[str, str, int]:
+    """Turn what Spawner.start() returned into (scheme, host, port).
+
+    Spawners return ``(ip, port)`` (the old contract) or a URL string; some return None
+    and set ``self.ip``/``self.port``.
+    """
+    scheme = "https" if getattr(spawner, "internal_ssl", False) else "http"
+    if isinstance(result, str):
+        parsed = urlparse(result)
+        if not parsed.hostname:
+            raise ValueError(f"Spawner.start() returned a URL without a host: {result!r}")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        return parsed.scheme or scheme, parsed.hostname, port
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        host, port = result
+    elif result is None:
+        host, port = spawner.ip, spawner.port
+    else:
+        raise ValueError(f"Spawner.start() returned {result!r}; expected (ip, port) or a URL")
+    host = host or "127.0.0.1"
+    port = int(port)
+    if not 0 < port < 65536:
+        raise ValueError(f"Spawner.start() returned port {port}")
+    return scheme, host, port

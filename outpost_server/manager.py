@@ -1,0 +1,681 @@
+"""The lifecycle manager: the only owner of Spawner objects and their tasks.
+
+Every server the Outpost knows is one :class:`Record` in memory, keyed by
+(hub, server_name). RPCs read records (Poll, ListServers and Events never touch the
+Spawner or the database); the manager changes them, writes every change to the database
+before it is visible to a caller, and polls the Spawners on its own schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from jupyterhub.spawner import Spawner
+
+from outpost_client.errors import (
+    OutpostError,
+    ServerAlreadyStarted,
+    ServerNotFound,
+    SpawnerError,
+    StartNotFound,
+    Unavailable,
+)
+from outpost_client.v1 import outpost_pb2 as pb
+
+from . import convert
+from .hosting import maybe_await, make_spawner, normalise_address, stand_ins_from_env
+from .store import Store, now
+
+log = logging.getLogger("outpost.manager")
+
+ACTIVE = (pb.SERVER_STATE_STARTING, pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_STOPPING)
+
+RESTART_DURING_START = (
+    "The Outpost restarted while this server was starting. Please start it again."
+)
+
+
+def user_message(error: BaseException) -> str:
+    """The message of a Spawner's exception, as the user should see it."""
+    message = getattr(error, "jupyterhub_message", None) or str(error)
+    if isinstance(error, asyncio.TimeoutError) and not message:
+        message = "The server did not start in time."
+    return message or f"The server failed to start ({type(error).__name__})."
+
+
+@dataclass(eq=False)
+class Record:
+    """One server of one hub, as the Outpost knows it."""
+
+    hub: str
+    spec: convert.StartSpec
+    state: int
+    start_time: datetime
+    address: dict[str, Any] | None = None
+    exit_code: int | None = None
+    failure_message: str = ""
+    error_class: str = ""
+    spawner: Spawner | None = None
+    spawner_state: dict | None = None
+    start_task: asyncio.Task | None = None
+    stop_task: asyncio.Task | None = None
+    events: deque = field(default_factory=deque)
+    last_sequence: int = 0
+    terminal: bool = False
+    accepted: asyncio.Future | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _status: pb.ServerStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.server_name
+
+    @property
+    def start_id(self) -> str:
+        return self.spec.start_id
+
+    def changed(self) -> None:
+        """Wake everyone waiting on this record and drop the cached status."""
+        self._status = None
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout: float | None = None) -> None:
+        waiter = self._changed
+        if timeout is None:
+            await waiter.wait()
+        else:
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def status(self) -> pb.ServerStatus:
+        if self._status is None:
+            status = pb.ServerStatus(
+                server_name=self.name,
+                start_id=self.start_id,
+                state=self.state,
+                failure_message=self.failure_message,
+                user_name=self.spec.user["name"],
+                start_time=convert.timestamp(self.start_time),
+            )
+            if self.address and self.state == pb.SERVER_STATE_RUNNING:
+                status.address.CopyFrom(pb.ServerAddress(**self.address))
+            if self.exit_code is not None and self.state == pb.SERVER_STATE_STOPPED:
+                status.exit_code = self.exit_code
+            self._status = status
+        return self._status
+
+    def row(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "hub": self.hub,
+            "server_name": spec.server_name,
+            "start_id": spec.start_id,
+            "state": convert.STATE_NAMES[self.state],
+            "user_info": spec.user,
+            "spawner_name": spec.spawner_name,
+            "env": spec.env,
+            "user_options": spec.user_options,
+            "config_overrides": spec.config_overrides,
+            "spawner_state": self.spawner_state,
+            "scheme": (self.address or {}).get("scheme"),
+            "host": (self.address or {}).get("host"),
+            "port": (self.address or {}).get("port"),
+            "exit_code": self.exit_code,
+            "failure_message": self.failure_message,
+            "error_class": self.error_class,
+            "start_time": self.start_time,
+        }
+
+
+class LifecycleManager:
+    """Owns every hosted Spawner. Created and driven by the Outpost application."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        spawner_class: type[Spawner],
+        config,
+        site_env_keys: frozenset[str],
+        poll_interval: float = 30.0,
+        poll_timeout: float = 60.0,
+        poll_concurrency: int = 32,
+        start_timeout: float = 600.0,
+        max_events_per_server: int = 200,
+        override_policy=None,
+    ):
+        self.store = store
+        self.spawner_class = spawner_class
+        self.config = config
+        self.site_env_keys = site_env_keys
+        self.poll_interval = poll_interval
+        self.poll_timeout = poll_timeout
+        self.poll_concurrency = poll_concurrency
+        self.start_timeout = start_timeout
+        self.max_events = max_events_per_server
+        self.override_policy = override_policy
+        self.records: dict[tuple[str, str], Record] = {}
+        self._poller: asyncio.Task | None = None
+        self._closing = False
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _get(self, hub: str, server_name: str) -> Record:
+        rec = self.records.get((hub, server_name))
+        if rec is None:
+            raise ServerNotFound(
+                f"No server {server_name!r} is known to this Outpost for your hub.",
+                metadata={"server_name": server_name},
+            )
+        return rec
+
+    def _new_spawner(self, rec: Record) -> Spawner:
+        spec = rec.spec
+        user, hub = stand_ins_from_env(
+            spec.env,
+            spec.user["name"],
+            spec.user.get("id", 0),
+            spec.user.get("admin", False),
+            spec.user.get("groups", []),
+        )
+        return make_spawner(
+            self.spawner_class,
+            config=self.config,
+            spawner_name=spec.spawner_name,
+            user=user,
+            hub=hub,
+            env=spec.env,
+            user_options=spec.user_options,
+            site_env_keys=self.site_env_keys,
+            overrides=spec.config_overrides,
+            log=log.getChild(f"{rec.hub}.{rec.name}"),
+        )
+
+    def _event_data(self, data: dict[str, Any]) -> dict[str, Any]:
+        data.setdefault("time", time.time())
+        return data
+
+    def _append_events(self, rec: Record, items: list[dict[str, Any]]) -> list[dict]:
+        """Add events in memory; return the rows to persist."""
+        rows = []
+        for data in items:
+            data = self._event_data(data)
+            rec.last_sequence += 1
+            rec.events.append((rec.last_sequence, data))
+            while len(rec.events) > self.max_events:
+                rec.events.popleft()
+            rows.append({"sequence": rec.last_sequence, "start_id": rec.start_id, "data": data})
+            if data["kind"] in (pb.EVENT_KIND_READY, pb.EVENT_KIND_FAILED):
+                rec.terminal = True
+        rec.changed()
+        return rows
+
+    async def _persist(self, rec: Record, *, events: list[dict] | None = None, **values) -> None:
+        ops = []
+        if values:
+            ops.append(self.store.op_update_server(rec.hub, rec.name, **values))
+        if events:
+            ops.append(self.store.op_add_events(rec.hub, rec.name, events))
+        if ops:
+            await self.store.write(*ops)
+
+    # --- Start --------------------------------------------------------------------
+
+    async def start(self, hub: str, spec: convert.StartSpec) -> tuple[pb.ServerStatus, bool]:
+        if self._closing:
+            raise Unavailable("The Outpost is shutting down; try again shortly.", reason="SHUTTING_DOWN")
+        key = (hub, spec.server_name)
+        rec = self.records.get(key)
+        if rec is not None and rec.start_id == spec.start_id:
+            # idempotent retry: attach to the same start
+            if rec.accepted is not None:
+                await asyncio.shield(rec.accepted)
+            if spec.wait_until_ready:
+                await self.wait_terminal(rec)
+            return rec.status(), False
+        if rec is not None and rec.state in ACTIVE:
+            raise ServerAlreadyStarted(
+                f"Server {spec.server_name!r} is {convert.STATE_NAMES[rec.state]} under "
+                f"start_id {rec.start_id!r}. Stop it first (Stop with that start_id), or "
+                "repeat Start with that start_id to attach to it.",
+                metadata={"server_name": spec.server_name, "start_id": rec.start_id},
+            )
+        if self.override_policy is not None and spec.config_overrides:
+            await self.override_policy(hub, spec.config_overrides)
+
+        new = Record(hub=hub, spec=spec, state=pb.SERVER_STATE_STARTING, start_time=now())
+        new.accepted = asyncio.get_running_loop().create_future()
+        self.records[key] = new
+        try:
+            await self.store.write(self.store.op_replace_server(new.row()))
+        except BaseException as e:
+            # not accepted: forget it, and put back what was there
+            if self.records.get(key) is new:
+                if rec is not None:
+                    self.records[key] = rec
+                else:
+                    del self.records[key]
+            new.accepted.set_exception(e if isinstance(e, Exception) else Unavailable("cancelled"))
+            new.accepted.exception()  # mark retrieved
+            raise
+        new.accepted.set_result(None)
+        new.accepted = None
+        new.start_task = asyncio.create_task(
+            self._run_start(new), name=f"start-{hub}-{spec.server_name}"
+        )
+        if spec.wait_until_ready:
+            await self.wait_terminal(new)
+        return new.status(), True
+
+    async def wait_terminal(self, rec: Record) -> None:
+        while not rec.terminal and self.records.get((rec.hub, rec.name)) is rec:
+            await rec.wait_changed()
+
+    async def _run_start(self, rec: Record) -> None:
+        spawner: Spawner | None = None
+        progress_task: asyncio.Task | None = None
+        try:
+            spawner = rec.spawner = self._new_spawner(rec)
+            spawner._spawn_pending = True
+            spawner._start_pending = True
+            await maybe_await(spawner.run_pre_spawn_hook())
+            start = asyncio.ensure_future(spawner.start())
+            spawner._spawn_future = start
+            progress_task = asyncio.create_task(self._follow_progress(rec, spawner))
+            result = await asyncio.wait_for(start, self.start_timeout)
+            scheme, host, port = normalise_address(result, spawner)
+            spawner._spawn_pending = spawner._start_pending = False
+            await self._stop_progress(progress_task)
+            progress_task = None
+            rec.address = {"scheme": scheme, "host": host, "port": port}
+            rec.state = pb.SERVER_STATE_RUNNING
+            rec.spawner_state = spawner.get_state()
+            rows = self._append_events(
+                rec,
+                [
+                    {
+                        "kind": pb.EVENT_KIND_READY,
+                        "message": f"Server ready at {scheme}://{host}:{port}",
+                        "progress": 100,
+                        "address": rec.address,
+                    }
+                ],
+            )
+            await self._persist(
+                rec,
+                events=rows,
+                state="running",
+                spawner_state=rec.spawner_state,
+                scheme=scheme,
+                host=host,
+                port=port,
+            )
+            log.info("%s/%s started at %s://%s:%s", rec.hub, rec.name, scheme, host, port)
+        except asyncio.CancelledError:
+            if progress_task is not None:
+                progress_task.cancel()
+            if self._closing:
+                # shutdown: keep what the Spawner knows, so a restart can clean up
+                if spawner is not None:
+                    rec.spawner_state = _safe_state(spawner)
+                    try:
+                        await self._persist(rec, spawner_state=rec.spawner_state)
+                    except Exception:
+                        log.exception("Could not persist state of %s/%s", rec.hub, rec.name)
+                raise
+            # cancelled by Stop: Stop cleans up
+            raise
+        except Exception as e:
+            if progress_task is not None:
+                progress_task.cancel()
+            await self._fail_start(rec, e)
+
+    async def _follow_progress(self, rec: Record, spawner: Spawner) -> None:
+        try:
+            async for item in spawner.progress():
+                rows = self._append_events(rec, [convert.event_from_spawner(item)])
+                try:
+                    await self._persist(rec, events=rows)
+                except Unavailable:
+                    pass  # the event is in memory; the next write will try again
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("progress() of %s/%s raised; ignoring it", rec.hub, rec.name)
+
+    async def _stop_progress(self, task: asyncio.Task) -> None:
+        """Let progress() deliver what it already has, then stop it."""
+        await asyncio.sleep(0)
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    async def _fail_start(self, rec: Record, error: BaseException) -> None:
+        message = user_message(error)
+        if isinstance(error, asyncio.TimeoutError):
+            message = f"The server did not start within {self.start_timeout:g} seconds."
+        log.error(
+            "Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error
+        )
+        if rec.spawner is not None:
+            try:
+                await rec.spawner.stop(now=True)
+            except Exception:
+                log.exception("Cleanup stop() of %s/%s raised", rec.hub, rec.name)
+            _run_post_stop_hook(rec.spawner)
+        rec.state = pb.SERVER_STATE_STOPPED
+        rec.failure_message = message
+        rec.error_class = type(error).__name__
+        rec.spawner_state = None
+        rec.spawner = None
+        rows = self._append_events(
+            rec,
+            [
+                {
+                    "kind": pb.EVENT_KIND_FAILED,
+                    "message": message,
+                    "error_class": rec.error_class,
+                }
+            ],
+        )
+        try:
+            await self._persist(
+                rec,
+                events=rows,
+                state="stopped",
+                spawner_state=None,
+                failure_message=message,
+                error_class=rec.error_class,
+            )
+        except Unavailable:
+            log.error("Could not persist the failed start of %s/%s", rec.hub, rec.name)
+
+    # --- Events -------------------------------------------------------------------
+
+    async def events(
+        self, hub: str, server_name: str, start_id: str, after: int
+    ) -> AsyncIterator[pb.EventsResponse]:
+        rec = self._get(hub, server_name)
+        if start_id and start_id != rec.start_id:
+            raise StartNotFound(
+                f"Server {server_name!r} has no start {start_id!r}; its current start is "
+                f"{rec.start_id!r}.",
+                metadata={"server_name": server_name, "start_id": rec.start_id},
+            )
+        sent = after
+        while True:
+            for sequence, data in list(rec.events):
+                if sequence > sent:
+                    sent = sequence
+                    yield convert.event_to_proto(data, sequence=sequence, start_id=rec.start_id)
+            if rec.terminal and sent >= rec.last_sequence:
+                return
+            if self.records.get((hub, server_name)) is not rec:
+                # stopped (or replaced) while we followed it
+                return
+            await rec.wait_changed(timeout=5.0)
+
+    # --- Poll and List --------------------------------------------------------------
+
+    def poll(self, hub: str, server_name: str) -> pb.ServerStatus:
+        return self._get(hub, server_name).status()
+
+    def list(self, hub: str, page_size: int, after_name: str) -> tuple[list[pb.ServerStatus], str]:
+        names = sorted(name for (h, name) in self.records if h == hub and name > after_name)
+        page = names[:page_size]
+        statuses = [self.records[(hub, name)].status() for name in page]
+        next_token = convert.encode_page_token(page[-1]) if len(names) > page_size else ""
+        return statuses, next_token
+
+    # --- Stop ---------------------------------------------------------------------
+
+    async def stop(self, hub: str, server_name: str, start_id: str) -> tuple[int, pb.ServerStatus | None]:
+        rec = self.records.get((hub, server_name))
+        if rec is None:
+            return pb.STOP_OUTCOME_NOT_FOUND, None
+        if start_id and start_id != rec.start_id:
+            return pb.STOP_OUTCOME_STALE_START_ID, rec.status()
+        if rec.stop_task is None:
+            rec.stop_task = asyncio.create_task(self._run_stop(rec), name=f"stop-{hub}-{server_name}")
+        try:
+            await asyncio.shield(rec.stop_task)
+        finally:
+            task = rec.stop_task
+            if task is not None and task.done() and (task.cancelled() or task.exception()):
+                rec.stop_task = None  # let a retry try again
+        return pb.STOP_OUTCOME_STOPPED, None
+
+    async def _run_stop(self, rec: Record) -> None:
+        if rec.accepted is not None:
+            await asyncio.shield(rec.accepted)
+        previous = rec.state
+        if rec.state != pb.SERVER_STATE_STOPPED:
+            rec.state = pb.SERVER_STATE_STOPPING
+            rec.changed()
+        if rec.start_task is not None and not rec.start_task.done():
+            rec.start_task.cancel()
+            try:
+                await rec.start_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        spawner = rec.spawner
+        if spawner is None and rec.spawner_state and previous != pb.SERVER_STATE_STOPPED:
+            spawner = self._restored_spawner(rec)
+        if spawner is not None:
+            try:
+                await spawner.stop()
+            except Exception as e:
+                log.exception("stop() of %s/%s raised", rec.hub, rec.name)
+                rec.state = previous
+                rec.changed()
+                raise SpawnerError(
+                    f"Stopping the server failed: {user_message(e)}",
+                    metadata={"error_class": type(e).__name__},
+                ) from None
+            _run_post_stop_hook(spawner)
+        await self.store.write(self.store.op_delete_server(rec.hub, rec.name))
+        if self.records.get((rec.hub, rec.name)) is rec:
+            del self.records[(rec.hub, rec.name)]
+        rec.spawner = None
+        rec.changed()
+        log.info("%s/%s stopped", rec.hub, rec.name)
+
+    # --- the manager's own polling --------------------------------------------------
+
+    def start_polling(self) -> None:
+        self._poller = asyncio.create_task(self._poll_loop(), name="outpost-poller")
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.poll_all()
+            except Exception:
+                log.exception("Polling the Spawners failed")
+
+    async def poll_all(self) -> None:
+        """Poll every running server's Spawner once (bounded concurrency and time)."""
+        semaphore = asyncio.Semaphore(self.poll_concurrency)
+
+        async def one(rec: Record) -> None:
+            async with semaphore:
+                await self._poll_one(rec)
+
+        targets = [
+            r
+            for r in self.records.values()
+            if r.spawner is not None
+            and r.state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_UNKNOWN)
+            and r.stop_task is None
+        ]
+        await asyncio.gather(*(one(r) for r in targets))
+
+    async def _poll_one(self, rec: Record) -> None:
+        spawner = rec.spawner
+        if spawner is None:
+            return
+        try:
+            result = await asyncio.wait_for(spawner.poll(), self.poll_timeout)
+        except Exception as e:
+            log.warning("poll() of %s/%s failed: %s: %s", rec.hub, rec.name, type(e).__name__, e)
+            if rec.state != pb.SERVER_STATE_UNKNOWN and rec.stop_task is None:
+                rec.state = pb.SERVER_STATE_UNKNOWN
+                rec.changed()
+            return
+        if rec.stop_task is not None or self.records.get((rec.hub, rec.name)) is not rec:
+            return  # stopped while we polled
+        new_state = _safe_state(spawner)
+        if result is None:
+            if rec.state != pb.SERVER_STATE_RUNNING or new_state != rec.spawner_state:
+                rec.state = pb.SERVER_STATE_RUNNING
+                rec.spawner_state = new_state
+                rec.changed()
+                await self._persist(rec, state="running", spawner_state=new_state)
+            return
+        log.info("%s/%s exited with status %s", rec.hub, rec.name, result)
+        rec.state = pb.SERVER_STATE_STOPPED
+        rec.exit_code = int(result)
+        rec.spawner_state = new_state
+        rec.changed()
+        await self._persist(rec, state="stopped", exit_code=rec.exit_code, spawner_state=new_state)
+
+    # --- restore and shutdown ----------------------------------------------------------
+
+    def _restored_spawner(self, rec: Record) -> Spawner:
+        spawner = self._new_spawner(rec)
+        spawner.load_state(rec.spawner_state or {})
+        rec.spawner = spawner
+        return spawner
+
+    async def restore(self) -> int:
+        """Load every persisted server and reconcile it with its Spawner's poll()."""
+        rows, events = await self.store.load()
+        for row in rows:
+            spec = convert.StartSpec(
+                server_name=row["server_name"],
+                start_id=row["start_id"],
+                user=row["user_info"],
+                env=row["env"] or {},
+                user_options=row["user_options"] or {},
+                config_overrides=row["config_overrides"] or {},
+                spawner_name=row["spawner_name"] or "",
+            )
+            start_time = row["start_time"]
+            rec = Record(
+                hub=row["hub"],
+                spec=spec,
+                state=convert.STATE_VALUES.get(row["state"], pb.SERVER_STATE_UNKNOWN),
+                start_time=start_time,
+                exit_code=row["exit_code"],
+                failure_message=row["failure_message"] or "",
+                error_class=row["error_class"] or "",
+                spawner_state=row["spawner_state"],
+            )
+            if row["host"]:
+                rec.address = {"scheme": row["scheme"], "host": row["host"], "port": row["port"]}
+            for ev in events.get((rec.hub, rec.name), []):
+                rec.events.append((ev["sequence"], ev["data"]))
+                rec.last_sequence = ev["sequence"]
+                if ev["data"].get("kind") in (pb.EVENT_KIND_READY, pb.EVENT_KIND_FAILED):
+                    rec.terminal = True
+            self.records[(rec.hub, rec.name)] = rec
+        await asyncio.gather(*(self._reconcile(r) for r in list(self.records.values())))
+        return len(rows)
+
+    async def _reconcile(self, rec: Record) -> None:
+        if rec.state == pb.SERVER_STATE_STOPPED:
+            return
+        try:
+            spawner = self._restored_spawner(rec)
+        except Exception:
+            log.exception("Could not recreate the Spawner of %s/%s", rec.hub, rec.name)
+            rec.state = pb.SERVER_STATE_UNKNOWN
+            return
+        if rec.state == pb.SERVER_STATE_STARTING:
+            log.warning("%s/%s was starting when the Outpost stopped; cleaning up", rec.hub, rec.name)
+            await self._fail_start(rec, _RestartDuringStart(RESTART_DURING_START))
+            return
+        try:
+            result = await asyncio.wait_for(spawner.poll(), self.poll_timeout)
+        except Exception as e:
+            log.warning("poll() of restored %s/%s failed: %s", rec.hub, rec.name, e)
+            rec.state = pb.SERVER_STATE_UNKNOWN
+            return
+        if result is None:
+            rec.state = pb.SERVER_STATE_RUNNING
+            log.info("Restored %s/%s: running", rec.hub, rec.name)
+        else:
+            rec.state = pb.SERVER_STATE_STOPPED
+            rec.exit_code = int(result)
+            log.info("Restored %s/%s: exited with %s", rec.hub, rec.name, result)
+        rec.spawner_state = _safe_state(spawner)
+        rec.changed()
+        try:
+            await self._persist(
+                rec,
+                state=convert.STATE_NAMES[rec.state],
+                exit_code=rec.exit_code,
+                spawner_state=rec.spawner_state,
+            )
+        except Unavailable:
+            pass
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop polling; give pending starts `grace` seconds; keep running servers running."""
+        self._closing = True
+        if self._poller is not None:
+            self._poller.cancel()
+        pending = [r.start_task for r in self.records.values() if r.start_task and not r.start_task.done()]
+        pending += [r.stop_task for r in self.records.values() if r.stop_task and not r.stop_task.done()]
+        if pending:
+            log.info("Waiting up to %gs for %d pending starts/stops", grace, len(pending))
+            done, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        # persist the latest Spawner state of every server (what a restart needs)
+        ops = []
+        for rec in self.records.values():
+            if rec.spawner is not None and rec.state != pb.SERVER_STATE_STOPPED:
+                state = _safe_state(rec.spawner)
+                if state != rec.spawner_state:
+                    rec.spawner_state = state
+                    ops.append(self.store.op_update_server(rec.hub, rec.name, spawner_state=state))
+        if ops:
+            try:
+                await self.store.write(*ops)
+            except OutpostError:
+                log.error("Could not persist Spawner state at shutdown")
+
+
+class _RestartDuringStart(Exception):
+    pass
+
+
+def _safe_state(spawner: Spawner) -> dict | None:
+    try:
+        return spawner.get_state()
+    except Exception:
+        log.exception("get_state() raised")
+        return None
+
+
+def _run_post_stop_hook(spawner: Spawner) -> None:
+    try:
+        spawner.run_post_stop_hook()
+    except Exception:
+        log.exception("post_stop_hook raised")

@@ -1,0 +1,285 @@
+"""Persistence: what the Outpost needs to survive a restart.
+
+SQLAlchemy 2 Core on asyncio; a SQLite file by default, PostgreSQL by URL. Two tables:
+``servers`` (one row per (hub, server_name): the start's inputs, the Spawner's state, the
+lifecycle state) and ``events`` (the progress events of each server's current start,
+bounded per server).
+
+Writes go through one writer task that commits everything queued since its last commit
+in a single transaction (group commit): under load many RPCs share one commit, and no two
+transactions ever contend for SQLite's single write lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from outpost_client.errors import Unavailable
+
+log = logging.getLogger("outpost.store")
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+servers = Table(
+    "outpost_servers",
+    metadata,
+    Column("hub", String(255), primary_key=True),
+    Column("server_name", String(255), primary_key=True),
+    Column("start_id", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("user_info", JSON, nullable=False),
+    Column("spawner_name", String(255), nullable=False, default=""),
+    Column("env", JSON, nullable=False),
+    Column("user_options", JSON, nullable=False),
+    Column("config_overrides", JSON, nullable=False),
+    Column("spawner_state", JSON, nullable=True),
+    Column("scheme", String(8), nullable=True),
+    Column("host", String(255), nullable=True),
+    Column("port", Integer, nullable=True),
+    Column("exit_code", Integer, nullable=True),
+    Column("failure_message", Text, nullable=False, default=""),
+    Column("error_class", String(255), nullable=False, default=""),
+    Column("start_time", DateTime(timezone=True), nullable=False),
+    Column("updated", DateTime(timezone=True), nullable=False),
+)
+
+events = Table(
+    "outpost_events",
+    metadata,
+    Column("hub", String(255), primary_key=True),
+    Column("server_name", String(255), primary_key=True),
+    Column("sequence", Integer, primary_key=True),
+    Column("start_id", String(128), nullable=False),
+    Column("data", JSON, nullable=False),
+)
+
+schema_info = Table(
+    "outpost_schema",
+    metadata,
+    Column("version", Integer, primary_key=True),
+)
+
+Op = Callable[[AsyncConnection], Awaitable[Any]]
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def async_url(url: str) -> str:
+    """Accept plain SQLAlchemy URLs and pick the asyncio driver for them."""
+    parsed = make_url(url)
+    driver = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}.get(
+        parsed.drivername
+    )
+    if driver:
+        parsed = parsed.set(drivername=driver)
+    return parsed.render_as_string(hide_password=False)
+
+
+class Store:
+    """The database, opened once per Outpost process."""
+
+    def __init__(self, url: str, *, max_events_per_server: int = 200):
+        self.url = async_url(url)
+        self.max_events = max_events_per_server
+        self.engine: AsyncEngine | None = None
+        self._queue: list[tuple[tuple[Op, ...], asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._writer_task: asyncio.Task | None = None
+
+    @property
+    def dialect(self) -> str:
+        return make_url(self.url).get_backend_name()
+
+    async def open(self) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
+        self.engine = create_async_engine(self.url, **kwargs)
+        if self.dialect == "sqlite":
+
+            @event.listens_for(self.engine.sync_engine, "connect")
+            def _sqlite_pragmas(dbapi_conn, _record):
+                cursor = dbapi_conn.cursor()
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+                cursor.close()
+
+        try:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(metadata.create_all)
+                version = (await conn.execute(select(schema_info.c.version))).scalar()
+                if version is None:
+                    await conn.execute(insert(schema_info).values(version=SCHEMA_VERSION))
+                elif version > SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"database schema version {version} is newer than this Outpost "
+                        f"({SCHEMA_VERSION}); upgrade the Outpost"
+                    )
+        except Exception:
+            await self.engine.dispose()
+            raise
+        self._writer_task = asyncio.create_task(self._writer(), name="outpost-db-writer")
+
+    async def close(self) -> None:
+        if self._writer_task is not None:
+            # let queued writes finish, then stop the writer
+            while self._queue:
+                await asyncio.sleep(0.01)
+            self._writer_task.cancel()
+            try:
+                await self._writer_task
+            except asyncio.CancelledError:
+                pass
+            self._writer_task = None
+        if self.engine is not None:
+            await self.engine.dispose()
+            self.engine = None
+
+    # --- writes -------------------------------------------------------------------
+
+    async def write(self, *ops: Op) -> None:
+        """Run ops in one transaction (possibly shared with other callers' ops).
+
+        Raises Unavailable when the database cannot commit them.
+        """
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((ops, future))
+        self._wake.set()
+        await future
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            try:
+                await self._commit([op for ops, _ in batch for op in ops])
+            except Exception as e:
+                if len(batch) == 1:
+                    self._fail(batch[0][1], e)
+                    continue
+                # one bad op must not fail the others: retry each caller on its own
+                for ops, future in batch:
+                    try:
+                        await self._commit(list(ops))
+                    except Exception as e1:
+                        self._fail(future, e1)
+                    else:
+                        if not future.done():
+                            future.set_result(None)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _commit(self, ops: list[Op]) -> None:
+        assert self.engine is not None
+        async with self.engine.begin() as conn:
+            for op in ops:
+                await op(conn)
+
+    @staticmethod
+    def _fail(future: asyncio.Future, error: Exception) -> None:
+        log.error("Database write failed: %s: %s", type(error).__name__, error)
+        if not future.done():
+            future.set_exception(
+                Unavailable(
+                    "The Outpost could not write to its database; try again shortly.",
+                    metadata={"error_class": type(error).__name__},
+                )
+            )
+
+    # --- operations (pure builders of ops) ------------------------------------------
+
+    @staticmethod
+    def op_replace_server(row: dict[str, Any]) -> Op:
+        key = and_(servers.c.hub == row["hub"], servers.c.server_name == row["server_name"])
+        ekey = and_(events.c.hub == row["hub"], events.c.server_name == row["server_name"])
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(delete(events).where(ekey))
+            await conn.execute(delete(servers).where(key))
+            await conn.execute(insert(servers).values(**row, updated=now()))
+
+        return op
+
+    @staticmethod
+    def op_update_server(hub: str, server_name: str, **values: Any) -> Op:
+        key = and_(servers.c.hub == hub, servers.c.server_name == server_name)
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(update(servers).where(key).values(**values, updated=now()))
+
+        return op
+
+    @staticmethod
+    def op_delete_server(hub: str, server_name: str) -> Op:
+        key = and_(servers.c.hub == hub, servers.c.server_name == server_name)
+        ekey = and_(events.c.hub == hub, events.c.server_name == server_name)
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(delete(events).where(ekey))
+            await conn.execute(delete(servers).where(key))
+
+        return op
+
+    def op_add_events(self, hub: str, server_name: str, rows: list[dict[str, Any]]) -> Op:
+        """Insert events and drop the oldest beyond the per-server limit."""
+        last = max(r["sequence"] for r in rows)
+        keep_from = last - self.max_events + 1
+        ekey = and_(events.c.hub == hub, events.c.server_name == server_name)
+        values = [dict(r, hub=hub, server_name=server_name) for r in rows]
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(insert(events), values)
+            if keep_from > 1:
+                await conn.execute(delete(events).where(ekey, events.c.sequence < keep_from))
+
+        return op
+
+    # --- reads (start-up only) --------------------------------------------------------
+
+    async def load(self) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[dict]]]:
+        """All server rows, and their events ordered by sequence."""
+        assert self.engine is not None
+        async with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in await conn.execute(select(servers))]
+            evs: dict[tuple[str, str], list[dict]] = {}
+            result = await conn.execute(
+                select(events).order_by(events.c.hub, events.c.server_name, events.c.sequence)
+            )
+            for r in result:
+                m = dict(r._mapping)
+                evs.setdefault((m["hub"], m["server_name"]), []).append(m)
+        return rows, evs
