@@ -192,7 +192,7 @@ class Outpost(Application):
         help="The largest request the Outpost accepts; larger ones get RESOURCE_EXHAUSTED.",
     )
     max_struct_depth = Integer(
-        32,
+        16,
         config=True,
         help="How deeply user_options and config_overrides may nest; deeper gets INVALID_ARGUMENT.",
     )

@@ -18,7 +18,9 @@ from collections.abc import Callable
 import grpc
 from grpc_status import rpc_status
 
-from outpost_client.errors import OutpostError, Unauthenticated, to_status_proto
+from google.protobuf.message import DecodeError
+
+from outpost_client.errors import InvalidArgument, OutpostError, Unauthenticated, to_status_proto
 
 log = logging.getLogger("outpost.rpc")
 
@@ -53,6 +55,32 @@ def internal_error(error: BaseException) -> OutpostError:
     )
 
 
+class Undecodable:
+    """Stands in for a request protobuf could not parse (so we can answer INVALID_ARGUMENT)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def safe_deserializer(deserialize):
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except DecodeError as e:
+            return Undecodable(e)
+
+    return parse
+
+
+def check_decoded(request) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument(
+            "request: could not be decoded (malformed, or nested deeper than protobuf's "
+            f"limit of 100 levels): {request.error}",
+            metadata={"field": "request"},
+        )
+
+
 async def abort(context, error: OutpostError):
     status = rpc_status.to_status(to_status_proto(error))
     await context.abort(status.code, status.details, status.trailing_metadata)
@@ -71,13 +99,13 @@ class OutpostInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(name, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(name, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -105,6 +133,7 @@ class OutpostInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             try:
                 self._enter(context)
+                check_decoded(request)
                 return await behavior(request, context)
             except Exception as e:
                 if isinstance(e, grpc.aio.AbortError):
@@ -124,6 +153,7 @@ class OutpostInterceptor(grpc.aio.ServerInterceptor):
             code = "OK"
             try:
                 self._enter(context)
+                check_decoded(request)
                 async for item in behavior(request, context):
                     yield item
             except Exception as e:

@@ -150,7 +150,6 @@ class LifecycleManager:
         poll_interval: float = 30.0,
         poll_timeout: float = 60.0,
         poll_concurrency: int = 32,
-        start_timeout: float = 600.0,
         max_events_per_server: int = 200,
         override_policy=None,
     ):
@@ -161,7 +160,6 @@ class LifecycleManager:
         self.poll_interval = poll_interval
         self.poll_timeout = poll_timeout
         self.poll_concurrency = poll_concurrency
-        self.start_timeout = start_timeout
         self.max_events = max_events_per_server
         self.override_policy = override_policy
         self.records: dict[tuple[str, str], Record] = {}
@@ -254,6 +252,18 @@ class LifecycleManager:
             await self.override_policy(hub, spec.config_overrides)
 
         new = Record(hub=hub, spec=spec, state=pb.SERVER_STATE_STARTING, start_time=now())
+        try:
+            # built before anything is persisted: bad overrides and a Spawner that cannot
+            # be configured are answered at once, and leave nothing behind
+            new.spawner = self._new_spawner(new)
+        except OutpostError:
+            raise
+        except Exception as e:
+            log.exception("Creating the Spawner for %s/%s failed", hub, spec.server_name)
+            raise SpawnerError(
+                f"The Outpost could not create the Spawner: {user_message(e)}",
+                metadata={"error_class": type(e).__name__},
+            ) from None
         new.accepted = asyncio.get_running_loop().create_future()
         self.records[key] = new
         try:
@@ -282,17 +292,17 @@ class LifecycleManager:
             await rec.wait_changed()
 
     async def _run_start(self, rec: Record) -> None:
-        spawner: Spawner | None = None
+        spawner = rec.spawner
+        assert spawner is not None
         progress_task: asyncio.Task | None = None
         try:
-            spawner = rec.spawner = self._new_spawner(rec)
             spawner._spawn_pending = True
             spawner._start_pending = True
             await maybe_await(spawner.run_pre_spawn_hook())
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(rec, spawner))
-            result = await asyncio.wait_for(start, self.start_timeout)
+            result = await asyncio.wait_for(start, spawner.start_timeout)
             scheme, host, port = normalise_address(result, spawner)
             spawner._spawn_pending = spawner._start_pending = False
             await self._stop_progress(progress_task)
@@ -326,12 +336,11 @@ class LifecycleManager:
                 progress_task.cancel()
             if self._closing:
                 # shutdown: keep what the Spawner knows, so a restart can clean up
-                if spawner is not None:
-                    rec.spawner_state = _safe_state(spawner)
-                    try:
-                        await self._persist(rec, spawner_state=rec.spawner_state)
-                    except Exception:
-                        log.exception("Could not persist state of %s/%s", rec.hub, rec.name)
+                rec.spawner_state = _safe_state(spawner)
+                try:
+                    await self._persist(rec, spawner_state=rec.spawner_state)
+                except Exception:
+                    log.exception("Could not persist state of %s/%s", rec.hub, rec.name)
                 raise
             # cancelled by Stop: Stop cleans up
             raise
@@ -365,8 +374,8 @@ class LifecycleManager:
 
     async def _fail_start(self, rec: Record, error: BaseException) -> None:
         message = user_message(error)
-        if isinstance(error, asyncio.TimeoutError):
-            message = f"The server did not start within {self.start_timeout:g} seconds."
+        if isinstance(error, asyncio.TimeoutError) and rec.spawner is not None:
+            message = f"The server did not start within {rec.spawner.start_timeout:g} seconds."
         log.error(
             "Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error
         )

@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything they need is
+# installed by the targets below (a venv from PyPI, buf from npm).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
+
+.PHONY: help setup demo test test-fast bench proto lint-proto postgres clean
+
+help:
+	@echo "make demo        run an Outpost on 127.0.0.1:50051 (simple Spawner, SQLite)"
+	@echo "make test        set up everything and run the whole test suite"
+	@echo "make bench       benchmarks against a real Outpost (table + bench-results/bench.json)"
+	@echo "make proto       regenerate outpost_client/v1 from protos/"
+	@echo "make lint-proto  buf lint"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --silent --no-audit --no-fund
+	touch $@
+
+setup: $(VENV)/.installed node_modules/.installed
+
+proto: $(VENV)/.installed
+	$(PY) scripts/gen_protos.py
+
+lint-proto: node_modules/.installed
+	$(BUF) lint
+
+# PostgreSQL runs on this machine kind already; start it if it was stopped.
+postgres:
+	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || \
+	  { command -v pg_ctlcluster >/dev/null && \
+	    pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -1) main start; } || \
+	  echo "warning: no PostgreSQL on 127.0.0.1:5432; the PostgreSQL tests will fail"
+
+test: setup postgres
+	$(BUF) lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
+
+demo: setup
+	@bash demo/run.sh
+
+bench: setup
+	$(PY) benchmarks/bench.py --json bench-results/bench.json
+
+clean:
+	rm -rf $(VENV) node_modules demo-data bench-results .pytest_cache
