@@ -70,6 +70,7 @@ class Record:
     last_sequence: int = 0
     terminal: bool = False
     accepted: asyncio.Future | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _status: pb.ServerStatus | None = None
 
@@ -203,20 +204,50 @@ class LifecycleManager:
         data.setdefault("time", time.time())
         return data
 
-    def _append_events(self, rec: Record, items: list[dict[str, Any]]) -> list[dict]:
-        """Add events in memory; return the rows to persist."""
-        rows = []
-        for data in items:
+    async def _emit(
+        self, rec: Record, data: dict[str, Any], *, durable: bool, apply=None, **values
+    ) -> None:
+        """Persist one event (and column values), then make it visible and wake waiters.
+
+        Nothing a caller can see (an event, a state) runs ahead of the database: a client
+        told "ready" can rely on a restarted Outpost knowing it too. ``apply`` changes the
+        in-memory record after the write. With ``durable`` the write is retried until the
+        database answers (a terminal event must not be lost); otherwise an event the
+        database refused is still shown live.
+        """
+        async with rec.lock:
             data = self._event_data(data)
             rec.last_sequence += 1
-            rec.events.append((rec.last_sequence, data))
+            sequence = rec.last_sequence
+            row = {"sequence": sequence, "start_id": rec.start_id, "data": data}
+            if durable:
+                await self._persist_retrying(rec, events=[row], **values)
+            else:
+                try:
+                    await self._persist(rec, events=[row], **values)
+                except Unavailable:
+                    log.warning("Event %d of %s/%s is not persisted", sequence, rec.hub, rec.name)
+            if apply is not None:
+                apply()
+            rec.events.append((sequence, data))
             while len(rec.events) > self.max_events:
                 rec.events.popleft()
-            rows.append({"sequence": rec.last_sequence, "start_id": rec.start_id, "data": data})
             if data["kind"] in (pb.EVENT_KIND_READY, pb.EVENT_KIND_FAILED):
                 rec.terminal = True
-        rec.changed()
-        return rows
+            rec.changed()
+
+    async def _persist_retrying(self, rec: Record, **kwargs) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._persist(rec, **kwargs)
+                return
+            except Unavailable:
+                if self._closing:
+                    raise
+                log.warning("Retrying the write for %s/%s in %.1fs", rec.hub, rec.name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _persist(self, rec: Record, *, events: list[dict] | None = None, **values) -> None:
         ops = []
@@ -267,7 +298,10 @@ class LifecycleManager:
         new.accepted = asyncio.get_running_loop().create_future()
         self.records[key] = new
         try:
-            await self.store.write(self.store.op_replace_server(new.row()))
+            if rec is None:
+                await self.store.write(self.store.op_insert_server(new.row()))
+            else:  # a stopped start of the same name: replace its row and events
+                await self.store.write(self.store.op_replace_server(new.row()))
         except BaseException as e:
             # not accepted: forget it, and put back what was there
             if self.records.get(key) is new:
@@ -305,27 +339,28 @@ class LifecycleManager:
             result = await asyncio.wait_for(start, spawner.start_timeout)
             scheme, host, port = normalise_address(result, spawner)
             spawner._spawn_pending = spawner._start_pending = False
-            await self._stop_progress(progress_task)
+            await self._stop_progress(rec, progress_task)
             progress_task = None
-            rec.address = {"scheme": scheme, "host": host, "port": port}
-            rec.state = pb.SERVER_STATE_RUNNING
-            rec.spawner_state = spawner.get_state()
-            rows = self._append_events(
+            address = {"scheme": scheme, "host": host, "port": port}
+            spawner_state = spawner.get_state()
+
+            def running() -> None:
+                rec.address = address
+                rec.state = pb.SERVER_STATE_RUNNING
+                rec.spawner_state = spawner_state
+
+            await self._emit(
                 rec,
-                [
-                    {
-                        "kind": pb.EVENT_KIND_READY,
-                        "message": f"Server ready at {scheme}://{host}:{port}",
-                        "progress": 100,
-                        "address": rec.address,
-                    }
-                ],
-            )
-            await self._persist(
-                rec,
-                events=rows,
+                {
+                    "kind": pb.EVENT_KIND_READY,
+                    "message": f"Server ready at {scheme}://{host}:{port}",
+                    "progress": 100,
+                    "address": address,
+                },
+                durable=True,
+                apply=running,
                 state="running",
-                spawner_state=rec.spawner_state,
+                spawner_state=spawner_state,
                 scheme=scheme,
                 host=host,
                 port=port,
@@ -346,27 +381,28 @@ class LifecycleManager:
             raise
         except Exception as e:
             if progress_task is not None:
-                progress_task.cancel()
+                await self._stop_progress(rec, progress_task)
             await self._fail_start(rec, e)
 
     async def _follow_progress(self, rec: Record, spawner: Spawner) -> None:
         try:
             async for item in spawner.progress():
-                rows = self._append_events(rec, [convert.event_from_spawner(item)])
-                try:
-                    await self._persist(rec, events=rows)
-                except Unavailable:
-                    pass  # the event is in memory; the next write will try again
+                await self._emit(rec, convert.event_from_spawner(item), durable=False)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("progress() of %s/%s raised; ignoring it", rec.hub, rec.name)
 
-    async def _stop_progress(self, task: asyncio.Task) -> None:
-        """Let progress() deliver what it already has, then stop it."""
+    async def _stop_progress(self, rec: Record, task: asyncio.Task) -> None:
+        """Let progress() deliver what it already has, then stop it.
+
+        Holding the record's lock, the cancel never lands in the middle of an event's
+        write: it lands while progress() waits for its next item.
+        """
         await asyncio.sleep(0)
-        if not task.done():
-            task.cancel()
+        async with rec.lock:
+            if not task.done():
+                task.cancel()
         try:
             await task
         except asyncio.CancelledError:
@@ -385,32 +421,25 @@ class LifecycleManager:
             except Exception:
                 log.exception("Cleanup stop() of %s/%s raised", rec.hub, rec.name)
             _run_post_stop_hook(rec.spawner)
-        rec.state = pb.SERVER_STATE_STOPPED
-        rec.failure_message = message
-        rec.error_class = type(error).__name__
-        rec.spawner_state = None
-        rec.spawner = None
-        rows = self._append_events(
+        error_class = type(error).__name__
+
+        def stopped() -> None:
+            rec.state = pb.SERVER_STATE_STOPPED
+            rec.failure_message = message
+            rec.error_class = error_class
+            rec.spawner_state = None
+            rec.spawner = None
+
+        await self._emit(
             rec,
-            [
-                {
-                    "kind": pb.EVENT_KIND_FAILED,
-                    "message": message,
-                    "error_class": rec.error_class,
-                }
-            ],
+            {"kind": pb.EVENT_KIND_FAILED, "message": message, "error_class": error_class},
+            durable=True,
+            apply=stopped,
+            state="stopped",
+            spawner_state=None,
+            failure_message=message,
+            error_class=error_class,
         )
-        try:
-            await self._persist(
-                rec,
-                events=rows,
-                state="stopped",
-                spawner_state=None,
-                failure_message=message,
-                error_class=rec.error_class,
-            )
-        except Unavailable:
-            log.error("Could not persist the failed start of %s/%s", rec.hub, rec.name)
 
     # --- Events -------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    bindparam,
     Column,
     DateTime,
     Integer,
@@ -85,6 +86,17 @@ schema_info = Table(
 )
 
 Op = Callable[[AsyncConnection], Awaitable[Any]]
+
+# Statements are built once, with bound parameters: building them per write (and their
+# SQLAlchemy cache keys) cost more than the SQLite write itself (benchmarks/README.md).
+_SERVER_KEY = and_(servers.c.hub == bindparam("k_hub"), servers.c.server_name == bindparam("k_name"))
+_EVENTS_KEY = and_(events.c.hub == bindparam("k_hub"), events.c.server_name == bindparam("k_name"))
+INSERT_SERVER = insert(servers)
+INSERT_EVENTS = insert(events)
+UPDATE_SERVER = update(servers).where(_SERVER_KEY)  # SET columns come from the parameters
+DELETE_SERVER = delete(servers).where(_SERVER_KEY)
+DELETE_EVENTS = delete(events).where(_EVENTS_KEY)
+TRIM_EVENTS = delete(events).where(_EVENTS_KEY, events.c.sequence < bindparam("k_keep"))
 
 
 def now() -> datetime:
@@ -224,33 +236,42 @@ class Store:
 
     @staticmethod
     def op_replace_server(row: dict[str, Any]) -> Op:
-        key = and_(servers.c.hub == row["hub"], servers.c.server_name == row["server_name"])
-        ekey = and_(events.c.hub == row["hub"], events.c.server_name == row["server_name"])
+        key = {"k_hub": row["hub"], "k_name": row["server_name"]}
+        values = dict(row, updated=now())
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(delete(events).where(ekey))
-            await conn.execute(delete(servers).where(key))
-            await conn.execute(insert(servers).values(**row, updated=now()))
+            await conn.execute(DELETE_EVENTS, key)
+            await conn.execute(DELETE_SERVER, key)
+            await conn.execute(INSERT_SERVER, values)
+
+        return op
+
+    @staticmethod
+    def op_insert_server(row: dict[str, Any]) -> Op:
+        """Insert a server that has no row yet (the manager's memory mirrors the table)."""
+        values = dict(row, updated=now())
+
+        async def op(conn: AsyncConnection) -> None:
+            await conn.execute(INSERT_SERVER, values)
 
         return op
 
     @staticmethod
     def op_update_server(hub: str, server_name: str, **values: Any) -> Op:
-        key = and_(servers.c.hub == hub, servers.c.server_name == server_name)
+        params = dict(values, updated=now(), k_hub=hub, k_name=server_name)
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(update(servers).where(key).values(**values, updated=now()))
+            await conn.execute(UPDATE_SERVER, params)
 
         return op
 
     @staticmethod
     def op_delete_server(hub: str, server_name: str) -> Op:
-        key = and_(servers.c.hub == hub, servers.c.server_name == server_name)
-        ekey = and_(events.c.hub == hub, events.c.server_name == server_name)
+        key = {"k_hub": hub, "k_name": server_name}
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(delete(events).where(ekey))
-            await conn.execute(delete(servers).where(key))
+            await conn.execute(DELETE_EVENTS, key)
+            await conn.execute(DELETE_SERVER, key)
 
         return op
 
@@ -258,13 +279,12 @@ class Store:
         """Insert events and drop the oldest beyond the per-server limit."""
         last = max(r["sequence"] for r in rows)
         keep_from = last - self.max_events + 1
-        ekey = and_(events.c.hub == hub, events.c.server_name == server_name)
         values = [dict(r, hub=hub, server_name=server_name) for r in rows]
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(insert(events), values)
+            await conn.execute(INSERT_EVENTS, values)
             if keep_from > 1:
-                await conn.execute(delete(events).where(ekey, events.c.sequence < keep_from))
+                await conn.execute(TRIM_EVENTS, {"k_hub": hub, "k_name": server_name, "k_keep": keep_from})
 
         return op
 
