@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help setup demo test test-fast bench proto lint-proto postgres clean
+.PHONY: help setup demo test test-fast bench proto lint lint-proto postgres clean
 
 help:
 	@echo "make demo        run an Outpost on 127.0.0.1:50051 (simple Spawner, SQLite)"
@@ -34,6 +34,10 @@ proto: $(VENV)/.installed
 lint-proto: node_modules/.installed
 	$(BUF) lint
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(BUF) lint
+
 # PostgreSQL runs on this machine kind already; start it if it was stopped.
 postgres:
 	@pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null || \
@@ -42,7 +46,7 @@ postgres:
 	  echo "warning: no PostgreSQL on 127.0.0.1:5432; the PostgreSQL tests will fail"
 
 test: setup postgres
-	$(BUF) lint
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

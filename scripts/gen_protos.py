@@ -12,7 +12,6 @@ service and message name on the wire, stays `jupyterhub.outpost.v1`).
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import grpc
