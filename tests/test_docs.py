@@ -1,0 +1,24 @@
+"""Docs that must match the code."""
+
+from __future__ import annotations
+
+from outpost_server.app import Outpost
+
+from .conftest import ROOT
+
+INHERITED = {"log_datefmt", "log_format", "log_level", "logging_config", "show_config", "show_config_json"}
+
+
+def test_every_outpost_option_is_documented():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [
+        name
+        for name in Outpost.class_traits(config=True)
+        if name not in INHERITED and name not in ("config_file", "generate_config") and f"`{name}`" not in text
+    ]
+    assert not missing, f"docs/configuration.md does not describe: {missing}"
+
+
+def test_readme_names_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "make demo" in text and "make test" in text
