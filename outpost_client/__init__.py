@@ -2,6 +2,7 @@
 
 from .client import Event, OutpostClient, ServerState, ServerStatus, StopOutcome, TLSConfig
 from .errors import (
+    DeadlineExceeded,
     InvalidArgument,
     OutpostError,
     OverrideNotAllowed,
@@ -16,6 +17,7 @@ from .errors import (
 from .v1 import outpost_pb2 as pb
 
 __all__ = [
+    "DeadlineExceeded",
     "Event",
     "InvalidArgument",
     "OutpostClient",

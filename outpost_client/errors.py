@@ -110,6 +110,12 @@ class ResourceExhausted(OutpostError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DeadlineExceeded(OutpostError):
+    """The call's deadline passed (the Outpost may still finish what it was doing)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 _BY_REASON: dict[str, type[OutpostError]] = {
     cls.reason: cls
     for cls in (
@@ -134,6 +140,7 @@ _BY_CODE: dict[grpc.StatusCode, type[OutpostError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
 _DETAILS_KEY = "grpc-status-details-bin"

@@ -295,31 +295,39 @@ class LifecycleManager:
                 f"The Outpost could not create the Spawner: {user_message(e)}",
                 metadata={"error_class": type(e).__name__},
             ) from None
+        if self.records.get(key) is not rec:
+            # another Start or Stop changed this server while we awaited: decide again
+            return await self.start(hub, spec)
         new.accepted = asyncio.get_running_loop().create_future()
         self.records[key] = new
+        # shielded: a client that goes away mid-Start does not undo an accepted start
+        await asyncio.shield(asyncio.ensure_future(self._accept(new, previous=rec)))
+        if spec.wait_until_ready:
+            await self.wait_terminal(new)
+        return new.status(), True
+
+    async def _accept(self, new: Record, previous: Record | None) -> None:
+        """Persist a new start, then run it; on failure put back what was there."""
+        key = (new.hub, new.name)
         try:
-            if rec is None:
+            if previous is None:
                 await self.store.write(self.store.op_insert_server(new.row()))
             else:  # a stopped start of the same name: replace its row and events
                 await self.store.write(self.store.op_replace_server(new.row()))
         except BaseException as e:
-            # not accepted: forget it, and put back what was there
             if self.records.get(key) is new:
-                if rec is not None:
-                    self.records[key] = rec
+                if previous is not None:
+                    self.records[key] = previous
                 else:
                     del self.records[key]
             new.accepted.set_exception(e if isinstance(e, Exception) else Unavailable("cancelled"))
-            new.accepted.exception()  # mark retrieved
+            new.accepted.exception()  # retrieved: attached callers re-raise it themselves
             raise
         new.accepted.set_result(None)
         new.accepted = None
         new.start_task = asyncio.create_task(
-            self._run_start(new), name=f"start-{hub}-{spec.server_name}"
+            self._run_start(new), name=f"start-{new.hub}-{new.name}"
         )
-        if spec.wait_until_ready:
-            await self.wait_terminal(new)
-        return new.status(), True
 
     async def wait_terminal(self, rec: Record) -> None:
         while not rec.terminal and self.records.get((rec.hub, rec.name)) is rec:

@@ -186,7 +186,9 @@ class Store:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((ops, future))
         self._wake.set()
-        await future
+        # shielded: once queued, the write happens; a cancelled caller must not make
+        # memory and database disagree about whether it did
+        await asyncio.shield(future)
 
     async def _writer(self) -> None:
         while True:

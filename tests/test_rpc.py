@@ -9,6 +9,7 @@ import grpc
 import pytest
 
 from outpost_client import (
+    DeadlineExceeded,
     InvalidArgument,
     OutpostClient,
     OverrideNotAllowed,
@@ -81,6 +82,17 @@ async def test_events_follow_live_start_and_client_disconnect(start_outpost):
         rest = await collect(op.client, "carol", after_sequence=first.sequence)
         assert rest[0].sequence == first.sequence + 1
         assert rest[-1].kind == pb.EVENT_KIND_READY
+
+
+async def test_client_gone_mid_start_loses_nothing(start_outpost):
+    async with start_outpost("outpost_server.testing.SlowSpawner", **{"SlowSpawner.delay": 1.0}) as op:
+        start_id = sid()
+        with pytest.raises(DeadlineExceeded):
+            await op.client.start("olaf", start_id, user_name="olaf", wait_until_ready=True, timeout=0.3)
+        # the start went on without the client; a retry attaches to it
+        again = await op.client.start("olaf", start_id, user_name="olaf", wait_until_ready=True)
+        assert not again.created
+        assert again.status.state == pb.SERVER_STATE_RUNNING
 
 
 async def test_start_is_idempotent_per_start_id(outpost):
