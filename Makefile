@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help setup demo test test-fast bench proto lint lint-proto postgres clean
+.PHONY: help setup system-packages demo test test-fast bench proto lint lint-proto postgres clean
 
 help:
 	@echo "make demo        run an Outpost on 127.0.0.1:50051 (simple Spawner, SQLite)"
@@ -26,7 +26,10 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --silent --no-audit --no-fund
 	touch $@
 
-setup: $(VENV)/.installed node_modules/.installed
+system-packages:
+	bash scripts/ensure-system-packages.sh
+
+setup: $(VENV)/.installed node_modules/.installed system-packages
 
 proto: $(VENV)/.installed
 	$(PY) scripts/gen_protos.py

@@ -486,6 +486,20 @@ class LifecycleManager:
         next_token = convert.encode_page_token(page[-1]) if len(names) > page_size else ""
         return statuses, next_token
 
+    def forward_targets(self, hub: str) -> set[tuple[str, int]]:
+        """(host, port) of this hub's servers that may be reached through the SSH forwarder.
+
+        Running (or unknown-but-alive) servers only; a stopped server's address is
+        never reachable, even before the hub calls Stop.
+        """
+        return {
+            (rec.address["host"], rec.address["port"])
+            for (h, _), rec in self.records.items()
+            if h == hub
+            and rec.address
+            and rec.state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_UNKNOWN)
+        }
+
     # --- Stop ---------------------------------------------------------------------
 
     async def stop(self, hub: str, server_name: str, start_id: str) -> tuple[int, pb.ServerStatus | None]:

@@ -70,13 +70,13 @@ async def test_sigterm_finishes_rpcs_keeps_notebooks(start_outpost):
         op.app.shutdown_grace = 5
         cleanup = asyncio.create_task(op.app.cleanup())
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # an open stream would hold the shutdown for its whole grace
+        await channel.close()
         result = await slow  # the in-flight RPC finishes
         assert result.status.state == pb.SERVER_STATE_RUNNING
         await cleanup
         # running notebooks were not stopped by the shutdown
         assert not op.manager.records[("default", "running")].spawner.stopped
-        watch.cancel()
-        await channel.close()
         rows, _ = await op.app.store.load()
         assert {r["server_name"]: r["state"] for r in rows} == {"running": "running", "slow": "running"}
 
