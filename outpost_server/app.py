@@ -36,6 +36,7 @@ from outpost_client.errors import OverrideNotAllowed
 from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
 
 from . import __version__
+from .forwarder import ForwarderConfigError, SSHForwarder
 from .hosting import DEFAULT_SITE_ENV_KEYS
 from .interceptors import OutpostInterceptor, plaintext_resolver
 from .manager import LifecycleManager
@@ -96,6 +97,7 @@ class Outpost(Application):
     flags = flags
     raise_config_file_errors = True
     _log_formatter_cls = LogFormatter
+    forwarder: SSHForwarder | None = None
 
     config_file = Unicode(
         "outpost_config.py", config=True, help="The config file to load (Python, like jupyterhub_config.py)."
@@ -228,7 +230,8 @@ class Outpost(Application):
 
     @property
     def classes(self):
-        return [Outpost, self.spawner_class if isinstance(self.spawner_class, type) else LocalProcessSpawner]
+        spawner = self.spawner_class if isinstance(self.spawner_class, type) else LocalProcessSpawner
+        return [Outpost, SSHForwarder, spawner]
 
     # --- start-up -------------------------------------------------------------------
 
@@ -242,6 +245,7 @@ class Outpost(Application):
             self.update_config(self.cli_config)
         self.init_logging()
         self.check_network()
+        self.check_forwarder()
 
     def init_logging(self):
         self.log.propagate = False
@@ -258,6 +262,17 @@ class Outpost(Application):
                 f"jupyterhub-outpost: refusing to serve plaintext gRPC on {self.ip}: "
                 "use a loopback address, or --allow-plaintext behind a trusted network"
             )
+
+    def check_forwarder(self):
+        """Fail before anything starts if the SSH forwarder's keys are unusable."""
+        forwarder = SSHForwarder(parent=self)
+        if not forwarder.enabled:
+            return
+        try:
+            forwarder.load_keys()
+        except ForwarderConfigError as e:
+            raise SystemExit(f"jupyterhub-outpost: {e}") from None
+        self.forwarder = forwarder
 
     async def override_policy(self, hub: str, overrides: dict) -> None:
         allowed = self.allow_override
@@ -323,6 +338,20 @@ class Outpost(Application):
             self.spawner_class.__name__,
         )
 
+    async def init_forwarder(self):
+        # SSH is authenticated (by key), so the plaintext-on-loopback rule does not apply
+        forwarder = self.forwarder if self.forwarder is not None else SSHForwarder(parent=self)
+        if not forwarder.enabled:
+            return
+        self.forwarder = forwarder
+        await forwarder.start(self.manager.forward_targets)
+        self.log.info(
+            "SSH forwarder listening on %s:%d (host key fingerprint %s)",
+            forwarder.ip,
+            forwarder.bound_port,
+            forwarder.host_key.get_fingerprint(),
+        )
+
     async def start(self):
         if self.generate_config:
             self.write_config_file()
@@ -335,6 +364,11 @@ class Outpost(Application):
         try:
             await self.init_manager()
             await self.init_server()
+            try:
+                await self.init_forwarder()
+            except ForwarderConfigError as e:
+                await self.cleanup()
+                raise SystemExit(f"jupyterhub-outpost: {e}") from None
             await stop.wait()
             self.log.info("Shutting down: health NOT_SERVING, finishing in-flight RPCs")
             await self.cleanup()
@@ -345,6 +379,8 @@ class Outpost(Application):
     async def cleanup(self):
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.forwarder is not None:
+            await self.forwarder.stop()
         await self.server.stop(self.shutdown_grace)
         await self.manager.shutdown(self.shutdown_grace)
 

@@ -69,6 +69,7 @@ async def running_outpost(config: Config):
     try:
         await app.init_manager()
         await app.init_server()
+        await app.init_forwarder()
         client = OutpostClient(f"127.0.0.1:{app.bound_port}", timeout=20)
         try:
             yield InProcessOutpost(app, client)
@@ -158,6 +159,7 @@ class OutpostProcess:
         self.proc: subprocess.Popen | None = None
         self.log = workdir / "outpost.log"
         self.runs = 0
+        self.netns: str | None = None  # run inside this network namespace
 
     @property
     def address(self) -> str:
@@ -168,8 +170,9 @@ class OutpostProcess:
         logf = open(self.log, "a")
         logf.write(f"\n--- run {self.runs} ---\n")
         logf.flush()
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [str(BIN / "jupyterhub-outpost"), "-f", str(self.config), "--port", str(self.port), *extra],
+            [*prefix, str(BIN / "jupyterhub-outpost"), "-f", str(self.config), "--port", str(self.port), *extra],
             cwd=self.workdir,
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -197,6 +200,20 @@ class OutpostProcess:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"Outpost not serving after {timeout}s:\n{self.log.read_text()[-3000:]}")
                 await asyncio.sleep(0.1)
+
+    async def wait_log(self, text: str, timeout: float = 30) -> None:
+        """Until the current run's log contains text (for namespaces, where no socket
+        from this process may reach the Outpost)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.log.read_text().rsplit(f"--- run {self.runs} ---", 1)[-1]
+            if text in run:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"Outpost exited with {self.proc.returncode}:\n{run[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged after {timeout}s:\n{run[-3000:]}")
+            await asyncio.sleep(0.1)
 
     def kill(self, sig=signal.SIGKILL) -> int:
         assert self.proc is not None
