@@ -255,9 +255,9 @@ async def test_misconfigured_authorized_key(start_outpost, traits, keys, tmp_pat
     elif entry == "OTHER":
         entry = keys["other"].export_public_key().decode()
     traits["SSHForwarder.authorized_keys"]["default"].append(entry)
-    async with start_outpost(ECHO_SPAWNER, **traits) as op:
-        with pytest.raises(ForwarderConfigError) as error:
-            await op.app.init_forwarder()
+    with pytest.raises(ForwarderConfigError) as error:
+        async with start_outpost(ECHO_SPAWNER, **traits):
+            pass
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
