@@ -377,12 +377,19 @@ class Outpost(Application):
         self.log.info("Outpost stopped; running notebooks keep running")
 
     async def cleanup(self):
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Teardown in reverse order of the init_* steps (any of them may not have run)."""
+        health = getattr(self, "health", None)
+        if health is not None:
+            for service in ("", SERVICE_NAME):
+                await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.forwarder is not None:
             await self.forwarder.stop()
-        await self.server.stop(self.shutdown_grace)
-        await self.manager.shutdown(self.shutdown_grace)
+        server = getattr(self, "server", None)
+        if server is not None:
+            await server.stop(self.shutdown_grace)
+        manager = getattr(self, "manager", None)
+        if manager is not None:
+            await manager.shutdown(self.shutdown_grace)
 
     def write_config_file(self):
         path = self.config_file

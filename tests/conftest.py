@@ -67,14 +67,16 @@ async def running_outpost(config: Config):
     app = Outpost(config=config)
     await app.init_store()
     try:
-        await app.init_manager()
-        await app.init_server()
-        await app.init_forwarder()
-        client = OutpostClient(f"127.0.0.1:{app.bound_port}", timeout=20)
         try:
-            yield InProcessOutpost(app, client)
+            await app.init_manager()
+            await app.init_server()
+            await app.init_forwarder()
+            client = OutpostClient(f"127.0.0.1:{app.bound_port}", timeout=20)
+            try:
+                yield InProcessOutpost(app, client)
+            finally:
+                await client.close()
         finally:
-            await client.close()
             await app.cleanup()
     finally:
         await app.store.close()
