@@ -1,0 +1,489 @@
+"""OutpostSpawner: the JupyterHub Spawner that starts servers through Outposts.
+
+Configure it in jupyterhub_config.py::
+
+    c.JupyterHub.spawner_class = "outpost"
+    c.OutpostSpawner.outpost_address = "hpc-outpost.example.org:50051"
+    c.OutpostSpawner.ssh_host = "hpc-outpost.example.org"     # tunnel to the notebooks
+    c.OutpostSpawner.ssh_key = "/srv/jupyterhub/outpost_ed25519"
+    c.OutpostSpawner.ssh_known_hosts = "/srv/jupyterhub/outpost_known_hosts"
+    c.OutpostSpawner.hub_api_forward = True                   # site cannot reach the hub
+    c.OutpostSpawner.hub_api_site_port = 18081
+
+or with several Outposts, one chosen per server (see ``outposts``).
+
+``start()`` sends Start with the env the hub computed, follows the Outpost's Events (they
+are this Spawner's ``progress()``, so the spawn page shows the remote Spawner's own
+messages), opens an SSH forward to the notebook when it is ready and returns the local
+URL. ``poll()`` and ``stop()`` call the Outpost; ``get_state()`` keeps what a restarted
+hub needs to find the same notebook again through a tunnel on the same local port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from jupyterhub.spawner import Spawner
+from jupyterhub.utils import exponential_backoff
+from tornado import web
+from traitlets import Any as AnyTrait
+from traitlets import Bool, Dict, Float, Integer, Unicode, default
+
+from .client import OutpostClient, TLSConfig
+from .errors import DeadlineExceeded, OutpostError, ServerNotFound, Unavailable
+from .v1 import outpost_pb2 as pb
+
+SERVER_NAME_ALLOWED = re.compile(r"[^A-Za-z0-9._@+-]")
+
+
+def remote_server_name(template: str, username: str, servername: str) -> str:
+    """The Outpost-side server name: the template, made of allowed characters only.
+
+    Characters the Outpost does not allow become ``_xx`` (their hex code).
+    """
+    name = template.format(username=username, servername=servername)
+    if not servername and name.endswith("--"):
+        name = name[:-2]
+    name = SERVER_NAME_ALLOWED.sub(lambda m: "".join(f"_{b:02x}" for b in m.group().encode()), name)
+    if not name[:1].isalnum():
+        name = "x" + name
+    return name[:255]
+
+
+@dataclass(frozen=True)
+class OutpostConfig:
+    """How to reach one Outpost (one entry of OutpostSpawner.outposts)."""
+
+    address: str
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    ssh_host: str = ""
+    ssh_port: int = 2222
+    ssh_user: str = "outpost"
+    ssh_key: str | None = None
+    ssh_known_hosts: str | None = None
+    hub_api_forward: bool = False
+    hub_api_site_host: str = "127.0.0.1"
+    hub_api_site_port: int = 0
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> OutpostConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"OutpostSpawner.outposts[{name!r}]: unknown keys {sorted(unknown)}")
+        if "address" not in data:
+            raise ValueError(f"OutpostSpawner.outposts[{name!r}]: 'address' is required")
+        return cls(**data)
+
+    @property
+    def tls(self) -> TLSConfig | None:
+        if self.ca or self.cert:
+            return TLSConfig(ca=self.ca, cert=self.cert, key=self.key)
+        return None
+
+
+# one client (one gRPC channel) per Outpost for the whole hub process
+_clients: dict[tuple, OutpostClient] = {}
+
+
+def client_for(config: OutpostConfig, timeout: float) -> OutpostClient:
+    key = (config.address, config.ca, config.cert, config.key)
+    client = _clients.get(key)
+    if client is None:
+        client = _clients[key] = OutpostClient(config.address, tls=config.tls, timeout=timeout)
+    return client
+
+
+def tunnel_for(config: OutpostConfig, hub_api_url: str):
+    """The hub's shared tunnel to this Outpost's SSH server."""
+    from urllib.parse import urlparse
+
+    from .tunnel import SSHTarget, Tunnel
+
+    reverse = ()
+    if config.hub_api_forward:
+        hub = urlparse(hub_api_url)
+        hub_port = hub.port or (443 if hub.scheme == "https" else 80)
+        reverse = ((config.hub_api_site_host, config.hub_api_site_port, hub.hostname or "127.0.0.1", hub_port),)
+    target = SSHTarget(
+        host=config.ssh_host,
+        port=config.ssh_port,
+        username=config.ssh_user,
+        client_keys=(config.ssh_key,) if config.ssh_key else (),
+        known_hosts=config.ssh_known_hosts,
+        reverse_forwards=reverse,
+    )
+    return Tunnel.for_target(target)
+
+
+async def _maybe_await(value):
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class OutpostStartFailed(Exception):
+    """The Outpost's Spawner failed; the message is meant for the user."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.jupyterhub_message = message
+
+
+@dataclass
+class _Progress:
+    events: list[dict] = field(default_factory=list)
+    done: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, event: dict) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    def finish(self) -> None:
+        self.done = True
+        self.changed.set()
+
+
+class OutpostSpawner(Spawner):
+    """Start single-user servers on a remote system, through a JupyterHub Outpost."""
+
+    # --- where the Outpost is ---------------------------------------------------------
+
+    outpost_address = Unicode(
+        "127.0.0.1:50051",
+        config=True,
+        help="host:port of the Outpost's gRPC service (the default Outpost).",
+    )
+    outpost_ca = Unicode(None, allow_none=True, config=True, help="CA (PEM file) that signed the Outpost's TLS certificate. None: plaintext (loopback only).")
+    outpost_cert = Unicode(None, allow_none=True, config=True, help="This hub's client certificate (PEM file) for mTLS.")
+    outpost_key = Unicode(None, allow_none=True, config=True, help="This hub's client key (PEM file) for mTLS.")
+    outpost_timeout = Float(30.0, config=True, help="Deadline in seconds of each call to the Outpost (not of the whole start).")
+
+    ssh_host = Unicode(
+        "",
+        config=True,
+        help="""SSH server the hub tunnels through to reach notebooks (the Outpost's embedded
+        forwarder or a site OpenSSH). Empty: no tunnel, the hub connects to the notebook's
+        address as the Outpost reports it.""",
+    )
+    ssh_port = Integer(2222, config=True, help="Port of the SSH server.")
+    ssh_user = Unicode("outpost", config=True, help="SSH user name.")
+    ssh_key = Unicode(None, allow_none=True, config=True, help="Private key file the hub authenticates with.")
+    ssh_known_hosts = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="known_hosts file with the SSH server's host key. None: the host key is not checked (not for production).",
+    )
+    hub_api_forward = Bool(
+        False,
+        config=True,
+        help="""Open a reverse forward so notebooks reach the hub API through the tunnel, for
+        sites that cannot open connections to the hub. The notebook's JUPYTERHUB_API_URL
+        (and the URLs derived from it) then point at the site-side end of that forward.""",
+    )
+    hub_api_site_host = Unicode("127.0.0.1", config=True, help="Site-side listen address of the reverse forward.")
+    hub_api_site_port = Integer(0, config=True, help="Site-side listen port of the reverse forward (must be allowed for this hub at the SSH server).")
+
+    outposts = Dict(
+        config=True,
+        help="""Several Outposts: name -> options, with the keys address, ca, cert, key,
+        ssh_host, ssh_port, ssh_user, ssh_key, ssh_known_hosts, hub_api_forward,
+        hub_api_site_host, hub_api_site_port. The single-Outpost options above are the
+        Outpost named "default". Which one a server uses is decided by `outpost_chooser`.""",
+    )
+    outpost_chooser = AnyTrait(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Callable (spawner) -> Outpost name, sync or async. Default: the user_options
+        key "outpost" if given, else the named server's name if an Outpost has that name,
+        else "default".""",
+    )
+
+    # --- what is sent -----------------------------------------------------------------------
+
+    server_name_template = Unicode(
+        "{username}--{servername}",
+        config=True,
+        help="""The server's name at the Outpost. {username}, {servername} (empty for the
+        default server: a trailing "--" is dropped). Characters outside [A-Za-z0-9._@+-]
+        are escaped.""",
+    )
+    custom_env = AnyTrait(
+        None, allow_none=True, config=True,
+        help="Callable (spawner, env) -> env, sync or async: change the env sent to the Outpost.",
+    )
+    custom_user_options = AnyTrait(
+        None, allow_none=True, config=True,
+        help="Callable (spawner, user_options) -> user_options, sync or async.",
+    )
+    config_overrides = AnyTrait(
+        None, allow_none=True, config=True,
+        help="""Overrides of the remote Spawner's config for a start (e.g. {"image": ...}): a
+        dict, or a callable (spawner) -> dict, sync or async. The Outpost applies only what
+        its allow_override policy allows.""",
+    )
+    check_allowed = AnyTrait(
+        None, allow_none=True, config=True,
+        help="""Callable (spawner, user_options) -> bool, sync or async, run before a start.
+        False (or raising) refuses the start with a 403 and the hook's message.""",
+    )
+
+    @default("env_keep")
+    def _env_keep_default(self):
+        return []  # the hub's PATH, virtualenv etc. mean nothing at the remote site
+
+    # --- state ------------------------------------------------------------------------------
+
+    outpost_name = Unicode("")
+    remote_name = Unicode("")
+    start_id = Unicode("")
+    remote_scheme = Unicode("")
+    remote_host = Unicode("")
+    remote_port = Integer(0)
+    local_port = Integer(0)
+
+    def get_state(self):
+        state = super().get_state()
+        if self.start_id:
+            state.update(
+                outpost_name=self.outpost_name,
+                remote_name=self.remote_name,
+                start_id=self.start_id,
+                remote_scheme=self.remote_scheme,
+                remote_host=self.remote_host,
+                remote_port=self.remote_port,
+                local_port=self.local_port,
+            )
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        for key in ("outpost_name", "remote_name", "start_id", "remote_scheme", "remote_host"):
+            if key in state:
+                setattr(self, key, state[key] or "")
+        for key in ("remote_port", "local_port"):
+            if key in state:
+                setattr(self, key, int(state[key] or 0))
+
+    def clear_state(self):
+        super().clear_state()
+        self.outpost_name = self.remote_name = self.start_id = ""
+        self.remote_scheme = self.remote_host = ""
+        self.remote_port = self.local_port = 0
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _outpost_configs(self) -> dict[str, OutpostConfig]:
+        configs = {
+            "default": OutpostConfig(
+                address=self.outpost_address,
+                ca=self.outpost_ca,
+                cert=self.outpost_cert,
+                key=self.outpost_key,
+                ssh_host=self.ssh_host,
+                ssh_port=self.ssh_port,
+                ssh_user=self.ssh_user,
+                ssh_key=self.ssh_key,
+                ssh_known_hosts=self.ssh_known_hosts,
+                hub_api_forward=self.hub_api_forward,
+                hub_api_site_host=self.hub_api_site_host,
+                hub_api_site_port=self.hub_api_site_port,
+            )
+        }
+        for name, data in self.outposts.items():
+            configs[name] = OutpostConfig.from_dict(name, dict(data))
+        return configs
+
+    async def _choose_outpost(self) -> str:
+        configs = self._outpost_configs()
+        if self.outpost_chooser is not None:
+            name = await _maybe_await(self.outpost_chooser(self))
+        elif self.user_options.get("outpost"):
+            name = str(self.user_options["outpost"])
+        elif self.name and self.name in configs:
+            name = self.name
+        else:
+            name = "default"
+        if name not in configs:
+            raise web.HTTPError(400, f"No Outpost named {name!r} is configured.")
+        return name
+
+    @property
+    def outpost(self) -> OutpostConfig:
+        return self._outpost_configs()[self.outpost_name or "default"]
+
+    @property
+    def client(self) -> OutpostClient:
+        return client_for(self.outpost, self.outpost_timeout)
+
+    def _tunnel(self):
+        return tunnel_for(self.outpost, self.hub.api_url) if self.outpost.ssh_host else None
+
+    async def _retry(self, what: str, call, timeout: float = 60):
+        """Call an idempotent RPC, retrying while the Outpost is unavailable."""
+        result = {}
+
+        async def attempt():
+            try:
+                result["value"] = await call()
+                return True
+            except (Unavailable, DeadlineExceeded) as e:
+                self.log.warning("%s for %s: %s; retrying", what, self._log_name, e)
+                return False
+
+        await exponential_backoff(attempt, f"{what} for {self._log_name} did not succeed", timeout=timeout)
+        return result["value"]
+
+    # --- the Spawner API ----------------------------------------------------------------------
+
+    async def start(self):
+        self.outpost_name = await self._choose_outpost()
+        config = self.outpost
+        if self.check_allowed is not None:
+            try:
+                allowed = await _maybe_await(self.check_allowed(self, dict(self.user_options)))
+            except web.HTTPError:
+                raise
+            except Exception as e:
+                raise web.HTTPError(403, str(e)) from None
+            if not allowed:
+                raise web.HTTPError(403, "This server may not be started with these options.")
+        self.remote_name = remote_server_name(self.server_name_template, self.user.name, self.name)
+        self.start_id = uuid.uuid4().hex
+        if config.ssh_host and config.hub_api_forward:
+            # the notebook reaches the hub API at the site-side end of the reverse forward
+            self.hub_connect_url = f"http://{config.hub_api_site_host}:{config.hub_api_site_port}"
+        env = self.get_env()
+        if self.custom_env is not None:
+            env = await _maybe_await(self.custom_env(self, env))
+        user_options = dict(self.user_options)
+        if self.custom_user_options is not None:
+            user_options = await _maybe_await(self.custom_user_options(self, user_options))
+        overrides = self.config_overrides
+        if callable(overrides):
+            overrides = await _maybe_await(overrides(self))
+        self._progress = _Progress()
+        client = self.client
+        try:
+            await self._retry(
+                "Start",
+                lambda: client.start(
+                    self.remote_name,
+                    self.start_id,
+                    user_name=self.user.name,
+                    user_id=getattr(self.user, "id", 0) or 0,
+                    admin=bool(getattr(self.user, "admin", False)),
+                    groups=[g.name for g in getattr(self.user, "groups", [])],
+                    env=env,
+                    user_options=user_options,
+                    config_overrides=overrides or None,
+                    spawner_name=self.name,
+                ),
+            )
+            address = await self._follow_events(client)
+            self.remote_scheme, self.remote_host, self.remote_port = address.scheme, address.host, address.port
+            url = await self._connect()
+        except OutpostError as e:
+            raise OutpostStartFailed(e.message) from None
+        finally:
+            self._progress.finish()
+        return url
+
+    async def _follow_events(self, client: OutpostClient) -> pb.ServerAddress:
+        """Follow the start's events to its terminal event, resuming after drops."""
+        after = 0
+        delay = 0.2
+        while True:
+            try:
+                async for event in client.events(self.remote_name, start_id=self.start_id, after_sequence=after):
+                    after = event.sequence
+                    delay = 0.2
+                    if event.kind == pb.EVENT_KIND_READY:
+                        return event.address
+                    if event.kind == pb.EVENT_KIND_FAILED:
+                        self.log.warning("Outpost start of %s failed: %s (%s)", self._log_name, event.message, event.error_class)
+                        raise OutpostStartFailed(event.message)
+                    item = {"message": event.message}
+                    if event.HasField("progress"):
+                        item["progress"] = event.progress
+                    if event.html_message:
+                        item["html_message"] = event.html_message
+                    self._progress.add(item)
+                # the stream ended without a terminal event: the start was stopped
+                raise OutpostStartFailed("The server was stopped while it was starting.")
+            except (Unavailable, DeadlineExceeded) as e:
+                self.log.warning("Events of %s interrupted (%s); resuming after %d", self._log_name, e, after)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+
+    async def _connect(self) -> str:
+        """The URL the hub (and proxy) reach the notebook at: through the tunnel if any."""
+        tunnel = self._tunnel()
+        if tunnel is None:
+            return f"{self.remote_scheme}://{self.remote_host}:{self.remote_port}"
+        self.local_port = await tunnel.forward(
+            self.remote_name, self.remote_host, self.remote_port, local_port=self.local_port
+        )
+        return f"{self.remote_scheme}://127.0.0.1:{self.local_port}"
+
+    async def progress(self):
+        progress = getattr(self, "_progress", None)
+        if progress is None:
+            return
+        sent = 0
+        while True:
+            while sent < len(progress.events):
+                yield progress.events[sent]
+                sent += 1
+            if progress.done:
+                return
+            progress.changed.clear()
+            await progress.changed.wait()
+
+    async def poll(self):
+        if not self.start_id:
+            return 0
+        try:
+            status = await self.client.poll(self.remote_name)
+        except ServerNotFound:
+            return 0
+        except OutpostError as e:
+            # the Outpost is unreachable or restarting: that says nothing about the notebook
+            self.log.warning("Poll of %s failed (%s); assuming it still runs", self._log_name, e)
+            return None
+        if status.start_id != self.start_id:
+            return 0  # our start is gone; another one has the name now
+        if status.state == pb.SERVER_STATE_STOPPED:
+            return status.exit_code if status.HasField("exit_code") else 0
+        if status.state == pb.SERVER_STATE_RUNNING and self.local_port:
+            await self._restore_tunnel()
+        return None
+
+    async def _restore_tunnel(self):
+        """After a hub restart: the forward on the same local port the hub's DB knows."""
+        tunnel = self._tunnel()
+        if tunnel is not None and tunnel.local_port(self.remote_name) != self.local_port:
+            try:
+                await tunnel.forward(self.remote_name, self.remote_host, self.remote_port, local_port=self.local_port)
+            except Exception as e:
+                self.log.warning("Could not restore the tunnel to %s: %s", self._log_name, e)
+
+    async def stop(self, now=False):
+        if not self.start_id:
+            return
+        tunnel = self._tunnel()
+        if tunnel is not None:
+            await tunnel.close_forward(self.remote_name)
+        client = self.client
+        await self._retry("Stop", lambda: client.stop(self.remote_name, self.start_id))
+        self.log.info("Stopped %s at Outpost %s", self._log_name, self.outpost_name)

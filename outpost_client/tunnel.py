@@ -1,0 +1,562 @@
+"""Hub-side SSH tunnels to Outposts: one SSH connection per Outpost, one local port per server.
+
+The hub reaches a remote notebook through ``127.0.0.1:<local port>``: every TCP connection
+accepted there becomes one ``direct-tcpip`` channel on the Outpost's SSH connection (any
+OpenSSH server, or the Outpost's embedded forwarder), and the bytes are piped both ways.
+
+- **One connection per target.** :meth:`Tunnel.for_target` keeps a process-wide registry,
+  so every spawner of the hub that talks to the same Outpost shares one SSH connection.
+- **Same local port across SSH drops.** The local listeners are ours (``asyncio`` servers),
+  not asyncssh's, so they stay bound when the SSH connection drops. A reconnect loop
+  (back-off 0.2 s doubling to 2 s, until :meth:`Tunnel.close`) brings the connection back;
+  TCP connections accepted meanwhile wait for it up to :data:`ACCEPT_WAIT` seconds. What
+  was in flight when the connection dropped is closed (TCP cannot survive that).
+- **Reverse forwards** (``SSHTarget.reverse_forwards``: a port at the site that reaches the
+  hub API) are requested again after every reconnect, and retried in the background while
+  the server refuses them (a stale connection at the site may still hold the port).
+- **Errors.** A host key that does not match ``known_hosts`` or a refused login raises
+  :class:`TunnelError` from the first :meth:`Tunnel.forward`, and is logged while
+  reconnecting. A destination the server refuses (``permitopen``) closes that TCP
+  connection and is logged once per key.
+- **Throughput.** The data path is callbacks only: asyncssh channel callbacks
+  (:class:`asyncssh.SSHTCPSession`) on one side, :class:`asyncio.Protocol` on the other,
+  ``transport.write`` straight through and back-pressure with ``pause_reading`` /
+  ``resume_reading``. See :data:`ENCRYPTION_ALGS`, :data:`CHANNEL_WINDOW` and
+  :data:`CHANNEL_MAX_PKTSIZE` for the measured choices (``benchmarks/tunnel_bench.py``).
+
+Everything is logged on the ``outpost.tunnel`` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import asyncssh
+from asyncssh.misc import ChannelListenError
+
+log = logging.getLogger("outpost.tunnel")
+
+LISTEN_HOST = "127.0.0.1"
+CONNECT_TIMEOUT = 10.0  # seconds for one SSH connect (TCP, key exchange, login)
+KEEPALIVE_INTERVAL = 5  # seconds; a peer that misses KEEPALIVE_COUNT_MAX in a row is dead
+KEEPALIVE_COUNT_MAX = 3
+RECONNECT_MIN = 0.2  # seconds; back-off doubles up to RECONNECT_MAX, forever until close()
+RECONNECT_MAX = 2.0
+ACCEPT_WAIT = 10.0  # seconds a new local TCP connection waits for the SSH connection
+FORWARD_WAIT = 10.0  # seconds forward() waits for a reconnect in progress
+REVERSE_RETRY_MAX = 30.0  # seconds between retries of a refused reverse forward (at most)
+
+# Ciphers, fastest first as measured through asyncssh on x86-64 with AES-NI (AES-GCM is
+# one OpenSSL call per packet; chacha20-poly1305 is several Python-level calls). The rest
+# of asyncssh's defaults follow so that any server still finds a common cipher.
+ENCRYPTION_ALGS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+# Per-channel receive window and largest packet we accept. The window is the amount in
+# flight per TCP connection; bigger packets mean fewer per-packet Python steps.
+CHANNEL_WINDOW = 2 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 32768
+# Write buffer of the local TCP connection before the channel is paused.
+LOCAL_WRITE_HIGH = 64 * 1024
+
+
+class TunnelError(Exception):
+    """A tunnel cannot be used; the message says why, for a person."""
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where and how to reach one Outpost's SSH server."""
+
+    host: str
+    port: int = 22
+    username: str = "outpost"
+    client_keys: tuple[str, ...] = ()  # private key file paths; () => asyncssh's defaults (~/.ssh)
+    known_hosts: str | None = None  # path; None => host key NOT checked (a warning is logged)
+    # (site_listen_host, site_listen_port, hub_dest_host, hub_dest_port)
+    reverse_forwards: tuple[tuple[str, int, str, int], ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.username}@{self.host}:{self.port}"
+
+
+@dataclass(eq=False)
+class _Forward:
+    key: str
+    host: str
+    port: int
+    server: asyncio.AbstractServer | None = None
+    local_port: int = 0
+    pipes: set[_LocalSide] = field(default_factory=set)
+    refused_logged: bool = False
+
+
+class _Client(asyncssh.SSHClient):
+    """Tells the tunnel at once when its SSH connection is gone."""
+
+    def __init__(self, tunnel: Tunnel):
+        self._tunnel = tunnel
+        self._conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self._conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._tunnel._lost(self._conn, exc)
+
+
+class _ChannelSide(asyncssh.SSHTCPSession):
+    """The SSH channel's callbacks: data from the site goes straight to the local socket."""
+
+    def __init__(self, local: _LocalSide):
+        self._local = local
+        self._write = local.transport.write  # the hot path: one call per SSH packet
+
+    def data_received(self, data: bytes, datatype) -> None:
+        self._write(data)
+
+    def eof_received(self) -> bool:
+        local = self._local
+        local.remote_eof = True
+        if local.transport.can_write_eof():
+            local.transport.write_eof()
+        if local.local_eof:  # both directions done
+            local.transport.close()
+            return False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        local = self._local
+        local.chan = None
+        if exc is None:
+            local.transport.close()
+        else:
+            local.transport.abort()
+
+    def pause_writing(self) -> None:  # the site is slower than the local client sends
+        self._local.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._local.transport.resume_reading()
+
+
+class _LocalSide(asyncio.Protocol):
+    """One accepted local TCP connection: opens its channel, then pipes data to it."""
+
+    def __init__(self, tunnel: Tunnel, fwd: _Forward):
+        self.tunnel = tunnel
+        self.fwd = fwd
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.chan: asyncssh.SSHTCPChannel | None = None
+        self.local_eof = False
+        self.remote_eof = False
+        self.closed = False
+        self.early: list[bytes] = []  # data that arrived before the channel was open
+        self._opener: asyncio.Task | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=LOCAL_WRITE_HIGH)
+        transport.pause_reading()  # nothing to read until the channel is open
+        self.fwd.pipes.add(self)
+        self._opener = asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        tunnel, fwd = self.tunnel, self.fwd
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        deadline = time.monotonic() + ACCEPT_WAIT
+        while True:
+            conn = await tunnel._wait_connected(deadline - time.monotonic())
+            if self.closed:
+                return
+            if conn is None:
+                log.warning(
+                    "forward %r: no SSH connection to %s within %.0f s, closing a connection to port %d",
+                    fwd.key, tunnel.target, ACCEPT_WAIT, fwd.local_port,
+                )
+                self.transport.abort()
+                return
+            try:
+                chan, _ = await conn.create_connection(
+                    lambda: _ChannelSide(self), fwd.host, fwd.port, peer[0], peer[1],
+                    window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE,
+                )
+            except (asyncssh.Error, OSError) as e:
+                if self.closed:
+                    return
+                if conn.is_closed() or conn is not tunnel._conn:
+                    continue  # the connection dropped meanwhile: wait for the next one
+                if not fwd.refused_logged:
+                    fwd.refused_logged = True
+                    log.error(
+                        "forward %r: %s refused the connection to %s:%d (%s); closing connections "
+                        "to local port %d (logged once per key)",
+                        fwd.key, tunnel.target, fwd.host, fwd.port, _describe(e), fwd.local_port,
+                    )
+                self.transport.abort()
+                return
+            if self.closed:
+                chan.close()
+                return
+            self.chan = chan
+            if self.early:
+                chan.write(b"".join(self.early))
+                self.early.clear()
+            if self.local_eof:
+                chan.write_eof()
+            else:
+                self.transport.resume_reading()
+            return
+
+    def data_received(self, data: bytes) -> None:
+        chan = self.chan
+        if chan is None:  # before the channel is open (uvloop ignores a pause in connection_made)
+            if not self.closed:
+                self.early.append(data)
+                self.transport.pause_reading()
+            return
+        try:
+            chan.write(data)
+        except BrokenPipeError:  # the channel is closing; connection_lost follows
+            self.transport.abort()
+
+    def eof_received(self) -> bool:
+        self.local_eof = True
+        if self.chan is not None:
+            self.chan.write_eof()
+        return not self.remote_eof  # keep the socket open for the answer unless both are done
+
+    def pause_writing(self) -> None:  # the local client reads slower than the site sends
+        if self.chan is not None:
+            self.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.chan is not None:
+            self.chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fwd.pipes.discard(self)
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+        if self._opener is not None and not self._opener.done():
+            self._opener.cancel()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        if self.chan is not None:
+            self.chan.close()
+
+
+def _describe(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return f"{type(exc).__name__}: {reason or exc}"
+
+
+class Tunnel:
+    """One SSH connection to one target, shared; local forwards keyed by a name."""
+
+    _registry: ClassVar[dict[SSHTarget, Tunnel]] = {}
+    _warned_unchecked: ClassVar[set[SSHTarget]] = set()
+
+    def __init__(self, target: SSHTarget):
+        self.target = target
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._ever_connected = False
+        self._connected = asyncio.Event()
+        self._closed = False
+        self._close_event = asyncio.Event()
+        self._connect_lock = asyncio.Lock()
+        self._forward_lock = asyncio.Lock()
+        self._forwards: dict[str, _Forward] = {}
+        self._supervisor: asyncio.Task | None = None
+        self._reverse_tasks: set[asyncio.Task] = set()
+        self._last_error = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- public API ------------------------------------------------------------------------
+
+    @classmethod
+    def for_target(cls, target: SSHTarget) -> Tunnel:
+        """The process-wide tunnel for target (a new one once the old one was closed)."""
+        tunnel = cls._registry.get(target)
+        if tunnel is None or tunnel._closed or (tunnel._loop is not None and tunnel._loop.is_closed()):
+            tunnel = cls._registry[target] = cls(target)
+        return tunnel
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    def local_port(self, key: str) -> int | None:
+        fwd = self._forwards.get(key)
+        return fwd.local_port if fwd is not None else None
+
+    async def forward(self, key: str, remote_host: str, remote_port: int, local_port: int = 0) -> int:
+        """The local port (on 127.0.0.1) that reaches remote_host:remote_port at the site.
+
+        Idempotent per key: the same destination returns the existing port; another
+        destination (or another explicitly requested ``local_port``) replaces the forward.
+        ``local_port`` asks for exactly that port (restoring the port a restarted hub
+        recorded). Connects on first use; raises :class:`TunnelError` when the SSH server
+        cannot be reached or refuses us, or the requested port cannot be bound.
+        """
+        self._check_open()
+        async with self._forward_lock:
+            fwd = self._forwards.get(key)
+            if (
+                fwd is not None
+                and (fwd.host, fwd.port) == (remote_host, remote_port)
+                and local_port in (0, fwd.local_port)
+            ):
+                return fwd.local_port
+            await self._ensure_connected()
+            if fwd is not None:
+                log.info(
+                    "forward %r: replacing %s:%d (port %d) by %s:%d",
+                    key, fwd.host, fwd.port, fwd.local_port, remote_host, remote_port,
+                )
+                self._drop_forward(fwd)
+            fwd = _Forward(key, remote_host, remote_port)
+            loop = asyncio.get_running_loop()
+            try:
+                fwd.server = await loop.create_server(
+                    lambda: _LocalSide(self, fwd), LISTEN_HOST, local_port, reuse_address=True, backlog=128
+                )
+            except OSError as e:
+                raise TunnelError(
+                    f"cannot listen on {LISTEN_HOST}:{local_port} for {key!r} ({e.strerror or e})"
+                ) from None
+            fwd.local_port = fwd.server.sockets[0].getsockname()[1]
+            self._forwards[key] = fwd
+            log.info(
+                "forward %r: %s:%d -> %s:%d at %s", key, LISTEN_HOST, fwd.local_port,
+                remote_host, remote_port, self.target,
+            )
+            return fwd.local_port
+
+    async def close_forward(self, key: str) -> None:
+        """Close the local listener for key and every connection it accepted."""
+        async with self._forward_lock:
+            fwd = self._forwards.pop(key, None)
+            if fwd is not None:
+                self._drop_forward(fwd)
+                log.info("forward %r: closed port %d", key, fwd.local_port)
+
+    async def close(self) -> None:
+        """Close every forward, the SSH connection and the reconnect loop."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_event.set()
+        if Tunnel._registry.get(self.target) is self:
+            del Tunnel._registry[self.target]
+        tasks = [t for t in (self._supervisor, *self._reverse_tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for fwd in list(self._forwards.values()):
+            self._drop_forward(fwd)
+        self._forwards.clear()
+        conn, self._conn = self._conn, None
+        self._connected.clear()
+        if conn is not None:
+            conn.close()
+            await conn.wait_closed()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("tunnel to %s closed", self.target)
+
+    # --- connection ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TunnelError(f"the tunnel to {self.target} is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise TunnelError(f"the tunnel to {self.target} belongs to another event loop")
+
+    async def _ensure_connected(self) -> asyncssh.SSHClientConnection:
+        if self._conn is not None:
+            return self._conn
+        if self._supervisor is None:  # first connect: its errors are the caller's
+            async with self._connect_lock:
+                if self._conn is None and self._supervisor is None:
+                    conn = await self._connect()
+                    self._ever_connected = True
+                    self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+                    return conn
+        conn = await self._wait_connected(FORWARD_WAIT)
+        if conn is None:
+            self._check_open()
+            raise TunnelError(
+                f"no SSH connection to {self.target} (reconnecting for {FORWARD_WAIT:.0f} s; "
+                f"last error: {self._last_error or 'none'})"
+            )
+        return conn
+
+    async def _wait_connected(self, timeout: float) -> asyncssh.SSHClientConnection | None:
+        """The current connection, waiting up to timeout for a reconnect; None if none."""
+        if self._conn is not None or self._closed:
+            return self._conn
+        if timeout <= 0:
+            return None
+        waiters = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._close_event.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        return self._conn
+
+    def _connect_options(self) -> dict:
+        t = self.target
+        return dict(
+            host=t.host,
+            port=t.port,
+            username=t.username,
+            client_keys=list(t.client_keys) if t.client_keys else (),
+            known_hosts=t.known_hosts,
+            agent_path=None,
+            config=None,
+            encryption_algs=list(ENCRYPTION_ALGS),
+            keepalive_interval=KEEPALIVE_INTERVAL,
+            keepalive_count_max=KEEPALIVE_COUNT_MAX,
+            connect_timeout=CONNECT_TIMEOUT,
+            login_timeout=CONNECT_TIMEOUT,
+            client_factory=lambda: _Client(self),
+        )
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
+        """One connection attempt; TunnelError with a message for a person if it fails."""
+        t = self.target
+        if t.known_hosts is None and t not in Tunnel._warned_unchecked:
+            Tunnel._warned_unchecked.add(t)
+            log.warning("tunnel to %s: no known_hosts given, the SSH host key is NOT checked", t)
+        try:
+            conn = await asyncio.wait_for(asyncssh.connect(**self._connect_options()), CONNECT_TIMEOUT + 5)
+        except asyncssh.HostKeyNotVerifiable as e:
+            raise self._failed(
+                f"the SSH host key of {t.host}:{t.port} does not match {t.known_hosts} ({e.reason}); "
+                "refusing to connect"
+            ) from None
+        except asyncssh.PermissionDenied as e:
+            keys = ", ".join(t.client_keys) or "the default keys"
+            raise self._failed(
+                f"SSH login as {t.username!r} to {t.host}:{t.port} was refused with {keys} ({e.reason})"
+            ) from None
+        except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
+            raise self._failed(f"cannot connect to the SSH server {t.host}:{t.port}: {_describe(e)}") from None
+        if self._closed:
+            conn.close()
+            raise TunnelError(f"the tunnel to {t} is closed")
+        self._conn = conn
+        self._connected.set()
+        self._last_error = ""
+        for entry in t.reverse_forwards:
+            self._start_reverse(conn, entry)
+        return conn
+
+    def _failed(self, message: str) -> TunnelError:
+        self._last_error = message
+        return TunnelError(message)
+
+    def _lost(self, conn: asyncssh.SSHClientConnection, exc: Exception | None) -> None:
+        """asyncssh's callback: conn is gone (the supervisor reconnects)."""
+        if conn is self._conn:
+            self._conn = None
+            self._connected.clear()
+            if not self._closed:
+                log.warning(
+                    "SSH connection to %s lost (%s); reconnecting, local ports stay bound",
+                    self.target, _describe(exc) if exc else "closed",
+                )
+
+    async def _supervise(self) -> None:
+        """Reconnect whenever the connection is gone, until close()."""
+        while not self._closed:
+            conn = self._conn
+            if conn is not None:
+                await conn.wait_closed()
+                self._lost(conn, None)
+                continue
+            delay, attempts, began, last_logged = RECONNECT_MIN, 0, time.monotonic(), ""
+            while not self._closed:
+                attempts += 1
+                try:
+                    await self._connect()
+                    break
+                except TunnelError as e:
+                    if str(e) != last_logged:  # log each new reason once, not every attempt
+                        last_logged = str(e)
+                        log.error("reconnecting to %s: %s (retrying)", self.target, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+            if self._conn is not None:
+                log.warning(
+                    "SSH connection to %s re-established after %.1f s (%d attempt%s)",
+                    self.target, time.monotonic() - began, attempts, "s" if attempts > 1 else "",
+                )
+
+    # --- reverse forwards -----------------------------------------------------------------
+
+    def _start_reverse(self, conn: asyncssh.SSHClientConnection, entry: tuple[str, int, str, int]) -> None:
+        task = asyncio.get_running_loop().create_task(self._reverse(conn, entry))
+        self._reverse_tasks.add(task)
+        task.add_done_callback(self._reverse_tasks.discard)
+
+    async def _reverse(self, conn: asyncssh.SSHClientConnection, entry: tuple[str, int, str, int]) -> None:
+        """Request one reverse forward on conn; retry in the background while refused."""
+        listen_host, listen_port, dest_host, dest_port = entry
+        delay, failures = 1.0, 0
+        while not self._closed and not conn.is_closed():
+            try:
+                await conn.forward_remote_port(listen_host, listen_port, dest_host, dest_port)
+            except (ChannelListenError, asyncssh.Error, OSError) as e:
+                failures += 1
+                if conn.is_closed():
+                    return
+                level = logging.ERROR if failures == 1 else logging.DEBUG
+                log.log(
+                    level,
+                    "reverse forward %s:%d (site) -> %s:%d (hub) refused by %s (%s): notebooks at the "
+                    "site cannot reach the hub API through this tunnel; local forwards are unaffected; "
+                    "retrying every %.0f s at most",
+                    listen_host, listen_port, dest_host, dest_port, self.target, _describe(e), REVERSE_RETRY_MAX,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REVERSE_RETRY_MAX)
+                continue
+            log.log(
+                logging.WARNING if failures else logging.INFO,
+                "reverse forward %s:%d (site) -> %s:%d (hub) at %s%s",
+                listen_host, listen_port, dest_host, dest_port, self.target,
+                f" after {failures} refusal(s)" if failures else "",
+            )
+            return
+
+    # --- forwards --------------------------------------------------------------------------
+
+    def _drop_forward(self, fwd: _Forward) -> None:
+        if fwd.server is not None:
+            fwd.server.close()
+        for pipe in list(fwd.pipes):
+            pipe.abort()
+        fwd.pipes.clear()

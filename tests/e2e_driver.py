@@ -1,0 +1,82 @@
+"""Drive a JupyterHub as a user would, from inside the hub's network namespace.
+
+Run as ``python -m tests.e2e_driver HUB_URL TOKEN USER``; prints one JSON object with
+what happened. The netns test runs it with ``ip netns exec`` because nothing may talk to
+a namespace address from the root namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import requests
+
+
+def main(hub_url: str, token: str, user: str) -> dict:
+    auth = {"Authorization": f"token {token}"}
+    api = f"{hub_url}/hub/api"
+    out: dict = {}
+    r = requests.post(f"{api}/users/{user}", headers=auth, timeout=30)
+    out["create_user"] = r.status_code
+    r = requests.post(f"{api}/users/{user}/server", headers=auth, json={}, timeout=30)
+    out["start"] = r.status_code
+    events = []
+    with requests.get(f"{api}/users/{user}/server/progress", headers=auth, stream=True, timeout=120) as r:
+        for line in r.iter_lines(decode_unicode=True):
+            if line and line.startswith("data:"):
+                event = json.loads(line[5:])
+                events.append(event)
+                if event.get("ready") or event.get("failed"):
+                    break
+    out["events"] = events
+
+    # 1. a token request through the proxy: the notebook checks the token with the hub API
+    r = requests.get(f"{hub_url}/user/{user}/api/status", headers=auth, timeout=30)
+    out["status_with_token"] = r.status_code
+
+    # 2. a browser: log in, then OAuth to the notebook (it exchanges the code with the hub)
+    browser = requests.Session()
+    page = browser.get(f"{hub_url}/hub/login", timeout=30).text
+    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page)
+    # after login the hub sends the browser to its running server: the notebook's OAuth
+    # (redirect to the hub, back to its oauth_callback, code exchanged with the hub API)
+    r = browser.post(
+        f"{hub_url}/hub/login",
+        data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
+        timeout=30,
+    )
+    out["oauth_path"] = [h.url.split(hub_url, 1)[-1].split("?")[0] for h in r.history]
+    out["oauth_cookie"] = f"jupyterhub-user-{user}" in browser.cookies.keys()
+    r = browser.get(f"{hub_url}/user/{user}/api/contents", timeout=30)
+    out["oauth_status"] = r.status_code  # with the notebook's own OAuth cookie, no token
+
+    # 3. activity: the notebook reports it to the hub's activity URL
+    def last_activity():
+        model = requests.get(f"{api}/users/{user}", headers=auth, timeout=30).json()
+        return model["servers"][""]["last_activity"]
+
+    out["activity_before"] = last_activity()
+    time.sleep(1.5)
+    requests.get(f"{hub_url}/user/{user}/api/contents", headers=auth, timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and last_activity() == out["activity_before"]:
+        time.sleep(0.5)
+    out["activity_after"] = last_activity()
+
+    r = requests.delete(f"{api}/users/{user}/server", headers=auth, timeout=30)
+    out["stop"] = r.status_code
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        model = requests.get(f"{api}/users/{user}", headers=auth, timeout=30).json()
+        if not model["servers"]:
+            break
+        time.sleep(0.3)
+    out["stopped"] = not model["servers"]
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(*sys.argv[1:4])))

@@ -1,0 +1,348 @@
+"""End to end: a real JupyterHub 6 with the real proxy spawns real notebooks
+(jupyterhub-singleuser from jupyter-server, started by the real LocalProcessSpawner inside
+an Outpost) through OutpostSpawner, the gRPC contract and an SSH tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import socket
+import time
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from outpost_client import OutpostClient, pb
+
+from .conftest import BIN, free_port, wait_for
+from .hub import TOKEN, JupyterHubProcess
+from .netns import HUB_IP, SITE_IP, hub_and_site, netns_unavailable
+
+pytestmark = pytest.mark.slow
+
+OUTPOST_CONFIG = """
+from jupyterhub.spawner import SimpleLocalProcessSpawner
+
+c = get_config()  # noqa
+
+
+class SiteSpawner(SimpleLocalProcessSpawner):
+    \"\"\"The site's own Spawner, with its own progress messages.\"\"\"
+
+    async def progress(self):
+        yield {{"progress": 30, "message": "{site}: preparing a notebook for " + self.user.name}}
+        yield {{"progress": 60, "message": "{site}: starting jupyterhub-singleuser"}}
+
+
+c.Outpost.spawner_class = SiteSpawner
+c.Outpost.ip = "{ip}"
+c.Outpost.allow_plaintext = {allow_plaintext}
+c.Outpost.db_url = "sqlite:///{workdir}/outpost.sqlite"
+c.Outpost.poll_interval = 2
+c.SimpleLocalProcessSpawner.home_dir_template = "{workdir}/home/{{username}}"
+c.Spawner.cmd = ["{bin}/jupyterhub-singleuser"]
+c.Spawner.args = ["--allow-root"]
+c.Spawner.environment = {{"OUTPOST_SITE": "{site}"}}
+c.SSHForwarder.enabled = True
+c.SSHForwarder.ip = "{ip}"
+c.SSHForwarder.port = {ssh_port}
+c.SSHForwarder.host_key_file = "{workdir}/ssh_host_key"
+c.SSHForwarder.authorized_keys = {{"default": ["{hub_pub}"]}}
+c.SSHForwarder.reverse_listen = {{"default": ["127.0.0.1:{rport}"]}}
+"""
+
+
+class Site:
+    """An Outpost process with its SSH forwarder, and what a hub needs to use it."""
+
+    def __init__(self, outpost_process, tmp_path: Path, name: str, *, ip="127.0.0.1", netns=None, extra=""):
+        self.name = name
+        self.ip = ip
+        self.ssh_port = free_port()
+        self.rport = free_port()
+        keydir = tmp_path / f"{name}-hubkey"
+        keydir.mkdir()
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        self.hub_key = keydir / "id_ed25519"
+        self.hub_key.write_bytes(key.export_private_key())
+        self.hub_key.chmod(0o600)
+        self.known_hosts = keydir / "known_hosts"
+        self.op = outpost_process("", name=name)
+        self.op.config.write_text(
+            OUTPOST_CONFIG.format(
+                site=name,
+                ip=ip,
+                allow_plaintext=ip != "127.0.0.1",
+                workdir=self.op.workdir,
+                bin=BIN,
+                ssh_port=self.ssh_port,
+                hub_pub=key.export_public_key().decode().strip(),
+                rport=self.rport,
+            )
+            + extra
+        )
+        self.netns = netns
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.ip}:{self.op.port}"
+
+    async def start(self) -> None:
+        self.op.start(*(["--ip", self.ip] if self.ip != "127.0.0.1" else []))
+        if self.netns is None:
+            await self.op.wait_serving()
+        host_pub = self.op.workdir / "ssh_host_key.pub"
+        await wait_for(host_pub.exists, timeout=30, message=f"no SSH host key:\n{self.op.log.read_text()[-2000:]}")
+        self.known_hosts.write_text(f"[{self.ip}]:{self.ssh_port} {host_pub.read_text().strip()}\n")
+
+    def hub_config(self, prefix: str = "c.OutpostSpawner.") -> str:
+        return "\n".join(
+            [
+                f'{prefix}outpost_address = "{self.grpc_address}"',
+                f'{prefix}ssh_host = "{self.ip}"',
+                f"{prefix}ssh_port = {self.ssh_port}",
+                f'{prefix}ssh_key = "{self.hub_key}"',
+                f'{prefix}ssh_known_hosts = "{self.known_hosts}"',
+                f"{prefix}hub_api_forward = True",
+                f"{prefix}hub_api_site_port = {self.rport}",
+                "",
+            ]
+        )
+
+    def outposts_entry(self) -> dict:
+        return {
+            "address": self.grpc_address,
+            "ssh_host": self.ip,
+            "ssh_port": self.ssh_port,
+            "ssh_key": str(self.hub_key),
+            "ssh_known_hosts": str(self.known_hosts),
+            "hub_api_forward": True,
+            "hub_api_site_port": self.rport,
+        }
+
+    async def stop_all(self) -> None:
+        """Stop every notebook this Outpost runs (tests must not leave processes behind)."""
+        if self.op.proc is None or self.op.proc.poll() is not None:
+            return
+        try:
+            async with OutpostClient(self.grpc_address, timeout=30) as client:
+                for server in await client.list_servers():
+                    await client.stop(server.server_name)
+        except Exception as e:  # the test's own failure is the interesting one
+            print(f"cleanup of {self.name} failed: {e}")
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
+
+
+async def remote_servers(site: Site) -> dict[str, pb.ServerStatus]:
+    async with OutpostClient(site.grpc_address) as client:
+        return {s.server_name: s for s in await client.list_servers()}
+
+
+@pytest.fixture
+async def make_site(outpost_process, tmp_path):
+    made: list[Site] = []
+
+    async def factory(name: str, **kw) -> Site:
+        s = Site(outpost_process, tmp_path, name, **kw)
+        made.append(s)
+        await s.start()
+        return s
+
+    yield factory
+    for s in made:
+        await s.stop_all()
+
+
+@pytest.fixture
+async def site(make_site):
+    return await make_site("site-a")
+
+
+@pytest.fixture
+def hub_factory(tmp_path):
+    hubs: list[JupyterHubProcess] = []
+
+    def factory(extra_config: str, name: str = "hub", **kw) -> JupyterHubProcess:
+        workdir = tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        hub = JupyterHubProcess(workdir, extra_config, **kw)
+        hubs.append(hub)
+        return hub
+
+    yield factory
+    for hub in hubs:
+        hub.stop()
+        hub.stop_proxy()
+
+
+async def test_spawn_progress_proxy_and_stop(site, hub_factory):
+    hub = hub_factory(site.hub_config())
+    hub.start()
+    await hub.wait_ready()
+
+    events = await hub.spawn("alice")
+    messages = [e.get("message", "") for e in events]
+    assert "site-a: preparing a notebook for alice" in messages, (messages, hub.tail())
+    assert events[-1].get("ready"), (events, hub.tail())
+
+    # through the proxy, the tunnel, to the notebook; it checks the token with the hub
+    # API through the reverse forward
+    r = await hub.get("/user/alice/api/status")
+    assert r.status_code == 200, (r.status_code, r.text, hub.tail())
+
+    model = await hub.server_model("alice")
+    local_port = model["state"]["local_port"]
+    remote = (await remote_servers(site))["alice"]
+    assert model["state"]["remote_port"] == remote.address.port
+    assert port_open(local_port) and port_open(remote.address.port)
+
+    await hub.stop_server("alice")
+    assert "alice" not in await remote_servers(site)
+    await wait_for(lambda: not port_open(remote.address.port), timeout=15, message="notebook still listening")
+    assert not port_open(local_port), "the forward must close with the server"
+
+
+async def test_notebook_env_uses_reverse_forward(site, hub_factory):
+    """The notebook's hub URLs point at the site-side end of the reverse forward."""
+    hub = hub_factory(site.hub_config())
+    hub.start()
+    await hub.wait_ready()
+    await hub.spawn("bob")
+    rec_env = None
+    async with OutpostClient(site.grpc_address) as client:
+        status = await client.poll("bob")
+        assert status.state == pb.SERVER_STATE_RUNNING
+    # the env the Outpost persisted for the server is what the hub sent
+    db = sqlite3.connect(site.op.workdir / "outpost.sqlite")
+    (env_json,) = db.execute("select env from outpost_servers where server_name='bob'").fetchone()
+    rec_env = json.loads(env_json)
+    assert rec_env["JUPYTERHUB_API_URL"] == f"http://127.0.0.1:{site.rport}/hub/api"
+    assert rec_env["JUPYTERHUB_ACTIVITY_URL"].startswith(f"http://127.0.0.1:{site.rport}/hub/api/users/bob/activity")
+    assert "PATH" not in rec_env  # the hub's PATH means nothing at the site
+    await hub.stop_server("bob")
+
+
+async def test_two_outposts_behind_one_hub(make_site, hub_factory):
+    a, b = await asyncio.gather(make_site("site-a"), make_site("site-b"))
+    hub = hub_factory(
+        a.hub_config()
+        + f"c.OutpostSpawner.outposts = {{'gpu': {b.outposts_entry()!r}}}\n"
+    )
+    hub.start()
+    await hub.wait_ready()
+    # chosen per named server ("gpu") and through user_options ({"outpost": "gpu"})
+    ev_default, ev_named, ev_option = await asyncio.gather(
+        hub.spawn("carol"),
+        hub.spawn("carol", "gpu"),
+        hub.spawn("dave", options={"outpost": "gpu"}),
+    )
+    assert any("site-a:" in e.get("message", "") for e in ev_default)
+    assert any("site-b:" in e.get("message", "") for e in ev_named)
+    assert any("site-b:" in e.get("message", "") for e in ev_option)
+    assert set(await remote_servers(a)) == {"carol"}
+    assert set(await remote_servers(b)) == {"carol--gpu", "dave"}
+    for path in ("/user/carol/api/status", "/user/carol/gpu/api/status", "/user/dave/api/status"):
+        r = await hub.get(path)
+        assert r.status_code == 200, (path, r.status_code)
+
+
+async def test_hub_restart_finds_the_same_notebook(site, hub_factory):
+    hub = hub_factory(site.hub_config())
+    hub.start()
+    await hub.wait_ready()
+    await hub.spawn("erin")
+    before = (await remote_servers(site))["erin"]
+    local_port = (await hub.server_model("erin"))["state"]["local_port"]
+
+    hub.stop()  # cleanup_servers = False: the notebook keeps running
+    assert not port_open(local_port)  # the hub process held the tunnel
+    hub.start()
+    await hub.wait_ready()
+    model = await hub.server_model("erin")
+    assert model and model["ready"], model
+    assert model["state"]["local_port"] == local_port
+    r = await hub.get("/user/erin/api/status")
+    assert r.status_code == 200, (r.status_code, hub.tail())
+    after = (await remote_servers(site))["erin"]
+    assert after.start_id == before.start_id and after.address.port == before.address.port
+
+
+async def test_outpost_sigkill_restart_keeps_notebook_reachable(site, hub_factory, subreaper):
+    hub = hub_factory(site.hub_config() + "c.JupyterHub.last_activity_interval = 5\n")
+    hub.start()
+    await hub.wait_ready()
+    await hub.spawn("fred")
+    before = (await remote_servers(site))["fred"]
+
+    site.op.kill(signal.SIGKILL)
+    started = time.monotonic()
+    site.op.start()
+
+    async def reachable():
+        r = await hub.get("/user/fred/api/status")
+        return r.status_code == 200
+
+    await wait_for(reachable, timeout=15, interval=0.3, message=f"not reachable again:\n{hub.tail()}")
+    elapsed = time.monotonic() - started
+    after = (await remote_servers(site))["fred"]
+    assert after.address.port == before.address.port  # the same notebook process
+    model = await hub.server_model("fred")
+    assert model and model["ready"], "the hub must never mark it dead"
+    print(f"reachable again {elapsed:.1f}s after the Outpost restart")
+
+
+# --- an outbound-only site --------------------------------------------------------------
+
+@pytest.mark.skipif(netns_unavailable() is not None, reason=str(netns_unavailable()))
+async def test_outbound_only_site(outpost_process, tmp_path, hub_factory):
+    """Hub and site in two network namespaces; the site cannot open connections to the
+    hub (a firewall in the hub's namespace drops them). Everything works anyway: the
+    hub opens gRPC and SSH to the site, the notebook reaches the hub API (token checks,
+    OAuth, activity) through the reverse forward."""
+    with hub_and_site(outbound_only=True) as ns:
+        site = Site(
+            outpost_process, tmp_path, "site-ns", ip=SITE_IP, netns=ns.site,
+            extra='c.Spawner.environment = {"OUTPOST_SITE": "site-ns", "JUPYTERHUB_ACTIVITY_INTERVAL": "1"}\n',
+        )
+        site.op.netns = ns.site
+        await site.start()
+        await site.op.wait_log("serving jupyterhub.outpost.v1.OutpostService")
+        hub = hub_factory(site.hub_config(), ip=HUB_IP, netns=ns.hub)
+        hub.start()
+        await hub.wait_ready()
+
+        # the firewall holds: the site cannot connect to the hub
+        probe = (
+            "import socket\n"
+            f"try:\n    socket.create_connection(('{HUB_IP}', {hub.hub_port}), timeout=3)\n    print('connected')\n"
+            "except OSError as e:\n    print(type(e).__name__)\n"
+        )
+        out = subprocess.run(ns.exec_prefix(ns.site) + [str(BIN / "python"), "-c", probe],
+                             capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() in ("TimeoutError", "timeout"), out.stdout + out.stderr
+
+        driver = subprocess.run(
+            ns.exec_prefix(ns.hub) + [str(BIN / "python"), "-m", "tests.e2e_driver", hub.url, TOKEN, "alice"],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+        )
+        assert driver.returncode == 0, driver.stderr[-3000:] + hub.tail()
+        result = json.loads(driver.stdout)
+        messages = [e.get("message", "") for e in result["events"]]
+        assert "site-ns: preparing a notebook for alice" in messages, (messages, hub.tail())
+        assert result["events"][-1].get("ready"), result["events"]
+        assert result["status_with_token"] == 200, (result, hub.tail())
+        assert result["oauth_cookie"], result
+        assert result["oauth_status"] == 200, result
+        assert any(p.endswith("/oauth_callback") for p in result["oauth_path"]), result["oauth_path"]
+        assert result["activity_after"] != result["activity_before"], result
+        assert result["stop"] in (202, 204) and result["stopped"], result
+
