@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 .PHONY: help setup system-packages demo test test-fast bench proto lint lint-proto postgres clean
 
 help:
-	@echo "make demo        run an Outpost on 127.0.0.1:50051 (simple Spawner, SQLite)"
+	@echo "make demo        JupyterHub on http://127.0.0.1:8000 spawning through an Outpost (gRPC 50051, SSH 2222)"
 	@echo "make test        set up everything and run the whole test suite"
 	@echo "make bench       benchmarks against a real Outpost (table + bench-results/bench.json)"
 	@echo "make proto       regenerate outpost_client/v1 from protos/"
@@ -55,7 +55,11 @@ test: setup postgres
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
 
-demo: setup
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[test,demo]"
+	touch $@
+
+demo: setup $(VENV)/.demo-installed
 	@bash demo/run.sh
 
 bench: setup

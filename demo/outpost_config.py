@@ -1,11 +1,12 @@
 # The demo's Outpost: the "simple" Spawner (SimpleLocalProcessSpawner: any user name
-# works, homes under demo-data/home) and SQLite, on 127.0.0.1:50051.
+# works, homes under demo-data/home) and SQLite, gRPC on 127.0.0.1:50051, and the
+# embedded SSH forwarder on 127.0.0.1:2222 for the demo hub (demo/jupyterhub_config.py).
 #
-# The notebook is a real Jupyter server. JupyterHub's usual command,
-# jupyterhub-singleuser, needs a hub to talk to; this demo has none, so it runs
-# jupyter-server directly on the address the Spawner picked (JUPYTERHUB_SERVICE_URL)
-# and under the prefix the hub asked for (JUPYTERHUB_SERVICE_PREFIX), with the
-# JUPYTERHUB_API_TOKEN of the Start request as its token.
+# Servers started by the hub run jupyterhub-singleuser (JupyterLab when it is installed).
+# Servers started by hand with grpcurl have no hub to talk to, so for them (no
+# JUPYTERHUB_CLIENT_ID in the request) the command is plain jupyter-server on the address the
+# Spawner picked (JUPYTERHUB_SERVICE_URL), under the prefix asked for
+# (JUPYTERHUB_SERVICE_PREFIX), with the request's JUPYTERHUB_API_TOKEN as its token.
 import os
 import sys
 
@@ -14,21 +15,33 @@ c = get_config()  # noqa: F821 (provided by traitlets when the file is loaded)
 here = os.path.dirname(os.path.abspath(__file__))
 data = os.environ.get("OUTPOST_DEMO_DATA") or os.path.join(os.path.dirname(here), "demo-data")
 os.makedirs(data, exist_ok=True)
-jupyter_server = os.path.join(os.path.dirname(sys.executable), "jupyter-server")
 
 c.Outpost.ip = "127.0.0.1"
 c.Outpost.port = 50051
 c.Outpost.spawner_class = "simple"
 c.Outpost.db_url = f"sqlite:///{data}/outpost.sqlite"
 c.Outpost.poll_interval = 10
+c.Outpost.start_message = "Demo Outpost (127.0.0.1:50051): starting a server for {user} with {spawner_class}"
 
 c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(data, "home", "{username}")
+bindir = os.path.dirname(sys.executable)
 c.SimpleLocalProcessSpawner.cmd = [
     "/bin/sh",
     "-c",
-    'port=${JUPYTERHUB_SERVICE_URL##*:}; port=${port%%/*}; exec "$0" --allow-root'
+    'if [ -n "$JUPYTERHUB_CLIENT_ID" ]; then exec "$1/jupyterhub-singleuser" --allow-root; fi;'
+    ' port=${JUPYTERHUB_SERVICE_URL##*:}; port=${port%%/*}; exec "$1/jupyter-server" --allow-root'
     ' --ServerApp.ip=127.0.0.1 --ServerApp.port="$port"'
     ' --ServerApp.base_url="$JUPYTERHUB_SERVICE_PREFIX"'
     ' --IdentityProvider.token="$JUPYTERHUB_API_TOKEN" --ServerApp.open_browser=False',
-    jupyter_server,
+    "outpost-demo-notebook",
+    bindir,
 ]
+
+# the SSH forwarder the demo hub tunnels through (its key is made by demo/run.sh)
+hub_key = os.path.join(data, "hub_ssh_key.pub")
+c.SSHForwarder.enabled = os.path.exists(hub_key)
+c.SSHForwarder.ip = "127.0.0.1"
+c.SSHForwarder.port = 2222
+c.SSHForwarder.host_key_file = os.path.join(data, "outpost_ssh_host_key")
+c.SSHForwarder.authorized_keys = {"default": [hub_key]} if os.path.exists(hub_key) else {}
+c.SSHForwarder.reverse_listen = {"default": ["127.0.0.1:18081"]}

@@ -1,35 +1,63 @@
 #!/usr/bin/env bash
-# make demo: an Outpost on 127.0.0.1:50051 with the simple Spawner and SQLite, and the
-# grpcurl commands to drive it (run them from this checkout in a second terminal).
+# make demo: the whole picture on 127.0.0.1 —
+#   JupyterHub (any user name logs in) with the proxy   http://127.0.0.1:8000
+#   an Outpost with the simple Spawner and SQLite        gRPC 127.0.0.1:50051
+#   its embedded SSH forwarder, which the hub tunnels through   127.0.0.1:2222
+# Ctrl-C stops the hub and the Outpost; running notebooks keep running and are picked up
+# again by the next `make demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DATA="${OUTPOST_DEMO_DATA:-$PWD/demo-data}"
+export OUTPOST_DEMO_DATA="$DATA"
+mkdir -p "$DATA"
+export PATH="$PWD/.venv/bin:$PWD/node_modules/.bin:$PATH"
+
+# the hub's SSH key, allowed at the Outpost's forwarder (demo/outpost_config.py)
+[ -f "$DATA/hub_ssh_key" ] || ssh-keygen -q -t ed25519 -N '' -C demo-hub -f "$DATA/hub_ssh_key"
+
+.venv/bin/jupyterhub-outpost -f demo/outpost_config.py > "$DATA/outpost.log" 2>&1 &
+OUTPOST=$!
+trap 'kill $OUTPOST 2>/dev/null; wait $OUTPOST 2>/dev/null' EXIT
+for _ in $(seq 100); do
+  grep -q "SSH forwarder listening" "$DATA/outpost.log" 2>/dev/null && break
+  kill -0 $OUTPOST 2>/dev/null || { cat "$DATA/outpost.log"; exit 1; }
+  sleep 0.1
+done
+echo "[127.0.0.1]:2222 $(cat "$DATA/outpost_ssh_host_key.pub")" > "$DATA/known_hosts"
+
 G=".venv/bin/grpcurl -plaintext"
 A="127.0.0.1:50051"
 S="jupyterhub.outpost.v1.OutpostService"
 cat <<TXT
 
-  Outpost demo: gRPC on $A, simple Spawner, SQLite in demo-data/.
-  In a second terminal, in $(pwd):
+  Outpost demo
+  ------------
+  Open http://127.0.0.1:8000 , log in with any name (no password needed), and start your
+  server: the spawn page shows the Outpost's progress messages, then JupyterHub sends you
+  to your notebook, reached through an SSH tunnel to the Outpost.
+  The Outpost's log: $DATA/outpost.log
+
+  The Outpost itself, with grpcurl (in a second terminal, in $(pwd)):
 
   # what the Outpost serves (server reflection) and whether it is healthy
   $G $A list
   $G $A describe $S
   $G $A grpc.health.v1.Health/Check
 
-  # start a Jupyter server for alice (returns once accepted), follow its progress events
-  $G -d '{"server_name": "alice", "start_id": "demo-1", "user": {"name": "alice"}, "env": {"JUPYTERHUB_API_TOKEN": "demo-token", "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}}' $A $S/Start
-  $G -d '{"server_name": "alice"}' $A $S/Events
-
-  # its status (with the address), the list of servers, the notebook itself
-  $G -d '{"server_name": "alice"}' $A $S/Poll
+  # the servers the hub started (the hub's identity here is "default")
   $G $A $S/ListServers
-  curl -s -H "Authorization: token demo-token" http://127.0.0.1:\$(.venv/bin/grpcurl -plaintext -d '{"server_name": "alice"}' $A $S/Poll | sed -n 's/.*"port": \([0-9]*\).*/\1/p')/user/alice/api/status
+
+  # start a Jupyter server by hand (server "by-hand" for user alice) (returns once accepted), follow its events
+  $G -d '{"server_name": "by-hand", "start_id": "demo-1", "user": {"name": "alice"}, "env": {"JUPYTERHUB_API_TOKEN": "demo-token", "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}}' $A $S/Start
+  $G -d '{"server_name": "by-hand"}' $A $S/Events
+
+  # its status (with the address), and the notebook itself
+  $G -d '{"server_name": "by-hand"}' $A $S/Poll
+  curl -s -H "Authorization: token demo-token" http://127.0.0.1:\$(.venv/bin/grpcurl -plaintext -d '{"server_name": "by-hand"}' $A $S/Poll | sed -n 's/.*"port": \([0-9]*\).*/\1/p')/user/alice/api/status
 
   # stop it (idempotent: run it twice)
-  $G -d '{"server_name": "alice", "start_id": "demo-1"}' $A $S/Stop
-
-  Ctrl-C stops the Outpost; running notebooks keep running and are picked up again by the
-  next 'make demo'.
+  $G -d '{"server_name": "by-hand", "start_id": "demo-1"}' $A $S/Stop
 
 TXT
-exec .venv/bin/jupyterhub-outpost -f demo/outpost_config.py
+cd "$DATA"
+jupyterhub -f "$OLDPWD/demo/jupyterhub_config.py"

@@ -176,6 +176,14 @@ class Outpost(Application):
         """,
     )
 
+    start_message = Unicode(
+        "",
+        config=True,
+        help="""A first progress message of every start, shown on the user's spawn page
+        before the Spawner's own, e.g. "HPC Outpost: starting your server with
+        {spawner_class}". {spawner_class} and {user} are filled in. Empty: none.""",
+    )
+
     poll_interval = Float(
         30.0,
         config=True,
@@ -300,6 +308,7 @@ class Outpost(Application):
             poll_concurrency=self.poll_concurrency,
             max_events_per_server=self.max_events_per_server,
             override_policy=self.override_policy,
+            start_message=self.start_message,
         )
         restored = await self.manager.restore()
         if restored:

@@ -153,6 +153,7 @@ class LifecycleManager:
         poll_concurrency: int = 32,
         max_events_per_server: int = 200,
         override_policy=None,
+        start_message: str = "",
     ):
         self.store = store
         self.spawner_class = spawner_class
@@ -163,6 +164,7 @@ class LifecycleManager:
         self.poll_concurrency = poll_concurrency
         self.max_events = max_events_per_server
         self.override_policy = override_policy
+        self.start_message = start_message
         self.records: dict[tuple[str, str], Record] = {}
         self._poller: asyncio.Task | None = None
         self._closing = False
@@ -340,6 +342,11 @@ class LifecycleManager:
         try:
             spawner._spawn_pending = True
             spawner._start_pending = True
+            if self.start_message:
+                message = self.start_message.format(
+                    spawner_class=type(spawner).__name__, user=rec.spec.user["name"]
+                )
+                await self._emit(rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": message}, durable=False)
             await maybe_await(spawner.run_pre_spawn_hook())
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start

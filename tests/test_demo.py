@@ -75,3 +75,79 @@ async def test_demo_commands_work_as_printed(tmp_path):
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_make_demo_hub_spawns_through_outpost(tmp_path):
+    """demo/run.sh (what `make demo` runs): log in with any name at 127.0.0.1:8000, the
+    server starts through the Outpost, its progress shows the Outpost's message, and the
+    user lands in a running server reached through the tunnel."""
+    import re
+    import signal
+
+    import requests
+
+    from outpost_client import OutpostClient
+
+    busy = [p for p in (8000, 8081, 50051, 2222, 18081) if _port_in_use(p)]
+    if busy:
+        pytest.skip(f"the demo's fixed ports are in use: {busy}")
+    env = dict(os.environ, OUTPOST_DEMO_DATA=str(tmp_path))
+    log = open(tmp_path / "demo.log", "w")
+    demo = subprocess.Popen(["bash", "demo/run.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    hub = "http://127.0.0.1:8000"
+    try:
+        def hub_up():
+            try:
+                return requests.get(f"{hub}/hub/api/", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        await wait_for(lambda: asyncio.to_thread(hub_up), timeout=60, interval=0.5,
+                       message=(tmp_path / "demo.log").read_text()[-3000:])
+
+        def login_and_spawn():
+            browser = requests.Session()
+            page = browser.get(f"{hub}/hub/login", timeout=10).text
+            xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page).group(1)
+            r = browser.post(f"{hub}/hub/login", data={"username": "newcomer", "password": "x", "_xsrf": xsrf}, timeout=30)
+            return browser, r
+
+        browser, r = await asyncio.to_thread(login_and_spawn)
+        assert r.status_code == 200, r.status_code
+
+        def progress():
+            with browser.get(f"{hub}/hub/api/users/newcomer/server/progress", stream=True, timeout=60,
+                             headers={"X-XSRFToken": browser.cookies.get("_xsrf", "")}) as resp:
+                return [line for line in resp.iter_lines(decode_unicode=True) if line.startswith("data:")]
+
+        events = await asyncio.to_thread(progress)
+        assert any("Demo Outpost" in e for e in events), events
+
+        def status():
+            # the page first (the notebook's OAuth through the hub), as a browser does
+            # (its status depends on whether JupyterLab is installed: not what this tests)
+            browser.get(f"{hub}/user/newcomer/", timeout=30)
+            return browser.get(f"{hub}/user/newcomer/api/status", timeout=10).status_code
+
+        async def ready():
+            return await asyncio.to_thread(status) == 200
+
+        await wait_for(ready, timeout=60, interval=0.5, message="the notebook did not answer through the proxy")
+    finally:
+        try:
+            async with OutpostClient("127.0.0.1:50051", timeout=30) as client:
+                for server in await client.list_servers():
+                    await client.stop(server.server_name)
+        except Exception as e:
+            print("demo cleanup:", e)
+        os.killpg(demo.pid, signal.SIGTERM)
+        demo.wait(timeout=30)
+        log.close()

@@ -62,6 +62,18 @@ async def test_start_events_poll_stop(start_outpost):
             await c.poll("alice")
 
 
+async def test_start_message_comes_first(start_outpost):
+    async with start_outpost(
+        "outpost_server.testing.SlowSpawner",
+        start_message="Site X: starting {user}'s server with {spawner_class}",
+        **{"SlowSpawner.delay": 0.1},
+    ) as op:
+        await op.client.start("zoe", sid(), user_name="zoe", wait_until_ready=True)
+        events = await collect(op.client, "zoe")
+        assert events[0].message == "Site X: starting zoe's server with SlowSpawner"
+        assert events[1].message == "Step 1 of 4"
+
+
 async def test_events_resume_after_sequence(start_outpost):
     async with start_outpost("outpost_server.testing.SlowSpawner", **{"SlowSpawner.delay": 0.2}) as op:
         await op.client.start("bob", sid(), user_name="bob", wait_until_ready=True)
