@@ -19,6 +19,24 @@ def test_every_outpost_option_is_documented():
     assert not missing, f"docs/configuration.md does not describe: {missing}"
 
 
+def test_every_forwarder_option_is_documented():
+    from outpost_server.forwarder import SSHForwarder
+
+    text = (ROOT / "docs" / "configuration.md").read_text().split("c.SSHForwarder", 1)[1]
+    missing = [name for name in SSHForwarder.class_traits(config=True) if f"`{name}`" not in text]
+    assert not missing, f"docs/configuration.md does not describe SSHForwarder: {missing}"
+
+
+def test_every_outpost_spawner_option_is_documented():
+    from outpost_client.spawner import OutpostSpawner
+    from jupyterhub.spawner import Spawner
+
+    text = (ROOT / "docs" / "hub.md").read_text()
+    own = set(OutpostSpawner.class_traits(config=True)) - set(Spawner.class_traits(config=True))
+    missing = sorted(name for name in own if f"`{name}`" not in text)
+    assert not missing, f"docs/hub.md does not describe OutpostSpawner: {missing}"
+
+
 def test_readme_names_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert "make demo" in text and "make test" in text
