@@ -101,6 +101,19 @@ def client_for(config: OutpostConfig, timeout: float) -> OutpostClient:
     return client
 
 
+def adopt_hub_logging(hub_log) -> None:
+    """Send the client's own loggers ("outpost.*", e.g. the tunnel's) to the hub's log."""
+    import logging
+
+    logger = logging.getLogger("outpost")
+    if getattr(logger, "_outpost_adopted", False) or not getattr(hub_log, "handlers", None):
+        return
+    logger.handlers = list(hub_log.handlers)
+    logger.setLevel(hub_log.getEffectiveLevel())
+    logger.propagate = False
+    logger._outpost_adopted = True
+
+
 def tunnel_for(config: OutpostConfig, hub_api_url: str):
     """The hub's shared tunnel to this Outpost's SSH server."""
     from urllib.parse import urlparse
@@ -327,6 +340,7 @@ class OutpostSpawner(Spawner):
         return client_for(self.outpost, self.outpost_timeout)
 
     def _tunnel(self):
+        adopt_hub_logging(self.log)
         return tunnel_for(self.outpost, self.hub.api_url) if self.outpost.ssh_host else None
 
     async def _retry(self, what: str, call, timeout: float = 60):

@@ -18,9 +18,10 @@ import pytest
 
 from outpost_client import OutpostClient, pb
 
-from .conftest import BIN, free_port, wait_for
+from .conftest import BIN, children_of, free_port, wait_for
 from .hub import TOKEN, JupyterHubProcess
 from .netns import HUB_IP, SITE_IP, hub_and_site, netns_unavailable
+from .sshd import sshd_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -276,12 +277,14 @@ async def test_hub_restart_finds_the_same_notebook(site, hub_factory):
     assert after.start_id == before.start_id and after.address.port == before.address.port
 
 
-async def test_outpost_sigkill_restart_keeps_notebook_reachable(site, hub_factory, subreaper):
+async def test_outpost_sigkill_restart_keeps_notebook_reachable(subreaper, site, hub_factory):
+    # subreaper first: it must outlive the teardown that stops the orphaned notebook
     hub = hub_factory(site.hub_config() + "c.JupyterHub.last_activity_interval = 5\n")
     hub.start()
     await hub.wait_ready()
     await hub.spawn("fred")
     before = (await remote_servers(site))["fred"]
+    subreaper.pids.update(children_of(site.op.proc.pid))  # the notebook, orphaned by the kill
 
     site.op.kill(signal.SIGKILL)
     started = time.monotonic()
@@ -346,3 +349,52 @@ async def test_outbound_only_site(outpost_process, tmp_path, hub_factory):
         assert result["activity_after"] != result["activity_before"], result
         assert result["stop"] in (202, 204) and result["stopped"], result
 
+
+
+# --- a stock OpenSSH server instead of the embedded forwarder ------------------------------
+
+
+async def test_openssh_tunnel_and_drop(make_site, hub_factory, sshd_server):  # noqa: F811
+    """OutpostSpawner through a site's OpenSSH (authorized_keys restrict, permitopen,
+    permitlisten); the SSH connection killed from the server side is restored on the same
+    local port without user action."""
+    site = await make_site("site-ssh")
+    rport = free_port()
+    sshd = sshd_server()
+    key = sshd.add_client_key(
+        "hub", options=f'restrict,port-forwarding,permitopen="127.0.0.1:*",permitlisten="127.0.0.1:{rport}"'
+    )
+    sshd.start()
+    hub = hub_factory(
+        "\n".join(
+            [
+                f'c.OutpostSpawner.outpost_address = "{site.grpc_address}"',
+                'c.OutpostSpawner.ssh_host = "127.0.0.1"',
+                f"c.OutpostSpawner.ssh_port = {sshd.port}",
+                f'c.OutpostSpawner.ssh_user = "{sshd.user}"',
+                f'c.OutpostSpawner.ssh_key = "{key}"',
+                f'c.OutpostSpawner.ssh_known_hosts = "{sshd.known_hosts}"',
+                "c.OutpostSpawner.hub_api_forward = True",
+                f"c.OutpostSpawner.hub_api_site_port = {rport}",
+                "",
+            ]
+        )
+    )
+    hub.start()
+    await hub.wait_ready()
+    events = await hub.spawn("gail")
+    assert events[-1].get("ready"), (events, hub.tail())
+    r = await hub.get("/user/gail/api/status")
+    assert r.status_code == 200, (r.status_code, hub.tail())
+    local_port = (await hub.server_model("gail"))["state"]["local_port"]
+
+    killed = sshd.kill_connections()
+    assert killed, "no sshd connection process to kill"
+
+    async def reachable():
+        return (await hub.get("/user/gail/api/status")).status_code == 200
+
+    await wait_for(reachable, timeout=15, interval=0.3, message=f"not restored:\n{hub.tail()}")
+    assert (await hub.server_model("gail"))["state"]["local_port"] == local_port
+    assert sshd.connection_pids() and not set(sshd.connection_pids()) & set(killed)
+    await hub.stop_server("gail")

@@ -5,26 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
-from pathlib import Path
 
 import pytest
 
 from outpost_client import OutpostClient, ServerNotFound, pb
 
-from .conftest import outpost_config, process_alive, running_outpost, wait_for
-
-
-def children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
+from .conftest import children_of, outpost_config, process_alive, running_outpost, wait_for
 
 
 async def test_restore_after_restart(tmp_path, db_url):
