@@ -64,6 +64,8 @@ demo: setup $(VENV)/.demo-installed
 
 bench: setup
 	$(PY) benchmarks/bench.py --json bench-results/bench.json
+	$(PY) benchmarks/tunnel_bench.py --json bench-results/tunnel.json
+	$(PY) benchmarks/spawn_bench.py --json bench-results/spawn.json
 
 clean:
 	rm -rf $(VENV) node_modules demo-data bench-results .pytest_cache
