@@ -398,3 +398,47 @@ async def test_openssh_tunnel_and_drop(make_site, hub_factory, sshd_server):  # 
     assert (await hub.server_model("gail"))["state"]["local_port"] == local_port
     assert sshd.connection_pids() and not set(sshd.connection_pids()) & set(killed)
     await hub.stop_server("gail")
+
+
+async def test_user_cancels_pending_spawn(make_site, hub_factory):
+    """Stopping a pending spawn in the hub stops the start at the Outpost."""
+    site = await make_site(
+        "site-slow", extra='c.Outpost.spawner_class = "outpost_server.testing.NeverReadySpawner"\n'
+    )
+    hub = hub_factory(site.hub_config())
+    hub.start()
+    await hub.wait_ready()
+    r = await hub.api("POST", "/users/hana")
+    assert r.status_code == 201
+    r = await hub.api("POST", "/users/hana/server", json={})
+    assert r.status_code == 202, r.text
+
+    async def starting():
+        servers = await remote_servers(site)
+        return "hana" in servers and servers["hana"].state == pb.SERVER_STATE_STARTING
+
+    await wait_for(starting, timeout=30, message="the start never reached the Outpost")
+    r = await hub.api("DELETE", "/users/hana/server")
+    assert r.status_code in (202, 204), r.text
+
+    async def gone():
+        return "hana" not in await remote_servers(site)
+
+    await wait_for(gone, timeout=30, message=f"the Outpost still has the start:\n{hub.tail()}")
+    model = await hub.server_model("hana")
+    assert not model or not model.get("ready")
+
+
+async def test_remote_failure_reaches_the_user(make_site, hub_factory):
+    """A Spawner that fails at the site: the spawn page shows its message."""
+    site = await make_site(
+        "site-fail", extra='c.Outpost.spawner_class = "outpost_server.testing.FailingSpawner"\n'
+    )
+    hub = hub_factory(site.hub_config())
+    hub.start()
+    await hub.wait_ready()
+    events = await hub.spawn("ivan")
+    assert events[-1].get("failed"), events
+    assert "No GPU left for you today" in events[-1]["message"], events[-1]
+    assert "Checking your quota" in [e.get("message") for e in events]
+    assert "Traceback" not in events[-1]["message"]
