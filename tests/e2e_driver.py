@@ -48,7 +48,12 @@ def main(hub_url: str, token: str, user: str) -> dict:
         data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
         timeout=30,
     )
-    out["oauth_path"] = [h.url.split(hub_url, 1)[-1].split("?")[0] for h in r.history]
+    history = [h.url for h in r.history]
+    # a page of the notebook that needs a login whatever extensions it has (without
+    # JupyterLab its root page may not): the notebook sends the browser through OAuth
+    r = browser.get(f"{hub_url}/user/{user}/files/outpost-oauth-check.txt", timeout=30)
+    history += [h.url for h in r.history]
+    out["oauth_path"] = [url.split(hub_url, 1)[-1].split("?")[0] for url in history]
     out["oauth_cookie"] = f"jupyterhub-user-{user}" in browser.cookies.keys()
     r = browser.get(f"{hub_url}/user/{user}/api/contents", timeout=30)
     out["oauth_status"] = r.status_code  # with the notebook's own OAuth cookie, no token
