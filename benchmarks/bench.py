@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import multiprocessing as mp
-import os
-import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +30,8 @@ from pathlib import Path
 # before outpost_client/__init__.py existed maps outpost_client as a namespace package.
 from outpost_client.client import OutpostClient, ServerState, StopOutcome
 from outpost_client.errors import ServerNotFound
+
+from common import free_port, machine_info, write_json  # benchmarks/ is sys.path[0]
 
 RUNNING = ServerState.Value("SERVER_STATE_RUNNING")
 STOPPED = StopOutcome.Value("STOP_OUTCOME_STOPPED")
@@ -74,13 +72,6 @@ class BenchmarkError(Exception):
 # --- small helpers ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def percentile(samples: list[float], q: float) -> float:
     """The q-th percentile (0..100) of samples, by the nearest-rank method."""
     if not samples:
@@ -101,18 +92,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise BenchmarkError(f"no VmRSS in /proc/{pid}/status")
-
-
-def machine_info() -> dict:
-    try:
-        nproc = len(os.sched_getaffinity(0))
-    except AttributeError:
-        nproc = os.cpu_count()
-    return {
-        "nproc": nproc,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 # --- the Outpost under test -----------------------------------------------------------
@@ -553,10 +532,7 @@ def main(argv=None) -> int:
                 "targets": {f"{k}{suffix}": f"{op} {t}" for k, (op, t) in targets.items()},
             }
         )
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {path}")
+        write_json(args.json, document)
     return 0
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -50,6 +48,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as tests/conftest.
 from tests.conftest import BIN, OutpostProcess  # noqa: E402
 from tests.hub import JupyterHubProcess  # noqa: E402
 from tests.test_e2e_hub import Site  # noqa: E402
+
+from benchmarks.common import machine_info, write_json  # noqa: E402
 
 TARGET_RATIO = 1.3
 SPAWN_TIMEOUT = 90.0  # seconds for one spawn's progress stream
@@ -90,7 +90,8 @@ class BenchmarkError(Exception):
     """The benchmark could not run (as opposed to: the ratio missed its target)."""
 
 
-def machine_info() -> dict:
+def versions() -> dict:
+    """The software under test, for the JSON's ``machine`` entry."""
     import jupyterhub
 
     try:
@@ -99,13 +100,7 @@ def machine_info() -> dict:
         js = jupyter_server.__version__
     except Exception:  # pragma: no cover
         js = "?"
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "jupyterhub": jupyterhub.__version__,
-        "jupyter_server": js,
-    }
+    return {"jupyterhub": jupyterhub.__version__, "jupyter_server": js}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -405,12 +400,10 @@ def main() -> int:
             },
             "n": args.n,
             "total_s": round(total, 1),
-            "machine": machine_info(),
+            "machine": machine_info(**versions()),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, out, sort_keys=False)  # keys in the order above
 
     if args.keep:
         print(f"logs kept in {root}")

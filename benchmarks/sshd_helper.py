@@ -31,14 +31,13 @@ from pathlib import Path
 
 import asyncssh
 
+try:  # imported as benchmarks.sshd_helper (the tests)
+    from .common import free_port
+except ImportError:  # imported as sshd_helper, with benchmarks/ on sys.path (tunnel_bench.py)
+    from common import free_port
+
 SSHD = "/usr/sbin/sshd"
 DEFAULT_USER = "outpost-tunnel"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_user(name: str = DEFAULT_USER) -> None:

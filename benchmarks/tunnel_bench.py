@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -42,7 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sshd_helper import PrivateSSHD, free_port  # noqa: E402
+from common import free_port, machine_info, write_json  # noqa: E402
+from sshd_helper import PrivateSSHD  # noqa: E402
 
 from outpost_client import tunnel as tunnel_mod  # noqa: E402
 from outpost_client.tunnel import SSHTarget, Tunnel  # noqa: E402
@@ -118,15 +117,13 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def machine_info() -> dict:
+def versions() -> dict:
+    """The software under test, for the JSON's ``machine`` entry."""
     ssh_version = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
     import asyncssh
     import cryptography
 
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
         "asyncssh": asyncssh.__version__,
         "cryptography": cryptography.__version__,
         "openssh": ssh_version,
@@ -297,13 +294,10 @@ def main(argv=None) -> int:
             "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
             "target_ratio": TARGET_RATIO,
             "load_average_1min": [round(load_before, 2), round(load_after, 2)],
-            "machine": machine_info(),
+            "machine": machine_info(**versions()),
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {path}")
+        write_json(args.json, document)
     return 0
 
 
