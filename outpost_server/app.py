@@ -21,6 +21,8 @@ from jupyterhub.traitlets import EntryPointType
 from traitlets import (
     Any,
     Bool,
+    CaselessStrEnum,
+    Dict,
     Float,
     Integer,
     List,
@@ -38,10 +40,11 @@ from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
 from . import __version__
 from .forwarder import ForwarderConfigError, SSHForwarder
 from .hosting import DEFAULT_SITE_ENV_KEYS
-from .interceptors import OutpostInterceptor, plaintext_resolver
+from .interceptors import OutpostInterceptor, certificate_resolver, plaintext_resolver
 from .manager import LifecycleManager
 from .servicer import OutpostServicer
 from .store import Store
+from .tls import TLSConfigError, load_server_tls
 
 SERVICE_NAME = outpost_pb2.DESCRIPTOR.services_by_name["OutpostService"].full_name
 
@@ -50,6 +53,9 @@ aliases = {
     "port": "Outpost.port",
     "db-url": "Outpost.db_url",
     "spawner-class": "Outpost.spawner_class",
+    "tls-cert": "Outpost.tls_cert",
+    "tls-key": "Outpost.tls_key",
+    "tls-client-ca": "Outpost.tls_client_ca",
     "log-level": "Application.log_level",
     "config": "Outpost.config_file",
     "f": "Outpost.config_file",
@@ -92,9 +98,18 @@ class Outpost(Application):
     jupyterhub-outpost --generate-config
     jupyterhub-outpost --port 50051 --spawner-class simple
     jupyterhub-outpost -f /etc/outpost/outpost_config.py
+    jupyterhub-outpost generate-certs --out certs --host outpost.example.org --hub hub1
+    jupyterhub-outpost --tls-cert certs/outpost-server/outpost-server.crt \\
+        --tls-key certs/outpost-server/outpost-server.key --tls-client-ca certs/outpost-ca/outpost-ca.crt
     """
     aliases = aliases
     flags = flags
+    subcommands = {
+        "generate-certs": (
+            "outpost_server.certs.GenerateCerts",
+            "Create a CA, the Outpost's server certificate and one client certificate per hub (mTLS).",
+        ),
+    }
     raise_config_file_errors = True
     _log_formatter_cls = LogFormatter
     forwarder: SSHForwarder | None = None
@@ -109,7 +124,8 @@ class Outpost(Application):
         config=True,
         help="""The address the gRPC server listens on.
 
-        Plaintext is served only on a loopback address unless allow_plaintext is set.
+        Plaintext is served only on a loopback address unless allow_plaintext is set;
+        with mTLS (tls_cert, tls_key, tls_client_ca) any address is fine.
         """,
     )
     port = Integer(50051, config=True, help="The port the gRPC server listens on (0: any free port).")
@@ -130,6 +146,50 @@ class Outpost(Application):
         A server is identified by (hub, server_name); with mTLS the hub identity comes
         from the client certificate, on plaintext loopback connections it is this name.
         """,
+    )
+
+    tls_cert = Unicode(
+        "",
+        config=True,
+        help="""The Outpost's TLS certificate (PEM file; the chain may follow it).
+
+        Setting tls_cert, tls_key and tls_client_ca turns on mTLS: every client must
+        present a certificate signed by tls_client_ca, and that certificate names its hub
+        (see hub_identity_from). `jupyterhub-outpost generate-certs` creates all three.
+        """,
+    )
+    tls_key = Unicode(
+        "", config=True, help="The private key of tls_cert (PEM file, unencrypted; keep it mode 0600)."
+    )
+    tls_client_ca = Unicode(
+        "",
+        config=True,
+        help="""The CA certificate(s) (PEM file, several may be concatenated) a hub's client
+        certificate must be signed by. A client without a certificate, or with an unknown,
+        expired or not yet valid one, is refused by the TLS handshake.""",
+    )
+    hub_identity_from = CaselessStrEnum(
+        ["cn", "san"],
+        default_value="cn",
+        config=True,
+        help="""Which name of a hub's client certificate is its hub identity (with mTLS):
+        "cn", the subject's common name, or "san", its first DNS subjectAltName.""",
+    )
+    hub_identity_map = Dict(
+        value_trait=Unicode(),
+        key_trait=Unicode(),
+        config=True,
+        help="""Certificate name -> hub name, for certificates whose CN (or SAN) is not the
+        hub name to use, e.g. {"jupyterhub.example.org": "main"}. Names not in the map are
+        the hub name as they are. A hub's servers are keyed by this name: changing it hides
+        them from that hub.""",
+    )
+    allowed_hubs = List(
+        Unicode(),
+        config=True,
+        help="""The hub names (after hub_identity_map) that may use this Outpost with mTLS.
+        Empty (default): any hub whose certificate is signed by tls_client_ca. Others get
+        UNAUTHENTICATED (reason UNAUTHENTICATED_HUB).""",
     )
 
     db_url = Unicode(
@@ -245,13 +305,14 @@ class Outpost(Application):
 
     def initialize(self, argv=None):
         super().initialize(argv)
-        if self.generate_config:
+        if self.generate_config or self.subapp is not None:
             return
         self.load_config_file(self.config_file)
         # command-line options win over the config file
         if self.cli_config:
             self.update_config(self.cli_config)
         self.init_logging()
+        self.check_tls()
         self.check_network()
         self.check_forwarder()
 
@@ -264,8 +325,28 @@ class Outpost(Application):
             logger.propagate = False
         logging.getLogger().setLevel(self.log_level)
 
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert or self.tls_key or self.tls_client_ca)
+
+    def load_tls(self):
+        """The server's TLS files, checked (TLSConfigError with a one-line message)."""
+        missing = [name for name in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(self, name)]
+        if missing:
+            raise TLSConfigError(f"mTLS needs tls_cert, tls_key and tls_client_ca; {', '.join(missing)} not set")
+        return load_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def check_tls(self):
+        """Fail before anything starts if the TLS files are unusable."""
+        if not self.tls_enabled:
+            return
+        try:
+            self.load_tls()
+        except TLSConfigError as e:
+            raise SystemExit(f"jupyterhub-outpost: {e}") from None
+
     def check_network(self):
-        if not _is_loopback(self.ip) and not self.allow_plaintext:
+        if not _is_loopback(self.ip) and not self.allow_plaintext and not self.tls_enabled:
             raise SystemExit(
                 f"jupyterhub-outpost: refusing to serve plaintext gRPC on {self.ip}: "
                 "use a loopback address, or --allow-plaintext behind a trusted network"
@@ -316,8 +397,17 @@ class Outpost(Application):
         self.manager.start_polling()
 
     async def init_server(self):
+        if self.tls_enabled:
+            tls = self.load_tls()
+            for warning in tls.warnings:
+                self.log.warning(warning)
+            resolver = certificate_resolver(self.hub_identity_from.lower(), self.hub_identity_map, self.allowed_hubs)
+            mode = f"mTLS, identity from {self.hub_identity_from.upper()}"
+        else:
+            resolver = plaintext_resolver(self.default_hub)
+            mode = f"plaintext, hub {self.default_hub!r}"
         self.server = grpc.aio.server(
-            interceptors=[OutpostInterceptor(plaintext_resolver(self.default_hub))],
+            interceptors=[OutpostInterceptor(resolver)],
             options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.so_reuseport", 0),
@@ -332,18 +422,21 @@ class Outpost(Application):
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         address = f"{self.ip}:{self.port}" if ":" not in self.ip else f"[{self.ip}]:{self.port}"
-        self.bound_port = self.server.add_insecure_port(address)
+        if self.tls_enabled:
+            self.bound_port = self.server.add_secure_port(address, tls.credentials())
+        else:
+            self.bound_port = self.server.add_insecure_port(address)
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         # a line tests and scripts can wait for
         self.log.info(
-            "Outpost %s serving %s on %s:%d (plaintext, hub %r) with %s",
+            "Outpost %s serving %s on %s:%d (%s) with %s",
             __version__,
             SERVICE_NAME,
             self.ip,
             self.bound_port,
-            self.default_hub,
+            mode,
             self.spawner_class.__name__,
         )
 
@@ -362,6 +455,8 @@ class Outpost(Application):
         )
 
     async def start(self):
+        if self.subapp is not None:
+            return self.subapp.start()
         if self.generate_config:
             self.write_config_file()
             return
@@ -372,7 +467,11 @@ class Outpost(Application):
         await self.init_store()
         try:
             await self.init_manager()
-            await self.init_server()
+            try:
+                await self.init_server()
+            except TLSConfigError as e:  # the files changed since check_tls
+                await self.cleanup()
+                raise SystemExit(f"jupyterhub-outpost: {e}") from None
             try:
                 await self.init_forwarder()
             except ForwarderConfigError as e:

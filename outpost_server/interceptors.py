@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 
 import grpc
 from grpc_status import rpc_status
@@ -42,6 +42,40 @@ def plaintext_resolver(default_hub: str) -> HubResolver:
 
     def resolve(context) -> str | None:
         return default_hub
+
+    return resolve
+
+
+# auth_context keys (grpc core): the subject's CN, and the certificate's DNS SANs only
+# (x509_subject_alternative_name mixes DNS, IP, URI and email entries; peer_identity_key()
+# switches from the CN to the SANs as soon as a certificate has any).
+IDENTITY_KEYS = {"cn": ("x509_common_name", "common name (CN)"), "san": ("peer_dns", "DNS subjectAltName")}
+
+
+def certificate_resolver(
+    identity_from: str = "cn",
+    identity_map: Mapping[str, str] | None = None,
+    allowed_hubs: Collection[str] = (),
+) -> HubResolver:
+    """The hub is named by the client certificate (mTLS; the handshake already checked it).
+
+    The name is the certificate's CN or first DNS SAN, mapped through ``identity_map``;
+    when ``allowed_hubs`` is not empty, only the hubs it lists are let in.
+    """
+    key, what = IDENTITY_KEYS[identity_from]
+    identity_map = dict(identity_map or {})
+    allowed = frozenset(allowed_hubs)
+
+    def resolve(context) -> str | None:
+        names = context.auth_context().get(key)
+        if not names:
+            raise Unauthenticated(f"Your client certificate has no {what}, which names your hub on this Outpost.")
+        name = names[0].decode()
+        hub = identity_map.get(name, name)
+        if allowed and hub not in allowed:
+            shown = repr(hub) if hub == name else f"{hub!r} (certificate {name!r})"
+            raise Unauthenticated(f"Hub {shown} is not allowed on this Outpost (c.Outpost.allowed_hubs).")
+        return hub
 
     return resolve
 
