@@ -42,6 +42,7 @@ from .forwarder import ForwarderConfigError, SSHForwarder
 from .hosting import DEFAULT_SITE_ENV_KEYS
 from .interceptors import OutpostInterceptor, certificate_resolver, plaintext_resolver
 from .manager import LifecycleManager
+from .policy import check_policy, denied_overrides
 from .servicer import OutpostServicer
 from .store import Store
 from .tls import TLSConfigError, load_server_tls
@@ -228,11 +229,13 @@ class Outpost(Application):
     allow_override = Any(
         False,
         config=True,
-        help="""Which config_overrides a hub may send with Start.
+        help="""Which config_overrides a hub may send with Start (applied to that start only).
 
         False (default): none; a Start with overrides fails with PERMISSION_DENIED
-        (reason OVERRIDE_NOT_ALLOWED). True: any configurable trait of the Spawner.
-        A list of trait names: only those.
+        (reason OVERRIDE_NOT_ALLOWED), and the hub's user sees why. True: any
+        configurable trait of the Spawner. A list of trait names: only those. A dict:
+        hub name -> one of these (hubs it does not name may override nothing). A
+        callable (hub, overrides) -> one of these, sync or async.
         """,
     )
 
@@ -291,10 +294,10 @@ class Outpost(Application):
 
     @validate("allow_override")
     def _check_allow_override(self, proposal):
-        value = proposal.value
-        if isinstance(value, bool) or (isinstance(value, (list, tuple, set)) and all(isinstance(x, str) for x in value)):
-            return value
-        raise TraitError("allow_override must be True, False or a list of trait names")
+        try:
+            return check_policy(proposal.value)
+        except ValueError as e:
+            raise TraitError(str(e)) from None
 
     @property
     def classes(self):
@@ -364,10 +367,14 @@ class Outpost(Application):
         self.forwarder = forwarder
 
     async def override_policy(self, hub: str, overrides: dict) -> None:
-        allowed = self.allow_override
-        if allowed is True:
-            return
-        denied = sorted(overrides) if allowed is False else sorted(set(overrides) - set(allowed))
+        try:
+            denied = await denied_overrides(self.allow_override, hub, overrides)
+        except Exception as e:
+            # a site's policy callable raising is a refusal; its message is the reason
+            self.log.warning("allow_override refused %s for hub %r: %s", sorted(overrides), hub, e)
+            raise OverrideNotAllowed(
+                f"This Outpost does not allow these overrides: {e}", metadata={"keys": ",".join(sorted(overrides))}
+            ) from None
         if denied:
             raise OverrideNotAllowed(
                 f"This Outpost does not allow your hub to override {', '.join(denied)}.",

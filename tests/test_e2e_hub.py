@@ -442,3 +442,14 @@ async def test_remote_failure_reaches_the_user(make_site, hub_factory):
     assert "No GPU left for you today" in events[-1]["message"], events[-1]
     assert "Checking your quota" in [e.get("message") for e in events]
     assert "Traceback" not in events[-1]["message"]
+
+
+async def test_denied_override_reason_on_spawn_page(site, hub_factory):
+    """The hub asks for a config override the Outpost does not allow: the user sees why."""
+    hub = hub_factory(site.hub_config() + 'c.OutpostSpawner.config_overrides = {"mem_limit": "64G"}\n')
+    hub.start()
+    await hub.wait_ready()
+    events = await hub.spawn("jane")
+    assert events[-1].get("failed"), events
+    assert "does not allow your hub to override mem_limit" in events[-1]["message"], events[-1]
+    assert "jane" not in await remote_servers(site)

@@ -405,3 +405,23 @@ async def test_errors_carry_error_info(outpost):
     info = error_details_pb2.ErrorInfo()
     status.details[0].Unpack(info)
     assert info.reason == "SERVER_NOT_FOUND" and info.domain == "outpost.jupyterhub.org"
+
+
+async def test_override_policy_per_hub_and_callable(start_outpost):
+    """allow_override as a dict per hub, and a callable whose exception is the refusal."""
+
+    def policy(hub, overrides):
+        if overrides.get("delay", 0) > 1:
+            raise ValueError("delay may be at most 1 second here")
+        return ["delay"]
+
+    async with start_outpost(
+        "outpost_server.testing.SlowSpawner", allow_override={"default": policy}, **{"SlowSpawner.delay": 0.0}
+    ) as op:
+        r = await op.client.start("pia", sid(), user_name="pia", config_overrides={"delay": 0.1}, wait_until_ready=True)
+        assert r.status.state == pb.SERVER_STATE_RUNNING
+        with pytest.raises(OverrideNotAllowed) as err:
+            await op.client.start("quinn", sid(), user_name="quinn", config_overrides={"delay": 5})
+        assert "at most 1 second" in err.value.message
+        with pytest.raises(OverrideNotAllowed):
+            await op.client.start("quinn", sid(), user_name="quinn", config_overrides={"steps": 1})

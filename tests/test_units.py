@@ -134,3 +134,40 @@ def test_hosted_env_hub_wins_except_site_keys():
     assert out["JUPYTERHUB_SERVICE_URL"].startswith("http://")
     assert "hub-side" not in out["JUPYTERHUB_SERVICE_URL"]  # the site knows where it binds
     assert out["HOME"] == "/tmp/alice"
+
+
+# --- allow_override ------------------------------------------------------------------------
+
+from outpost_server.policy import check_policy, denied_overrides  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "policy, hub, overrides, denied",
+    [
+        (False, "a", {"image": 1}, ["image"]),
+        (True, "a", {"image": 1, "cmd": 2}, []),
+        (["image"], "a", {"image": 1, "cmd": 2}, ["cmd"]),
+        ({"a": True, "b": ["mem_limit"]}, "a", {"image": 1}, []),
+        ({"a": True, "b": ["mem_limit"]}, "b", {"image": 1, "mem_limit": 2}, ["image"]),
+        ({"a": True}, "stranger", {"image": 1}, ["image"]),
+        (lambda hub, o: hub == "a", "a", {"image": 1}, []),
+        (lambda hub, o: hub == "a", "b", {"image": 1}, ["image"]),
+        (lambda hub, o: ["image"] if o.get("image", "").startswith("site/") else [], "a", {"image": "evil/x"}, ["image"]),
+        ({"a": lambda hub, o: True}, "a", {"x": 1}, []),
+    ],
+)
+async def test_denied_overrides(policy, hub, overrides, denied):
+    assert await denied_overrides(check_policy(policy), hub, overrides) == denied
+
+
+async def test_async_policy():
+    async def policy(hub, overrides):
+        return ["image"]
+
+    assert await denied_overrides(policy, "a", {"image": 1, "cmd": 2}) == ["cmd"]
+
+
+@pytest.mark.parametrize("bad", [3, "image", {"a": {"b": True}}, [1, 2]])
+def test_bad_policy(bad):
+    with pytest.raises(ValueError):
+        check_policy(bad)
