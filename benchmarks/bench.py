@@ -19,6 +19,7 @@ import math
 import multiprocessing as mp
 import shutil
 import signal
+import os
 import subprocess
 import sys
 import tempfile
@@ -117,9 +118,13 @@ class OutpostProcess:
             # traitlets' Application.log_level knows "WARN", not "WARNING"
             "--log-level", "WARN",
         ]  # fmt: skip
+        # a fresh database encryption key (the Outpost refuses to start without one)
+        from cryptography.fernet import Fernet
+
+        env = dict(os.environ, OUTPOST_CRYPT_KEY=Fernet.generate_key().decode())
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=self.tmpdir, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                cmd, cwd=self.tmpdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
 
     async def wait_serving(self, client: OutpostClient) -> None:

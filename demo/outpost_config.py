@@ -20,6 +20,17 @@ c.Outpost.ip = "127.0.0.1"
 c.Outpost.port = 50051
 c.Outpost.spawner_class = "simple"
 c.Outpost.db_url = f"sqlite:///{data}/outpost.sqlite"
+
+# the key that encrypts env (API tokens) and Spawner state in the database: made on first
+# use, mode 0600, and kept in demo-data (deleting it makes the stored servers unreadable)
+crypt_key_file = os.path.join(data, "outpost_crypt_key")
+if not os.path.exists(crypt_key_file):
+    from cryptography.fernet import Fernet
+
+    fd = os.open(crypt_key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(Fernet.generate_key().decode() + "\n")
+c.Outpost.crypt_key_file = crypt_key_file
 c.Outpost.poll_interval = 10
 c.Outpost.start_message = "Demo Outpost (127.0.0.1:50051): starting a server for {user} with {spawner_class}"
 

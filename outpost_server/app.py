@@ -38,6 +38,8 @@ from outpost_client.errors import OverrideNotAllowed
 from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
 
 from . import __version__
+from .crypto import ENV_VAR as CRYPT_KEY_ENV
+from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
 from .forwarder import ForwarderConfigError, SSHForwarder
 from .hosting import DEFAULT_SITE_ENV_KEYS
 from .interceptors import OutpostInterceptor, certificate_resolver, plaintext_resolver
@@ -200,6 +202,33 @@ class Outpost(Application):
         to the working directory) or postgresql://user@host:5432/dbname.""",
     )
 
+    crypt_keys = List(
+        Unicode(),
+        config=True,
+        help="""Fernet keys (32 url-safe base64-encoded bytes each) that encrypt each server's
+        env (it holds the notebook's JUPYTERHUB_API_TOKEN) and Spawner state in the
+        database. The first key encrypts, all of them decrypt: to rotate, put a new key
+        first and keep the old ones until the Outpost has restarted once with them (each
+        start-up rewrites older rows under the first key).
+
+        Default: the OUTPOST_CRYPT_KEY environment variable (keys separated by ";", like
+        JUPYTERHUB_CRYPT_KEY). The Outpost does not start without a key. Make one with
+        python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"
+        """,
+    )
+
+    @default("crypt_keys")
+    def _crypt_keys_default(self):
+        return parse_keys(os.environ.get(CRYPT_KEY_ENV, ""))
+
+    crypt_key_file = Unicode(
+        "",
+        config=True,
+        help="""A file with the crypt keys (one per line or ";"-separated, first key first;
+        lines starting with # are ignored), used instead of crypt_keys and OUTPOST_CRYPT_KEY.
+        Keep it mode 0600 (the Outpost warns otherwise).""",
+    )
+
     spawner_class = EntryPointType(
         default_value=LocalProcessSpawner,
         klass=Spawner,
@@ -254,6 +283,18 @@ class Outpost(Application):
     )
     poll_timeout = Float(60.0, config=True, help="Seconds one Spawner's poll() may take before it counts as failed.")
     poll_concurrency = Integer(32, config=True, help="How many Spawner polls run at the same time.")
+    max_concurrent_starts_per_hub = Integer(
+        32,
+        min=0,
+        config=True,
+        help="""How many servers of one hub may be starting at the same time (0: no limit).
+
+        A Start beyond it gets RESOURCE_EXHAUSTED (reason TOO_MANY_STARTS) and leaves
+        nothing behind; the hub's user may try again when one of those starts finishes.
+        Retrying a start already accepted (same start_id) is never refused. The limit
+        is per hub, so one hub flooding Starts does not keep the others from starting.
+        """,
+    )
     max_events_per_server = Integer(
         200,
         config=True,
@@ -318,6 +359,7 @@ class Outpost(Application):
         self.check_tls()
         self.check_network()
         self.check_forwarder()
+        self.check_crypt()
 
     def init_logging(self):
         self.log.propagate = False
@@ -355,6 +397,29 @@ class Outpost(Application):
                 "use a loopback address, or --allow-plaintext behind a trusted network"
             )
 
+    crypt: Crypt | None = None
+
+    def make_crypt(self) -> Crypt:
+        """The database's keys, checked (CryptConfigError with a one-line message)."""
+        if self.crypt_key_file:
+            if "crypt_keys" in self.config.Outpost:
+                raise CryptConfigError("set c.Outpost.crypt_keys or c.Outpost.crypt_key_file, not both")
+            path = self.crypt_key_file
+            crypt = Crypt(read_key_file(path), source=f"crypt_key_file {path}")
+            warning = key_file_warning(path)
+            if warning:
+                self.log.warning(warning)
+            return crypt
+        configured = "crypt_keys" in self.config.Outpost
+        return Crypt(self.crypt_keys, source="c.Outpost.crypt_keys" if configured else CRYPT_KEY_ENV)
+
+    def check_crypt(self):
+        """Fail before anything starts without a usable key for the database."""
+        try:
+            self.crypt = self.make_crypt()
+        except CryptConfigError as e:
+            raise SystemExit(f"jupyterhub-outpost: {e}") from None
+
     def check_forwarder(self):
         """Fail before anything starts if the SSH forwarder's keys are unusable."""
         forwarder = SSHForwarder(parent=self)
@@ -382,7 +447,9 @@ class Outpost(Application):
             )
 
     async def init_store(self):
-        self.store = Store(self.db_url, max_events_per_server=self.max_events_per_server)
+        if self.crypt is None:  # not checked by initialize() (an Outpost made in-process)
+            self.crypt = self.make_crypt()
+        self.store = Store(self.db_url, max_events_per_server=self.max_events_per_server, crypt=self.crypt)
         await self.store.open()
 
     async def init_manager(self):
@@ -397,6 +464,7 @@ class Outpost(Application):
             max_events_per_server=self.max_events_per_server,
             override_policy=self.override_policy,
             start_message=self.start_message,
+            max_concurrent_starts_per_hub=self.max_concurrent_starts_per_hub,
         )
         restored = await self.manager.restore()
         if restored:

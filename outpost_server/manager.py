@@ -20,7 +20,9 @@ from typing import Any
 from jupyterhub.spawner import Spawner
 
 from outpost_client.errors import (
+    TOO_MANY_STARTS,
     OutpostError,
+    ResourceExhausted,
     ServerAlreadyStarted,
     ServerNotFound,
     SpawnerError,
@@ -154,6 +156,7 @@ class LifecycleManager:
         max_events_per_server: int = 200,
         override_policy=None,
         start_message: str = "",
+        max_concurrent_starts_per_hub: int = 0,
     ):
         self.store = store
         self.spawner_class = spawner_class
@@ -165,7 +168,10 @@ class LifecycleManager:
         self.max_events = max_events_per_server
         self.override_policy = override_policy
         self.start_message = start_message
+        self.max_concurrent_starts_per_hub = max_concurrent_starts_per_hub
         self.records: dict[tuple[str, str], Record] = {}
+        # hub -> records this manager put in STARTING (pruned lazily; only with a limit)
+        self._starting: dict[str, set[Record]] = {}
         self._poller: asyncio.Task | None = None
         self._closing = False
 
@@ -179,6 +185,34 @@ class LifecycleManager:
                 metadata={"server_name": server_name},
             )
         return rec
+
+    def _starts_in_progress(self, hub: str) -> int:
+        """How many of hub's servers are STARTING (those being accepted included)."""
+        starting = self._starting.get(hub)
+        if not starting:
+            return 0
+        ended = [
+            r
+            for r in starting
+            if r.state != pb.SERVER_STATE_STARTING or self.records.get((r.hub, r.name)) is not r
+        ]
+        starting.difference_update(ended)
+        return len(starting)
+
+    def _check_start_limit(self, hub: str) -> None:
+        """Refuse a new start (RESOURCE_EXHAUSTED) while hub is at its limit of starts."""
+        limit = self.max_concurrent_starts_per_hub
+        if limit <= 0:
+            return
+        in_progress = self._starts_in_progress(hub)
+        if in_progress >= limit:
+            log.warning("Refused a start of hub %r: %d starts in progress (the limit)", hub, in_progress)
+            raise ResourceExhausted(
+                f"Hub {hub!r} already has {in_progress} server starts in progress on this "
+                "Outpost (the limit); try again when one of them finishes.",
+                reason=TOO_MANY_STARTS,
+                metadata={"limit": str(limit)},
+            )
 
     def _new_spawner(self, rec: Record) -> Spawner:
         spec = rec.spec
@@ -281,6 +315,9 @@ class LifecycleManager:
                 "repeat Start with that start_id to attach to it.",
                 metadata={"server_name": spec.server_name, "start_id": rec.start_id},
             )
+        # refused early (cheap under a flood), and checked again below right before the
+        # record is taken: an idempotent retry (above) is never refused
+        self._check_start_limit(hub)
         if self.override_policy is not None and spec.config_overrides:
             await self.override_policy(hub, spec.config_overrides)
 
@@ -300,8 +337,11 @@ class LifecycleManager:
         if self.records.get(key) is not rec:
             # another Start or Stop changed this server while we awaited: decide again
             return await self.start(hub, spec)
+        self._check_start_limit(hub)  # no await between this check and taking the record
         new.accepted = asyncio.get_running_loop().create_future()
         self.records[key] = new
+        if self.max_concurrent_starts_per_hub > 0:
+            self._starting.setdefault(hub, set()).add(new)
         # shielded: a client that goes away mid-Start does not undo an accepted start
         await asyncio.shield(asyncio.ensure_future(self._accept(new, previous=rec)))
         if spec.wait_until_ready:
@@ -630,6 +670,8 @@ class LifecycleManager:
     async def restore(self) -> int:
         """Load every persisted server and reconcile it with its Spawner's poll()."""
         rows, events = await self.store.load()
+        unreadable: set[Record] = set()
+        stale: list[Record] = []
         for row in rows:
             spec = convert.StartSpec(
                 server_name=row["server_name"],
@@ -659,7 +701,30 @@ class LifecycleManager:
                 if ev["data"].get("kind") in (pb.EVENT_KIND_READY, pb.EVENT_KIND_FAILED):
                     rec.terminal = True
             self.records[(rec.hub, rec.name)] = rec
-        await asyncio.gather(*(self._reconcile(r) for r in list(self.records.values())))
+            if row.get("crypt_error"):
+                # never reconciled nor written: its row stays as it is, for the right key
+                log.error(
+                    "Cannot decrypt the stored env and Spawner state of %s/%s (%s): it is UNKNOWN "
+                    "until the Outpost restarts with the key it was written with in crypt_keys",
+                    rec.hub, rec.name, row["crypt_error"],
+                )  # fmt: skip
+                rec.state = pb.SERVER_STATE_UNKNOWN
+                unreadable.add(rec)
+            elif row.get("crypt_stale"):
+                stale.append(rec)
+        await asyncio.gather(*(self._reconcile(r) for r in list(self.records.values()) if r not in unreadable))
+        # rows in plain text or under an older key: write them again under the first key
+        ops = [
+            self.store.op_update_server(r.hub, r.name, env=r.spec.env, spawner_state=r.spawner_state)
+            for r in stale
+            if self.records.get((r.hub, r.name)) is r
+        ]
+        if ops:
+            try:
+                await self.store.write(*ops)
+                log.info("Re-encrypted %d servers' rows with the first crypt key", len(ops))
+            except Unavailable:
+                log.warning("Could not re-encrypt %d rows; the next start-up tries again", len(ops))
         return len(rows)
 
     async def _reconcile(self, rec: Record) -> None:

@@ -8,6 +8,10 @@ bounded per server).
 Writes go through one writer task that commits everything queued since its last commit
 in a single transaction (group commit): under load many RPCs share one commit, and no two
 transactions ever contend for SQLite's single write lock.
+
+The secret columns (``env``, ``spawner_state``) are encrypted in Python by the op builders,
+before a write is queued (the prebuilt statements stay as they are), and decrypted by
+:meth:`Store.load` (crypto.py).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from outpost_client.errors import Unavailable
+
+from .crypto import Crypt, DecryptionError
 
 log = logging.getLogger("outpost.store")
 
@@ -98,6 +104,9 @@ DELETE_SERVER = delete(servers).where(_SERVER_KEY)
 DELETE_EVENTS = delete(events).where(_EVENTS_KEY)
 TRIM_EVENTS = delete(events).where(_EVENTS_KEY, events.c.sequence < bindparam("k_keep"))
 
+# encrypted at rest (crypto.py): the notebook's API token is in env
+SECRET_COLUMNS = ("env", "spawner_state")
+
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
@@ -117,9 +126,12 @@ def async_url(url: str) -> str:
 class Store:
     """The database, opened once per Outpost process."""
 
-    def __init__(self, url: str, *, max_events_per_server: int = 200):
+    def __init__(self, url: str, *, max_events_per_server: int = 200, crypt: Crypt | None = None):
         self.url = async_url(url)
         self.max_events = max_events_per_server
+        # None stores the secret columns in plain text (the Outpost application always
+        # passes one; it refuses to start without a key)
+        self.crypt = crypt
         self.engine: AsyncEngine | None = None
         self._queue: list[tuple[tuple[Op, ...], asyncio.Future]] = []
         self._wake = asyncio.Event()
@@ -236,10 +248,17 @@ class Store:
 
     # --- operations (pure builders of ops) ------------------------------------------
 
-    @staticmethod
-    def op_replace_server(row: dict[str, Any]) -> Op:
+    def _seal(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Encrypt the secret columns among values (in place; values is a fresh dict)."""
+        if self.crypt is not None:
+            for column in SECRET_COLUMNS:
+                if column in values:
+                    values[column] = self.crypt.encrypt(values[column])
+        return values
+
+    def op_replace_server(self, row: dict[str, Any]) -> Op:
         key = {"k_hub": row["hub"], "k_name": row["server_name"]}
-        values = dict(row, updated=now())
+        values = self._seal(dict(row, updated=now()))
 
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(DELETE_EVENTS, key)
@@ -248,19 +267,17 @@ class Store:
 
         return op
 
-    @staticmethod
-    def op_insert_server(row: dict[str, Any]) -> Op:
+    def op_insert_server(self, row: dict[str, Any]) -> Op:
         """Insert a server that has no row yet (the manager's memory mirrors the table)."""
-        values = dict(row, updated=now())
+        values = self._seal(dict(row, updated=now()))
 
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(INSERT_SERVER, values)
 
         return op
 
-    @staticmethod
-    def op_update_server(hub: str, server_name: str, **values: Any) -> Op:
-        params = dict(values, updated=now(), k_hub=hub, k_name=server_name)
+    def op_update_server(self, hub: str, server_name: str, **values: Any) -> Op:
+        params = self._seal(dict(values, updated=now(), k_hub=hub, k_name=server_name))
 
         async def op(conn: AsyncConnection) -> None:
             await conn.execute(UPDATE_SERVER, params)
@@ -293,10 +310,15 @@ class Store:
     # --- reads (start-up only) --------------------------------------------------------
 
     async def load(self) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[dict]]]:
-        """All server rows, and their events ordered by sequence."""
+        """All server rows (secret columns decrypted), and their events ordered by sequence.
+
+        Each row also has ``crypt_error`` (why its secret columns could not be decrypted,
+        which are then None; "" when they could) and ``crypt_stale`` (True when they are
+        in plain text or under a key other than the first: worth writing again).
+        """
         assert self.engine is not None
         async with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in await conn.execute(select(servers))]
+            rows = [self._open(dict(r._mapping)) for r in await conn.execute(select(servers))]
             evs: dict[tuple[str, str], list[dict]] = {}
             result = await conn.execute(
                 select(events).order_by(events.c.hub, events.c.server_name, events.c.sequence)
@@ -305,3 +327,19 @@ class Store:
                 m = dict(r._mapping)
                 evs.setdefault((m["hub"], m["server_name"]), []).append(m)
         return rows, evs
+
+    def _open(self, row: dict[str, Any]) -> dict[str, Any]:
+        row["crypt_error"], row["crypt_stale"] = "", False
+        if self.crypt is None:
+            return row
+        try:
+            opened = {column: self.crypt.decrypt(row[column]) for column in SECRET_COLUMNS}
+        except DecryptionError as e:
+            row["crypt_error"] = str(e)
+            for column in SECRET_COLUMNS:
+                row[column] = None
+            return row
+        for column, (value, stale) in opened.items():
+            row[column] = value
+            row["crypt_stale"] = row["crypt_stale"] or stale
+        return row

@@ -14,6 +14,10 @@ Index:
 - ``pg_url``: only the PostgreSQL database.
 - ``subreaper``: makes this process the reaper of orphaned notebooks (this machine's
   PID 1 does not reap), for tests that SIGKILL an Outpost.
+- ``TEST_CRYPT_KEY``: the database encryption key of the whole session. This module sets
+  ``OUTPOST_CRYPT_KEY`` to it in ``os.environ`` when imported, so every Outpost (in
+  process, ``outpost_process``, any console script a test runs) has a key;
+  tests/test_crypto.py removes or replaces it where it needs to.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import os
 
 # before anything imports grpc (see outpost_server/__init__.py)
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# the Outpost refuses to start without a key for its database (outpost_server/crypto.py)
+TEST_CRYPT_KEY = "-PrBvKhHEqnmnxFZTNRoyapLYoEPeFwCNomahDhSL5A="
+os.environ["OUTPOST_CRYPT_KEY"] = TEST_CRYPT_KEY
 
 import asyncio
 import ctypes

@@ -87,7 +87,10 @@ class OutpostServiceServicer:
         start_id (reason SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id.
         - PERMISSION_DENIED: config_overrides not allowed for this hub (reason
         OVERRIDE_NOT_ALLOWED).
-        - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit.
+        - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
+        or the hub already has as many starts in progress as the Outpost allows (reason
+        TOO_MANY_STARTS; nothing was started, try again when one finishes). A repeated
+        call with the start_id of an accepted start is never refused.
         - UNAVAILABLE: the Outpost's database could not persist the start (reason
         PERSISTENCE_UNAVAILABLE) or the Outpost is shutting down; safe to retry.
         - UNAUTHENTICATED: the connection does not identify a hub.
