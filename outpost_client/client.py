@@ -52,6 +52,12 @@ class OutpostClient:
 
     ``address`` is ``host:port``. Without ``tls`` the channel is plaintext (only for an
     Outpost on loopback or behind a trusted network).
+
+    ``token``: this hub's bearer token for an Outpost with ``hub_tokens``; every call
+    carries ``authorization: Bearer <token>`` metadata. Plain per-call metadata rather than
+    ``grpc.access_token_call_credentials``: call credentials are refused on an insecure
+    channel, and tokens must also work on a plaintext loopback Outpost. The token is kept
+    out of ``repr`` and logs.
     """
 
     def __init__(
@@ -59,12 +65,19 @@ class OutpostClient:
         address: str,
         *,
         tls: TLSConfig | None = None,
+        token: str | None = None,
         timeout: float = 30.0,
         max_message_bytes: int = 4 * 1024 * 1024,
         options: Sequence[tuple[str, Any]] = (),
     ):
         self.address = address
         self.timeout = timeout
+        self._metadata: tuple[tuple[str, str], ...] | None = None
+        if token is not None:
+            if not token or not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+                # never show the token itself
+                raise ValueError("token: must be non-empty printable ASCII without spaces")
+            self._metadata = (("authorization", f"Bearer {token}"),)
         opts = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -90,7 +103,7 @@ class OutpostClient:
 
     async def _call(self, method, request, timeout: float | None):
         try:
-            return await method(request, timeout=timeout or self.timeout)
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
 
@@ -168,7 +181,7 @@ class OutpostClient:
         request = pb.EventsRequest(
             server_name=server_name, start_id=start_id, after_sequence=after_sequence
         )
-        call = self.stub.Events(request, timeout=timeout)
+        call = self.stub.Events(request, timeout=timeout, metadata=self._metadata)
         try:
             async for event in call:
                 yield event

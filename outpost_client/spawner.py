@@ -40,6 +40,9 @@ from .v1 import outpost_pb2 as pb
 
 SERVER_NAME_ALLOWED = re.compile(r"[^A-Za-z0-9._@+-]")
 
+# with internal_ssl: the notebook's cert files on the hub's machine (not sent; see move_certs)
+_HUB_SSL_ENV_KEYS = ("JUPYTERHUB_SSL_KEYFILE", "JUPYTERHUB_SSL_CERTFILE", "JUPYTERHUB_SSL_CLIENT_CA")
+
 
 def remote_server_name(template: str, username: str, servername: str) -> str:
     """The Outpost-side server name: the template, made of allowed characters only.
@@ -71,6 +74,7 @@ class OutpostConfig:
     hub_api_forward: bool = False
     hub_api_site_host: str = "127.0.0.1"
     hub_api_site_port: int = 0
+    token: str | None = field(default=None, repr=False)  # bearer token; never in repr or logs
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> OutpostConfig:
@@ -94,10 +98,10 @@ _clients: dict[tuple, OutpostClient] = {}
 
 
 def client_for(config: OutpostConfig, timeout: float) -> OutpostClient:
-    key = (config.address, config.ca, config.cert, config.key)
+    key = (config.address, config.ca, config.cert, config.key, config.token)
     client = _clients.get(key)
     if client is None:
-        client = _clients[key] = OutpostClient(config.address, tls=config.tls, timeout=timeout)
+        client = _clients[key] = OutpostClient(config.address, tls=config.tls, token=config.token, timeout=timeout)
     return client
 
 
@@ -178,6 +182,15 @@ class OutpostSpawner(Spawner):
     outpost_ca = Unicode(None, allow_none=True, config=True, help="CA (PEM file) that signed the Outpost's TLS certificate. None: plaintext (loopback only).")
     outpost_cert = Unicode(None, allow_none=True, config=True, help="This hub's client certificate (PEM file) for mTLS.")
     outpost_key = Unicode(None, allow_none=True, config=True, help="This hub's client key (PEM file) for mTLS.")
+    outpost_token = Unicode(
+        None,
+        allow_none=True,
+        config=True,
+        help="""This hub's bearer token for an Outpost with c.Outpost.hub_tokens (instead of,
+        or with, a client certificate): sent as `authorization: Bearer <token>` with every
+        call, never logged. Use TLS (outpost_ca) unless the Outpost is on loopback. Keep it
+        out of the config file, e.g. open("/srv/jupyterhub/outpost.token").read().strip().""",
+    )
     outpost_timeout = Float(30.0, config=True, help="Deadline in seconds of each call to the Outpost (not of the whole start).")
 
     ssh_host = Unicode(
@@ -210,7 +223,7 @@ class OutpostSpawner(Spawner):
         config=True,
         help="""Several Outposts: name -> options, with the keys address, ca, cert, key,
         ssh_host, ssh_port, ssh_user, ssh_key, ssh_known_hosts, hub_api_forward,
-        hub_api_site_host, hub_api_site_port. The single-Outpost options above are the
+        hub_api_site_host, hub_api_site_port, token. The single-Outpost options above are the
         Outpost named "default". Which one a server uses is decided by `outpost_chooser`.""",
     )
     outpost_chooser = AnyTrait(
@@ -311,6 +324,7 @@ class OutpostSpawner(Spawner):
                 hub_api_forward=self.hub_api_forward,
                 hub_api_site_host=self.hub_api_site_host,
                 hub_api_site_port=self.hub_api_site_port,
+                token=self.outpost_token,
             )
         }
         for name, data in self.outposts.items():
@@ -358,6 +372,39 @@ class OutpostSpawner(Spawner):
         await exponential_backoff(attempt, f"{what} for {self._log_name} did not succeed", timeout=timeout)
         return result["value"]
 
+    # --- internal_ssl ---------------------------------------------------------------------------
+
+    _internal_ssl_pems: dict[str, str] | None = None
+
+    async def move_certs(self, paths):
+        """JupyterHub made this server's certificates (create_certs) on the hub's machine:
+        read them into memory, to travel to the Outpost in Start (StartRequest.internal_ssl).
+
+        The paths are returned unchanged (the hub and proxy use the CA files; the Outpost
+        writes the notebook's copies at the site and sets the notebook's JUPYTERHUB_SSL_*).
+        """
+
+        def read(path: str) -> str:
+            with open(path) as f:
+                return f.read()
+
+        self._internal_ssl_pems = {
+            "key_pem": read(paths["keyfile"]),
+            "cert_pem": read(paths["certfile"]),
+            "ca_pem": read(paths["cafile"]),
+        }
+        return paths
+
+    def _internal_ssl_certificates(self) -> dict[str, str] | None:
+        """What Start carries in internal_ssl (None without internal_ssl)."""
+        if not self.internal_ssl:
+            return None
+        if not self._internal_ssl_pems:
+            raise web.HTTPError(
+                500, "internal_ssl is on, but JupyterHub passed no certificates to move_certs()"
+            )
+        return self._internal_ssl_pems
+
     # --- the Spawner API ----------------------------------------------------------------------
 
     async def start(self):
@@ -376,8 +423,12 @@ class OutpostSpawner(Spawner):
         self.start_id = uuid.uuid4().hex
         if config.ssh_host and config.hub_api_forward:
             # the notebook reaches the hub API at the site-side end of the reverse forward
-            self.hub_connect_url = f"http://{config.hub_api_site_host}:{config.hub_api_site_port}"
+            scheme = "https" if self.internal_ssl else "http"  # the hub's own API scheme
+            self.hub_connect_url = f"{scheme}://{config.hub_api_site_host}:{config.hub_api_site_port}"
         env = self.get_env()
+        internal_ssl = self._internal_ssl_certificates()
+        for key in _HUB_SSL_ENV_KEYS:
+            env.pop(key, None)  # paths on the hub's machine; the Outpost sets the site's
         if self.custom_env is not None:
             env = await _maybe_await(self.custom_env(self, env))
         user_options = dict(self.user_options)
@@ -402,10 +453,17 @@ class OutpostSpawner(Spawner):
                     user_options=user_options,
                     config_overrides=overrides or None,
                     spawner_name=self.name,
+                    internal_ssl=internal_ssl,
                 ),
             )
+            self._internal_ssl_pems = None  # sent; the Outpost has them now
             address = await self._follow_events(client)
             self.remote_scheme, self.remote_host, self.remote_port = address.scheme, address.host, address.port
+            if self.internal_ssl and self.remote_scheme != "https":
+                self.log.warning(
+                    "internal_ssl is on, but the Outpost reports %s at %s://...; the hub "
+                    "expects https", self._log_name, self.remote_scheme,
+                )
             url = await self._connect()
         except OutpostError as e:
             raise OutpostStartFailed(e.message) from None

@@ -42,7 +42,14 @@ from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
 from .forwarder import ForwarderConfigError, SSHForwarder
 from .hosting import DEFAULT_SITE_ENV_KEYS
-from .interceptors import OutpostInterceptor, certificate_resolver, plaintext_resolver
+from .interceptors import (
+    TOKEN_HASH,
+    OutpostInterceptor,
+    certificate_resolver,
+    hash_token,
+    plaintext_resolver,
+    token_resolver,
+)
 from .manager import LifecycleManager
 from .policy import check_policy, denied_overrides
 from .servicer import OutpostServicer
@@ -112,6 +119,10 @@ class Outpost(Application):
             "outpost_server.certs.GenerateCerts",
             "Create a CA, the Outpost's server certificate and one client certificate per hub (mTLS).",
         ),
+        "hash-token": (
+            "outpost_server.app.HashToken",
+            "Read a hub's bearer token from stdin and print its hash for c.Outpost.hub_tokens.",
+        ),
     }
     raise_config_file_errors = True
     _log_formatter_cls = LogFormatter
@@ -128,7 +139,8 @@ class Outpost(Application):
         help="""The address the gRPC server listens on.
 
         Plaintext is served only on a loopback address unless allow_plaintext is set;
-        with mTLS (tls_cert, tls_key, tls_client_ca) any address is fine.
+        with mTLS (tls_cert, tls_key, tls_client_ca), or TLS with hub_tokens, any address
+        is fine.
         """,
     )
     port = Integer(50051, config=True, help="The port the gRPC server listens on (0: any free port).")
@@ -159,6 +171,7 @@ class Outpost(Application):
         Setting tls_cert, tls_key and tls_client_ca turns on mTLS: every client must
         present a certificate signed by tls_client_ca, and that certificate names its hub
         (see hub_identity_from). `jupyterhub-outpost generate-certs` creates all three.
+        With hub_tokens, tls_cert and tls_key alone serve TLS without client certificates.
         """,
     )
     tls_key = Unicode(
@@ -193,6 +206,27 @@ class Outpost(Application):
         help="""The hub names (after hub_identity_map) that may use this Outpost with mTLS.
         Empty (default): any hub whose certificate is signed by tls_client_ca. Others get
         UNAUTHENTICATED (reason UNAUTHENTICATED_HUB).""",
+    )
+    hub_tokens = Dict(
+        value_trait=Unicode(),
+        key_trait=Unicode(),
+        config=True,
+        help="""Bearer tokens instead of (or on top of) client certificates, for sites without
+        a PKI: hub name -> the SHA-256 hash of that hub's token, "sha256:<64 hex digits>".
+
+        When set, every call must carry `authorization: Bearer <token>` metadata
+        (c.OutpostSpawner.outpost_token) with one of these tokens, and the token names the
+        hub; a missing or unknown token gets UNAUTHENTICATED (reason UNAUTHENTICATED_HUB).
+        With mTLS as well, the call needs both, and they must name the same hub.
+        Tokens need TLS: tls_cert and tls_key (tls_client_ca is then optional), unless
+        the Outpost listens on loopback (or allow_plaintext is set).
+
+        Only hashes are stored. Make a random token and its hash with
+            python -c "import secrets; print(secrets.token_urlsafe(32))" > hub-a.token
+            jupyterhub-outpost hash-token < hub-a.token
+        An unsalted SHA-256 is fine here because tokens are long random strings, not
+        passwords (hash-token refuses tokens shorter than 32 characters).
+        """,
     )
 
     db_url = Unicode(
@@ -276,6 +310,15 @@ class Outpost(Application):
         {spawner_class}". {spawner_class} and {user} are filled in. Empty: none.""",
     )
 
+    certs_dir = Unicode(
+        "",
+        config=True,
+        help="""Where the Outpost writes the internal_ssl certificates hubs send with Start
+        (a private directory, mode 0700; one subdirectory per start, removed at stop).
+        Empty: <tmp>/jupyterhub-outpost-certs-<uid>. The certificates never go to the
+        database.""",
+    )
+
     poll_interval = Float(
         30.0,
         config=True,
@@ -333,6 +376,24 @@ class Outpost(Application):
             raise TraitError(f"port must be 0 to 65535, not {proposal.value}")
         return proposal.value
 
+    @validate("hub_tokens")
+    def _check_hub_tokens(self, proposal):
+        # never put a value in the message: it may be a raw token pasted by mistake
+        seen: dict[str, str] = {}
+        for hub, value in proposal.value.items():
+            if not hub:
+                raise TraitError("hub_tokens: a hub name must not be empty")
+            value = value.strip().lower()
+            if not TOKEN_HASH.match(value):
+                raise TraitError(
+                    f"hub_tokens[{hub!r}] is not a token hash (\"sha256:<64 hex digits>\"); store "
+                    "the hash, never the token: `jupyterhub-outpost hash-token < token-file` prints it"
+                )
+            if value in seen:
+                raise TraitError(f"hub_tokens: hubs {seen[value]!r} and {hub!r} have the same token")
+            seen[value] = hub
+        return {hub: value for value, hub in seen.items()}
+
     @validate("allow_override")
     def _check_allow_override(self, proposal):
         try:
@@ -377,9 +438,26 @@ class Outpost(Application):
     def load_tls(self):
         """The server's TLS files, checked (TLSConfigError with a one-line message)."""
         missing = [name for name in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(self, name)]
+        if self.hub_tokens and "tls_client_ca" in missing:
+            # TLS without client certificates: hubs authenticate with bearer tokens
+            missing.remove("tls_client_ca")
+            if missing:
+                raise TLSConfigError(
+                    f"TLS needs tls_cert and tls_key (and tls_client_ca for mTLS); {', '.join(missing)} not set"
+                )
         if missing:
-            raise TLSConfigError(f"mTLS needs tls_cert, tls_key and tls_client_ca; {', '.join(missing)} not set")
-        return load_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)
+            hint = " (TLS without client certificates needs hub_tokens)" if missing == ["tls_client_ca"] else ""
+            raise TLSConfigError(
+                f"mTLS needs tls_cert, tls_key and tls_client_ca; {', '.join(missing)} not set{hint}"
+            )
+        # without tls_client_ca (token mode) tls_cert stands in for it, so that load_server_tls's
+        # checks run unchanged; server_credentials() then asks for no client certificate
+        return load_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca or self.tls_cert)
+
+    def server_credentials(self, tls) -> grpc.ServerCredentials:
+        if self.tls_client_ca:
+            return tls.credentials()  # mTLS: the handshake requires a client certificate
+        return grpc.ssl_server_credentials([(tls.key, tls.cert)])
 
     def check_tls(self):
         """Fail before anything starts if the TLS files are unusable."""
@@ -395,6 +473,12 @@ class Outpost(Application):
             raise SystemExit(
                 f"jupyterhub-outpost: refusing to serve plaintext gRPC on {self.ip}: "
                 "use a loopback address, or --allow-plaintext behind a trusted network"
+            )
+        if self.hub_tokens and not self.tls_enabled and not _is_loopback(self.ip):
+            self.log.warning(
+                "Serving hub_tokens over plaintext on %s (allow_plaintext): the tokens travel "
+                "unencrypted; set tls_cert and tls_key",
+                self.ip,
             )
 
     crypt: Crypt | None = None
@@ -466,6 +550,7 @@ class Outpost(Application):
             start_message=self.start_message,
             max_concurrent_starts_per_hub=self.max_concurrent_starts_per_hub,
         )
+        self.manager.certs_base = self.certs_dir or None
         restored = await self.manager.restore()
         if restored:
             self.log.info("Restored %d servers from the database", restored)
@@ -476,11 +561,20 @@ class Outpost(Application):
             tls = self.load_tls()
             for warning in tls.warnings:
                 self.log.warning(warning)
+        if self.tls_enabled and self.tls_client_ca:
             resolver = certificate_resolver(self.hub_identity_from.lower(), self.hub_identity_map, self.allowed_hubs)
             mode = f"mTLS, identity from {self.hub_identity_from.upper()}"
+        elif self.tls_enabled:
+            resolver, mode = None, "TLS"  # only with hub_tokens (load_tls checked)
         else:
             resolver = plaintext_resolver(self.default_hub)
             mode = f"plaintext, hub {self.default_hub!r}"
+        if self.hub_tokens:
+            # the token names the hub; with mTLS the certificate must name the same one
+            resolver = token_resolver(self.hub_tokens, resolver if self.tls_client_ca else None)
+            mode = f"{mode.split(',')[0]}, bearer tokens of {len(self.hub_tokens)} hubs"
+            if self.tls_client_ca:
+                mode += f" and identity from {self.hub_identity_from.upper()}"
         self.server = grpc.aio.server(
             interceptors=[OutpostInterceptor(resolver)],
             options=[
@@ -498,7 +592,7 @@ class Outpost(Application):
         )
         address = f"{self.ip}:{self.port}" if ":" not in self.ip else f"[{self.ip}]:{self.port}"
         if self.tls_enabled:
-            self.bound_port = self.server.add_secure_port(address, tls.credentials())
+            self.bound_port = self.server.add_secure_port(address, self.server_credentials(tls))
         else:
             self.bound_port = self.server.add_insecure_port(address)
         await self.server.start()
@@ -593,6 +687,34 @@ class Outpost(Application):
             print(f"jupyterhub-outpost: configuration error: {e}", file=sys.stderr)
             sys.exit(1)
         asyncio.run(app.start())
+
+
+class HashToken(Application):
+    """The `hash-token` subcommand: a hub's bearer token in (stdin), its hash out."""
+
+    name = "jupyterhub-outpost hash-token"
+    version = __version__
+    description = """Read a hub's bearer token from stdin (its first line) and print the hash
+    to put in c.Outpost.hub_tokens. The token itself goes to that hub only
+    (c.OutpostSpawner.outpost_token); the Outpost keeps only the hash."""
+    examples = """
+    python -c "import secrets; print(secrets.token_urlsafe(32))" > hub-a.token
+    jupyterhub-outpost hash-token < hub-a.token
+    """
+    aliases = {}
+    flags = {}
+    min_length = 32
+
+    def start(self):
+        token = sys.stdin.readline().strip()
+        if not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
+            raise SystemExit(f"{self.name}: a token is printable ASCII without spaces (it is sent as gRPC metadata)")
+        if len(token) < self.min_length:
+            raise SystemExit(
+                f"{self.name}: give a random token of at least {self.min_length} characters on stdin, "
+                'e.g. from python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        print(hash_token(token))
 
 
 main = Outpost.launch_instance

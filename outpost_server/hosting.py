@@ -15,8 +15,14 @@ address only the site knows).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import os
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -39,6 +45,12 @@ DEFAULT_SITE_ENV_KEYS = (
     "VIRTUAL_ENV",
     "CONDA_ROOT",
     "CONDA_DEFAULT_ENV",
+)
+
+
+# the hub's own internal_ssl file paths: never meaningful at the site
+HUB_ONLY_ENV_KEYS = frozenset(
+    {"JUPYTERHUB_SSL_KEYFILE", "JUPYTERHUB_SSL_CERTFILE", "JUPYTERHUB_SSL_CLIENT_CA"}
 )
 
 
@@ -115,6 +127,8 @@ class HostedSpawnerMixin:
         env = super().get_env()
         site_keys = self._outpost_site_env_keys | set(self.environment)
         for key, value in self._outpost_hub_env.items():
+            if key in HUB_ONLY_ENV_KEYS:
+                continue  # paths on the hub's machine; the site's come from cert_paths
             if key not in site_keys or key not in env:
                 env[key] = value
         return env
@@ -217,3 +231,84 @@ def normalise_address(result, spawner: Spawner) -> tuple[str, str, int]:
     if not 0 < port < 65536:
         raise ValueError(f"Spawner.start() returned port {port}")
     return scheme, host, port
+
+
+# --- internal_ssl: the hub's per-server certificates --------------------------------------
+
+# StartSpec.certificates key -> (cert_paths key, file name)
+CERT_FILES = {
+    "key_pem": ("keyfile", "notebook.key"),
+    "cert_pem": ("certfile", "notebook.crt"),
+    "ca_pem": ("cafile", "notebooks-ca_trust.crt"),
+}
+
+
+def default_certs_base() -> Path:
+    return Path(tempfile.gettempdir()) / f"jupyterhub-outpost-certs-{os.getuid()}"
+
+
+def _private_dir(path: Path) -> None:
+    """Create path (mode 0700) or check that the existing one is ours and private."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(
+            f"{path} must be a directory of uid {os.getuid()} with mode 0700 (refusing to "
+            "write certificates there)"
+        )
+
+
+def certs_location(
+    hub: str, server_name: str, start_id: str, base: str | Path | None = None
+) -> tuple[Path, str]:
+    """(base directory, name) where the Outpost writes one start's internal_ssl files.
+
+    Derived from (hub, server_name, start_id) only, so a restarted Outpost finds (and
+    removes) the files of a start it knows from its database, which never holds them.
+    """
+    digest = hashlib.sha256(f"{hub}\0{server_name}\0{start_id}".encode()).hexdigest()[:32]
+    return (Path(base) if base else default_certs_base()), digest
+
+
+def write_certificates(certs: dict[str, str], base: Path, name: str) -> dict[str, str]:
+    """Write the three PEMs into base/name (0700; files 0600); return cert_paths."""
+    _private_dir(base)
+    directory = base / name
+    shutil.rmtree(directory, ignore_errors=True)  # a leftover of an interrupted start
+    directory.mkdir(mode=0o700)
+    os.chmod(directory, 0o700)  # whatever the umask
+    paths = {}
+    for pem_key, (path_key, file_name) in CERT_FILES.items():
+        path = directory / file_name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(certs[pem_key])
+        paths[path_key] = str(path)
+    return paths
+
+
+def remove_certificates(base: Path, name: str) -> bool:
+    """Remove what write_certificates wrote (True if there was something)."""
+    directory = base / name
+    if not os.path.lexists(directory):
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+async def install_certificates(spawner: Spawner, certs: dict[str, str], base: Path, name: str) -> dict:
+    """What JupyterHub does before Spawner.start() with internal_ssl, on the site's side.
+
+    The hub already made the certificates (create_certs): write them, hand them to the
+    Spawner's move_certs() (sync or async; where it copies them is its business) and use
+    its answer as cert_paths, so get_env() sets JUPYTERHUB_SSL_*; internal_ssl makes the
+    address (and JUPYTERHUB_SERVICE_URL) https.
+    """
+    spawner.internal_ssl = True
+    paths = write_certificates(certs, base, name)
+    moved = await maybe_await(spawner.move_certs(dict(paths)))
+    spawner.cert_paths = dict(moved or paths)
+    return spawner.cert_paths

@@ -32,7 +32,15 @@ from outpost_client.errors import (
 from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
-from .hosting import maybe_await, make_spawner, normalise_address, stand_ins_from_env
+from .hosting import (
+    certs_location,
+    install_certificates,
+    make_spawner,
+    maybe_await,
+    normalise_address,
+    remove_certificates,
+    stand_ins_from_env,
+)
 from .store import Store, now
 
 log = logging.getLogger("outpost.manager")
@@ -365,6 +373,8 @@ class LifecycleManager:
             new.accepted.set_exception(e if isinstance(e, Exception) else Unavailable("cancelled"))
             new.accepted.exception()  # retrieved: attached callers re-raise it themselves
             raise
+        if previous is not None:
+            self._remove_certificates(previous)  # a stopped start the hub never stopped
         new.accepted.set_result(None)
         new.accepted = None
         new.start_task = asyncio.create_task(
@@ -374,6 +384,17 @@ class LifecycleManager:
     async def wait_terminal(self, rec: Record) -> None:
         while not rec.terminal and self.records.get((rec.hub, rec.name)) is rec:
             await rec.wait_changed()
+
+    # where internal_ssl certificates are written (None: <tmp>/jupyterhub-outpost-certs-<uid>)
+    certs_base: str | None = None
+
+    def _remove_certificates(self, rec: Record) -> None:
+        """Remove the internal_ssl files the Outpost wrote for rec's start (if any)."""
+        try:
+            if remove_certificates(*certs_location(rec.hub, rec.name, rec.start_id, self.certs_base)):
+                log.info("Removed the internal_ssl certificates of %s/%s", rec.hub, rec.name)
+        except Exception:
+            log.exception("Removing the internal_ssl certificates of %s/%s failed", rec.hub, rec.name)
 
     async def _run_start(self, rec: Record) -> None:
         spawner = rec.spawner
@@ -388,6 +409,14 @@ class LifecycleManager:
                 )
                 await self._emit(rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": message}, durable=False)
             await maybe_await(spawner.run_pre_spawn_hook())
+            if rec.spec.certificates:
+                # as JupyterHub does after create_certs: move_certs, then start
+                await install_certificates(
+                    spawner,
+                    rec.spec.certificates,
+                    *certs_location(rec.hub, rec.name, rec.start_id, self.certs_base),
+                )
+                rec.spec.certificates = {}  # on disk now; not kept in memory too
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(rec, spawner))
@@ -476,6 +505,7 @@ class LifecycleManager:
             except Exception:
                 log.exception("Cleanup stop() of %s/%s raised", rec.hub, rec.name)
             _run_post_stop_hook(rec.spawner)
+        self._remove_certificates(rec)
         error_class = type(error).__name__
 
         def stopped() -> None:
@@ -593,6 +623,7 @@ class LifecycleManager:
                     metadata={"error_class": type(e).__name__},
                 ) from None
             _run_post_stop_hook(spawner)
+        self._remove_certificates(rec)
         await self.store.write(self.store.op_delete_server(rec.hub, rec.name))
         if self.records.get((rec.hub, rec.name)) is rec:
             del self.records[(rec.hub, rec.name)]

@@ -95,6 +95,7 @@ def outpost_config(tmp_path: Path, spawner_class, db_url: str | None = None, **t
     cfg.Outpost.spawner_class = spawner_class
     cfg.Outpost.db_url = db_url or f"sqlite:///{tmp_path}/outpost-{uuid.uuid4().hex[:8]}.sqlite"
     cfg.Outpost.shutdown_grace = 1.0
+    cfg.Outpost.certs_dir = str(tmp_path / "outpost-certs")  # not the shared /tmp default
     for key, value in traits.items():
         if "." in key:
             section, name = key.split(".", 1)

@@ -51,9 +51,19 @@ c.Spawner.start_timeout = 60
 c.Spawner.http_timeout = 60
 """
 
+# internal_ssl: the proxy's API must be https too (an http:// api_url kills the hub after 30 s)
+INTERNAL_SSL_CONFIG = """
+c.JupyterHub.internal_ssl = True
+c.JupyterHub.internal_certs_location = "{workdir}/internal-ssl"
+c.ConfigurableHTTPProxy.api_url = "https://{ip}:{proxy_api_port}"
+"""
+
 
 class JupyterHubProcess:
-    def __init__(self, workdir: Path, extra_config: str, *, ip: str = "127.0.0.1", netns: str | None = None):
+    def __init__(
+        self, workdir: Path, extra_config: str, *, ip: str = "127.0.0.1", netns: str | None = None,
+        internal_ssl: bool = False,
+    ):
         self.workdir = workdir
         self.ip = ip
         self.netns = netns
@@ -67,14 +77,16 @@ class JupyterHubProcess:
                 ip=ip, port=self.port, hub_port=self.hub_port, proxy_api_port=self.proxy_api_port,
                 workdir=workdir, chp=CHP, token=TOKEN,
             )
+            + (INTERNAL_SSL_CONFIG.format(ip=ip, proxy_api_port=self.proxy_api_port, workdir=workdir) if internal_ssl else "")
             + extra_config
         )
+        self.internal_ssl = internal_ssl
         self.log = workdir / "jupyterhub.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def hub_api_url(self) -> str:
-        return f"http://{self.ip}:{self.hub_port}/hub/api"
+        return f"{'https' if self.internal_ssl else 'http'}://{self.ip}:{self.hub_port}/hub/api"
 
     def start(self) -> None:
         env = dict(os.environ, PATH=f"{BIN}:{CHP.parent}:{os.environ['PATH']}")

@@ -18,7 +18,9 @@ import pytest
 
 from outpost_client import OutpostClient, pb
 
-from .conftest import BIN, children_of, free_port, wait_for
+from outpost_server.crypto import Crypt
+
+from .conftest import BIN, TEST_CRYPT_KEY, children_of, free_port, wait_for
 from .hub import TOKEN, JupyterHubProcess
 from .netns import HUB_IP, SITE_IP, hub_and_site, netns_unavailable
 from .sshd import sshd_server  # noqa: F401  (fixture)
@@ -225,7 +227,8 @@ async def test_notebook_env_uses_reverse_forward(site, hub_factory):
     # the env the Outpost persisted for the server is what the hub sent
     db = sqlite3.connect(site.op.workdir / "outpost.sqlite")
     (env_json,) = db.execute("select env from outpost_servers where server_name='bob'").fetchone()
-    rec_env = json.loads(env_json)
+    assert "JUPYTERHUB_API_TOKEN" not in env_json  # encrypted at rest
+    rec_env, _ = Crypt([TEST_CRYPT_KEY]).decrypt(json.loads(env_json))
     assert rec_env["JUPYTERHUB_API_URL"] == f"http://127.0.0.1:{site.rport}/hub/api"
     assert rec_env["JUPYTERHUB_ACTIVITY_URL"].startswith(f"http://127.0.0.1:{site.rport}/hub/api/users/bob/activity")
     assert "PATH" not in rec_env  # the hub's PATH means nothing at the site

@@ -1,0 +1,314 @@
+"""internal_ssl: the hub's per-server certificates travel in Start, the Outpost writes them
+(private files), hands them to the hosted Spawner's move_certs() and removes them at stop
+and at a failed start; they never reach the Outpost's database.
+
+Fast tests use a real in-process Outpost with a recording Spawner; the slow one is a real
+JupyterHub with internal_ssl, the real proxy and a real notebook through the SSH tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from jupyterhub.spawner import Spawner
+from traitlets import Bool
+
+from outpost_client import OutpostClient, pb
+from outpost_server.hosting import CERT_FILES, certs_location
+
+from .conftest import outpost_config, running_outpost, wait_for
+from .test_e2e_hub import hub_factory, make_site, remote_servers  # noqa: F401  (fixtures)
+from .test_spawner import make_spawner
+
+KEY = "-----BEGIN PRIVATE KEY-----\nkey-of-the-notebook\n-----END PRIVATE KEY-----\n"
+CERT = "-----BEGIN CERTIFICATE-----\ncert-of-the-notebook\n-----END CERTIFICATE-----\n"
+CA = "-----BEGIN CERTIFICATE-----\nnotebooks-ca-trust-bundle\n-----END CERTIFICATE-----\n"
+PEMS = {"key_pem": KEY, "cert_pem": CERT, "ca_pem": CA}
+HUB_ENV = {
+    "JUPYTERHUB_API_TOKEN": "secret-token",
+    "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/",
+    # the hub's own paths (an old client might send them): never used at the site
+    "JUPYTERHUB_SSL_KEYFILE": "/srv/hub/internal-ssl/user-alice/user-alice.key",
+}
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+class CertSpawner(Spawner):
+    """Records what it gets: move_certs() paths (and the files' modes and contents),
+    cert_paths, internal_ssl and the env at start()."""
+
+    calls: list[dict] = []
+    block_users: set[str] = set()
+
+    async_move = Bool(False, config=True)
+    rename = Bool(True, config=True, help="move_certs returns other paths (as if it moved them)")
+    fail_move = Bool(False, config=True)
+    fail_start = Bool(False, config=True)
+    block = Bool(False, config=True)
+
+    def _move(self, paths):
+        directory = Path(paths["keyfile"]).parent
+        self.calls.append(
+            {
+                "move_certs": dict(paths),
+                "dir_mode": mode(directory),
+                "modes": {k: mode(p) for k, p in paths.items()},
+                "contents": {k: Path(p).read_text() for k, p in paths.items()},
+            }
+        )
+        if self.fail_move:
+            raise RuntimeError("no room for certificates")
+        if self.rename:
+            return {k: f"/site/moved/{Path(p).name}" for k, p in paths.items()}
+        return paths
+
+    def move_certs(self, paths):
+        if self.async_move:
+
+            async def later():
+                await asyncio.sleep(0)
+                return self._move(paths)
+
+            return later()
+        return self._move(paths)
+
+    async def start(self):
+        env = self.get_env()
+        self.calls.append({"start": True, "internal_ssl": self.internal_ssl, "cert_paths": dict(self.cert_paths), "env": env})
+        if self.fail_start:
+            raise RuntimeError("the site is full")
+        if self.block or self.user.name in self.block_users:
+            await asyncio.Event().wait()
+        return ("127.0.0.1", 12345)
+
+    async def poll(self):
+        return None
+
+    async def stop(self, now=False):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls():
+    CertSpawner.calls = []
+    CertSpawner.block_users = set()
+
+
+def _start_call() -> dict:
+    return next(c for c in CertSpawner.calls if c.get("start"))
+
+
+def _move_call() -> dict:
+    return next(c for c in CertSpawner.calls if "move_certs" in c)
+
+
+async def _stored_text(op) -> str:
+    """Every stored row and event of the Outpost, decrypted, as text."""
+    rows, events = await op.manager.store.load()
+    return json.dumps([rows, {str(k): v for k, v in events.items()}], default=str)
+
+
+def _db_bytes(db_file: Path) -> bytes:
+    data = b""
+    for path in (db_file, Path(f"{db_file}-wal"), Path(f"{db_file}-journal")):
+        if path.exists():
+            data += path.read_bytes()
+    return data
+
+
+@pytest.mark.parametrize("async_move", [False, True], ids=["sync-move_certs", "async-move_certs"])
+async def test_certificates_written_moved_and_removed(start_outpost, tmp_path, async_move):
+    async with start_outpost(CertSpawner, **{"CertSpawner.async_move": async_move}) as op:
+        start_id = uuid.uuid4().hex
+        await op.client.start(
+            "alice", start_id, user_name="alice", env=HUB_ENV, internal_ssl=PEMS, wait_until_ready=True
+        )
+        base, name = certs_location("default", "alice", start_id, op.app.certs_dir)
+        directory = base / name
+
+        moved = _move_call()
+        # the three PEMs, as files of their own in a private directory
+        assert moved["contents"] == {"keyfile": KEY, "certfile": CERT, "cafile": CA}
+        assert {Path(p).parent for p in moved["move_certs"].values()} == {directory}
+        assert moved["dir_mode"] == 0o700 and mode(base) == 0o700
+        assert moved["modes"]["keyfile"] == 0o600
+        assert all(m & 0o077 == 0 for m in moved["modes"].values())
+        assert directory.is_dir()
+
+        started = _start_call()
+        assert started["internal_ssl"] is True
+        expected = {k: f"/site/moved/{Path(p).name}" for k, p in moved["move_certs"].items()}
+        assert started["cert_paths"] == expected  # move_certs' answer, not the Outpost's paths
+        env = started["env"]
+        assert env["JUPYTERHUB_SSL_KEYFILE"] == expected["keyfile"]
+        assert env["JUPYTERHUB_SSL_CERTFILE"] == expected["certfile"]
+        assert env["JUPYTERHUB_SSL_CLIENT_CA"] == expected["cafile"]
+        assert env["JUPYTERHUB_SERVICE_URL"].startswith("https://")
+
+        status = await op.client.poll("alice")
+        assert status.state == pb.SERVER_STATE_RUNNING
+        assert status.address.scheme == "https"
+
+        # never persisted, never kept in memory once on disk
+        rec = op.manager.records[("default", "alice")]
+        assert "BEGIN" not in json.dumps(rec.row(), default=str)
+        assert not rec.spec.certificates
+        assert "BEGIN" not in await _stored_text(op)
+        db_file = Path(op.app.db_url.split("sqlite:///", 1)[1])
+        assert b"BEGIN" not in _db_bytes(db_file)
+
+        await op.client.stop("alice", start_id)
+        assert not directory.exists(), "the Outpost's files must go with the server"
+
+
+async def test_no_certificates_no_files(start_outpost, tmp_path):
+    async with start_outpost(CertSpawner) as op:
+        await op.client.start("bob", uuid.uuid4().hex, user_name="bob", env=HUB_ENV, wait_until_ready=True)
+        started = _start_call()
+        assert started["internal_ssl"] is False and not started["cert_paths"]
+        assert "JUPYTERHUB_SSL_KEYFILE" not in started["env"]  # the hub's path is not passed on
+        assert (await op.client.poll("bob")).address.scheme == "http"
+        assert not any("move_certs" in c for c in CertSpawner.calls)
+        assert not (tmp_path / "certs").exists()
+
+
+@pytest.mark.parametrize("failure", ["fail_start", "fail_move"])
+async def test_failed_start_removes_files(start_outpost, tmp_path, failure):
+    async with start_outpost(CertSpawner, **{f"CertSpawner.{failure}": True}) as op:
+        start_id = uuid.uuid4().hex
+        r = await op.client.start(
+            "carol", start_id, user_name="carol", env=HUB_ENV, internal_ssl=PEMS, wait_until_ready=True
+        )
+        assert r.status.state == pb.SERVER_STATE_STOPPED
+        message = {"fail_start": "the site is full", "fail_move": "no room for certificates"}[failure]
+        assert message in r.status.failure_message
+        base, name = certs_location("default", "carol", start_id, op.app.certs_dir)
+        assert Path(_move_call()["move_certs"]["keyfile"]).parent == base / name
+        assert not (base / name).exists()
+        assert base.is_dir() and not list(base.iterdir())
+
+
+async def test_stop_during_start_removes_files(start_outpost, tmp_path):
+    async with start_outpost(CertSpawner, **{"CertSpawner.block": True}) as op:
+        start_id = uuid.uuid4().hex
+        await op.client.start("dana", start_id, user_name="dana", env=HUB_ENV, internal_ssl=PEMS)
+        base, name = certs_location("default", "dana", start_id, op.app.certs_dir)
+        await wait_for(lambda: any(c.get("start") for c in CertSpawner.calls), message="never started")
+        assert (base / name).is_dir()
+        await op.client.stop("dana", start_id)
+        assert not (base / name).exists()
+
+
+async def test_files_removed_after_outpost_restart(tmp_path):
+    """A restarted Outpost knows no certificates (they are not stored), yet removes the
+    files of its servers: at Stop of a running one, at once for an interrupted start."""
+    db_url = f"sqlite:///{tmp_path}/outpost.sqlite"
+    certs_base = str(tmp_path / "certs")
+    running_id, starting_id = uuid.uuid4().hex, uuid.uuid4().hex
+    CertSpawner.block_users = {"fred"}  # fred's start never finishes
+    async with running_outpost(outpost_config(tmp_path, CertSpawner, db_url=db_url, certs_dir=certs_base)) as op:
+        await op.client.start("erin", running_id, user_name="erin", env=HUB_ENV, internal_ssl=PEMS, wait_until_ready=True)
+        await op.client.start("fred", starting_id, user_name="fred", env=HUB_ENV, internal_ssl=PEMS)
+        await wait_for(lambda: sum(1 for c in CertSpawner.calls if c.get("start")) == 2, message="fred never started")
+    running_dir = Path(*certs_location("default", "erin", running_id, certs_base))
+    starting_dir = Path(*certs_location("default", "fred", starting_id, certs_base))
+    assert running_dir.is_dir() and starting_dir.is_dir()  # a shutdown keeps servers running
+
+    async with running_outpost(outpost_config(tmp_path, CertSpawner, db_url=db_url, certs_dir=certs_base)) as op:
+        status = await op.client.poll("fred")
+        assert status.state == pb.SERVER_STATE_STOPPED  # interrupted start: failed
+        assert not starting_dir.exists()
+        assert running_dir.is_dir()
+        assert (await op.client.poll("erin")).state == pb.SERVER_STATE_RUNNING
+        await op.client.stop("erin", running_id)
+        assert not running_dir.exists()
+
+
+async def test_outpost_spawner_sends_certificates(start_outpost, tmp_path):
+    """Hub side: JupyterHub calls create_certs, then move_certs(paths), then start()."""
+    hub_dir = tmp_path / "hub-internal-ssl"
+    hub_dir.mkdir()
+    paths = {}
+    for pem_key, (path_key, file_name) in CERT_FILES.items():
+        paths[path_key] = str(hub_dir / file_name)
+        Path(paths[path_key]).write_text(PEMS[pem_key])
+    async with start_outpost(CertSpawner) as op:
+        spawner = make_spawner(op, internal_ssl=True)
+        spawner.cert_paths = await spawner.move_certs(paths)
+        assert spawner.cert_paths == paths  # unchanged: the hub and proxy keep using them
+        url = await spawner.start()
+        assert url == "https://127.0.0.1:12345"
+        assert spawner.remote_scheme == "https"
+        assert _move_call()["contents"] == {"keyfile": KEY, "certfile": CERT, "cafile": CA}
+        env = _start_call()["env"]
+        assert env["JUPYTERHUB_SSL_KEYFILE"].startswith("/site/moved/")  # not the hub's path
+        assert not spawner._internal_ssl_pems  # sent, then forgotten
+        await spawner.stop()
+
+
+async def test_outpost_spawner_refuses_internal_ssl_without_certificates(start_outpost):
+    from tornado import web
+
+    async with start_outpost(CertSpawner) as op:
+        spawner = make_spawner(op, internal_ssl=True)
+        with pytest.raises(web.HTTPError, match="no certificates"):
+            await spawner.start()
+        assert not CertSpawner.calls
+
+
+# --- a real JupyterHub with internal_ssl -----------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_internal_ssl_end_to_end(make_site, hub_factory):  # noqa: F811
+    site = await make_site("site-ssl")
+    hub = hub_factory(site.hub_config(), internal_ssl=True)
+    hub.start()
+    await hub.wait_ready()
+
+    events = await hub.spawn("alice")
+    assert events[-1].get("ready"), (events, hub.tail())
+
+    # through the proxy (https to the notebook, through the tunnel, verified by the
+    # internal CA); the notebook checks the token with the hub over https through the
+    # reverse forward
+    r = await hub.get("/user/alice/api/status")
+    assert r.status_code == 200, (r.status_code, r.text, hub.tail())
+
+    remote = (await remote_servers(site))["alice"]
+    assert remote.address.scheme == "https"
+    model = await hub.server_model("alice")
+    assert model["url"] == "/user/alice/"
+    assert model["state"]["remote_scheme"] == "https"
+
+    # the notebook really serves TLS: plain http to its port does not get an answer
+    def plain_http():
+        try:
+            return requests.get(f"http://127.0.0.1:{remote.address.port}/user/alice/api", timeout=5).status_code
+        except requests.RequestException as e:
+            return type(e).__name__
+
+    assert await asyncio.to_thread(plain_http) in ("ConnectionError", 400), "plain http must not work"
+
+    # certificates are not in the Outpost's database; the files it wrote exist until stop
+    db = site.op.workdir / "outpost.sqlite"
+    assert b"BEGIN" not in _db_bytes(db)
+    directory = Path(*certs_location("default", "alice", remote.start_id))
+    assert directory.is_dir() and mode(directory) == 0o700
+    assert mode(directory / CERT_FILES["key_pem"][1]) == 0o600
+
+    await hub.stop_server("alice")
+    assert "alice" not in await remote_servers(site)
+    assert not directory.exists(), "the Outpost's certificate files must go at stop"
+    async with OutpostClient(site.grpc_address) as client:
+        assert not await client.list_servers()

@@ -1,0 +1,269 @@
+"""Bearer tokens (c.Outpost.hub_tokens): hubs without client certificates, for sites without
+a PKI. The token names the hub, is stored hashed, compared in constant time, needs TLS off
+loopback, and never reaches a log or an error message."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import subprocess
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from traitlets import TraitError
+
+from outpost_client import OutpostClient, ServerNotFound, TLSConfig, Unauthenticated, pb
+from outpost_client.errors import UNAUTHENTICATED_HUB
+from outpost_client.spawner import OutpostConfig, OutpostSpawner, client_for
+from outpost_server import interceptors
+from outpost_server.app import Outpost
+from outpost_server.certs import generate_certs
+from outpost_server.hosting import StandInHub, StandInUser
+from outpost_server.interceptors import certificate_resolver, hash_token, token_resolver
+
+from .conftest import BIN
+
+OUTPOST = str(BIN / "jupyterhub-outpost")
+TOKEN_A = secrets.token_urlsafe(32)
+TOKEN_B = secrets.token_urlsafe(32)
+WRONG = secrets.token_urlsafe(32)
+HUB_TOKENS = {"hub-a": hash_token(TOKEN_A), "hub-b": hash_token(TOKEN_B)}
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA, an Outpost certificate for 127.0.0.1 and client certificates for hub-a and hub-b."""
+    return generate_certs(str(tmp_path_factory.mktemp("pki") / "certs"), ["127.0.0.1"], ["hub-a", "hub-b"])
+
+
+def server_tls(pki, **traits) -> dict:
+    """TLS without client certificates: only valid together with hub_tokens."""
+    return dict(tls_cert=pki.server.cert, tls_key=pki.server.key, **traits)
+
+
+def token_client(address: str, token: str | None, pki=None, pair=None) -> OutpostClient:
+    tls = None
+    if pki is not None:
+        tls = TLSConfig(ca=pki.ca.cert, cert=pair and pair.cert, key=pair and pair.key)
+    return OutpostClient(address, tls=tls, token=token, timeout=5)
+
+
+# --- over TLS, two hubs ---------------------------------------------------------------------
+
+
+async def test_two_hubs_by_token_over_tls_are_isolated(start_outpost, pki, capfd):
+    async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
+        async with token_client(op.address, TOKEN_A, pki) as a, token_client(op.address, TOKEN_B, pki) as b:
+            await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
+            assert [s.server_name for s in await a.list_servers()] == ["alice"]
+            assert (await a.poll("alice")).state == pb.SERVER_STATE_RUNNING
+            # hub B: exactly the answers for a server that does not exist
+            assert await b.list_servers() == []
+            with pytest.raises(ServerNotFound):
+                await b.poll("alice")
+            assert (await b.stop("alice")).outcome == pb.STOP_OUTCOME_NOT_FOUND
+            with pytest.raises(ServerNotFound):
+                async for _ in b.events("alice"):
+                    pass
+            # B's server of the same name is its own
+            await b.start("alice", "s2", user_name="alice", wait_until_ready=True)
+            assert (await a.poll("alice")).start_id == "s1"
+        assert set(op.manager.records) == {("hub-a", "alice"), ("hub-b", "alice")}
+    # the Outpost application's own log (it does not propagate) goes to stderr
+    assert "(TLS, bearer tokens of 2 hubs)" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no token", "wrong token", "other scheme", "two headers"])
+async def test_missing_or_wrong_token_is_unauthenticated_and_starts_nothing(start_outpost, pki, case):
+    async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
+        if case in ("no token", "wrong token"):
+            async with token_client(op.address, None if case == "no token" else WRONG, pki) as client:
+                with pytest.raises(Unauthenticated) as info:
+                    await client.start("alice", "s1", user_name="alice", wait_until_ready=True)
+                assert info.value.reason == UNAUTHENTICATED_HUB
+                with pytest.raises(Unauthenticated):
+                    async for _ in client.events("alice"):
+                        pass
+            message = str(info.value)
+            assert WRONG not in message and TOKEN_A not in message
+            expected = "needs a bearer token" if case == "no token" else "bearer token is not valid"
+            assert expected in message
+        else:
+            metadata = {
+                "other scheme": (("authorization", f"Basic {TOKEN_A}"),),
+                "two headers": (("authorization", f"Bearer {TOKEN_A}"), ("authorization", f"Bearer {TOKEN_B}")),
+            }[case]
+            async with token_client(op.address, None, pki) as client:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await client.stub.Start(
+                        pb.StartRequest(server_name="alice", start_id="s1", user=pb.User(name="alice")),
+                        metadata=metadata,
+                        timeout=5,
+                    )
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert TOKEN_A not in info.value.details() and TOKEN_B not in info.value.details()
+        assert op.manager.records == {}
+        rows, _ = await op.app.store.load()
+        assert rows == []
+
+
+async def test_mtls_and_token_must_name_the_same_hub(start_outpost, pki, capfd):
+    traits = dict(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert, hub_tokens=HUB_TOKENS)
+    async with start_outpost(**traits) as op:
+        async with token_client(op.address, TOKEN_A, pki, pki.hubs["hub-a"]) as both:
+            await both.start("alice", "s1", user_name="alice", wait_until_ready=True)
+        async with token_client(op.address, TOKEN_B, pki, pki.hubs["hub-a"]) as mixed:
+            with pytest.raises(Unauthenticated, match="certificate names hub 'hub-a', the bearer token another"):
+                await mixed.list_servers()
+        async with token_client(op.address, None, pki, pki.hubs["hub-a"]) as cert_only:
+            with pytest.raises(Unauthenticated, match="needs a bearer token"):
+                await cert_only.list_servers()
+        assert set(op.manager.records) == {("hub-a", "alice")}
+    assert "(mTLS, bearer tokens of 2 hubs and identity from CN)" in capfd.readouterr().err
+
+
+# --- the resolver -----------------------------------------------------------------------------
+
+
+def context(*metadata, **auth):
+    return SimpleNamespace(
+        invocation_metadata=lambda: tuple(metadata),
+        auth_context=lambda: {k: [v.encode() for v in vs] for k, vs in auth.items()},
+    )
+
+
+def test_token_resolver_compares_every_hash_in_constant_time(monkeypatch):
+    calls = []
+    compare = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return compare(a, b)
+
+    monkeypatch.setattr(interceptors.hmac, "compare_digest", spy)
+    hub_tokens = {f"hub-{i}": hash_token(secrets.token_urlsafe(32)) for i in range(5)}
+    hub_tokens["hub-a"] = hash_token(TOKEN_A)
+    resolve = token_resolver(hub_tokens)
+    assert resolve(context(("authorization", f"Bearer {TOKEN_A}"))) == "hub-a"
+    # every configured hash was compared, with no early exit, and only as SHA-256 digests
+    assert len(calls) == len(hub_tokens)
+    digest = hashlib.sha256(TOKEN_A.encode()).digest()
+    assert all(a == digest and len(b) == 32 for a, b in calls)
+    calls.clear()
+    with pytest.raises(Unauthenticated) as info:
+        resolve(context(("authorization", f"bearer {WRONG}")))
+    assert len(calls) == len(hub_tokens) and WRONG not in str(info.value)
+    with pytest.raises(Unauthenticated, match="needs a bearer token"):
+        resolve(context(("other", "x")))
+    with pytest.raises(Unauthenticated, match="must be 'Bearer <token>'"):
+        resolve(context(("authorization", "Bearer ")))
+
+
+def test_token_resolver_with_a_certificate():
+    resolve = token_resolver(HUB_TOKENS, certificate_resolver())
+    bearer_a = ("authorization", f"Bearer {TOKEN_A}")
+    assert resolve(context(bearer_a, x509_common_name=["hub-a"])) == "hub-a"
+    with pytest.raises(Unauthenticated, match="names hub 'hub-b'"):
+        resolve(context(bearer_a, x509_common_name=["hub-b"]))
+
+
+# --- plaintext: loopback only -------------------------------------------------------------------
+
+
+async def test_plaintext_tokens_on_loopback(start_outpost):
+    async with start_outpost(hub_tokens=HUB_TOKENS, default_hub="default") as op:
+        async with token_client(op.address, TOKEN_A) as a:
+            await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
+        # default_hub is not an identity any more: op.client sends no token
+        with pytest.raises(Unauthenticated):
+            await op.client.list_servers()
+        assert set(op.manager.records) == {("hub-a", "alice")}
+
+
+def test_plaintext_tokens_off_loopback_refused_or_warned(caplog):
+    with pytest.raises(SystemExit, match="refusing to serve plaintext"):
+        Outpost(ip="0.0.0.0", hub_tokens=HUB_TOKENS).check_network()
+    app = Outpost(ip="0.0.0.0", hub_tokens=HUB_TOKENS, allow_plaintext=True)
+    app.log = logging.getLogger("test_tokens.app")
+    with caplog.at_level(logging.WARNING, "test_tokens.app"):
+        app.check_network()
+    assert "the tokens travel unencrypted" in caplog.text
+    Outpost(ip="127.0.0.1", hub_tokens=HUB_TOKENS).check_network()
+
+
+def test_tls_without_client_ca_is_valid_with_tokens_only(pki):
+    app = Outpost(ip="0.0.0.0", **server_tls(pki, hub_tokens=HUB_TOKENS))
+    app.check_tls()
+    app.check_network()
+    with pytest.raises(SystemExit, match=r"tls_client_ca not set \(TLS without client certificates needs hub_tokens\)"):
+        Outpost(ip="0.0.0.0", **server_tls(pki)).check_tls()
+    with pytest.raises(SystemExit, match=r"TLS needs tls_cert and tls_key \(and tls_client_ca for mTLS\); tls_key not set"):
+        Outpost(tls_cert=pki.server.cert, hub_tokens=HUB_TOKENS).check_tls()
+
+
+def test_hub_tokens_are_hashes_and_never_echoed():
+    assert Outpost(hub_tokens={"a": HUB_TOKENS["hub-a"].upper().replace("SHA256", "sha256")}).hub_tokens == {
+        "a": HUB_TOKENS["hub-a"]
+    }
+    with pytest.raises(TraitError, match=r"hub_tokens\['a'\] is not a token hash") as info:
+        Outpost(hub_tokens={"a": TOKEN_A})  # the raw token pasted by mistake
+    assert TOKEN_A not in str(info.value)
+    with pytest.raises(TraitError, match="'a' and 'b' have the same token"):
+        Outpost(hub_tokens={"a": HUB_TOKENS["hub-a"], "b": HUB_TOKENS["hub-a"]})
+
+
+def test_hash_token_command(tmp_path):
+    out = subprocess.run([OUTPOST, "hash-token"], input=TOKEN_A + "\n", capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == hash_token(TOKEN_A) == "sha256:" + hashlib.sha256(TOKEN_A.encode()).hexdigest()
+    short = subprocess.run([OUTPOST, "hash-token"], input="short\n", capture_output=True, text=True, cwd=tmp_path)
+    assert short.returncode == 1 and "at least 32 characters" in short.stderr
+
+
+# --- the hub side -------------------------------------------------------------------------------
+
+
+async def test_the_spawner_sends_its_token(start_outpost, pki):
+    user = StandInUser(name="alice", id=7, admin=False, url="/user/alice/")
+    hub = StandInHub(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
+    async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
+        spawner = OutpostSpawner(
+            user=user, hub=hub, orm_spawner=None, outpost_address=op.address, outpost_ca=pki.ca.cert, outpost_token=TOKEN_B
+        )
+        spawner.api_token = "secret-token"
+        assert TOKEN_B not in repr(spawner.outpost)
+        await spawner.start()
+        assert await spawner.poll() is None
+        assert set(op.manager.records) == {("hub-b", "alice")}
+        await spawner.stop()
+    # an `outposts` entry takes the same token
+    config = OutpostConfig.from_dict("site", {"address": "127.0.0.1:1", "ca": pki.ca.cert, "token": TOKEN_A})
+    assert config.token == TOKEN_A and TOKEN_A not in repr(config)
+    assert client_for(config, 5) is not client_for(OutpostConfig("127.0.0.1:1", ca=pki.ca.cert, token=TOKEN_B), 5)
+
+
+def test_client_refuses_a_token_it_cannot_send():
+    with pytest.raises(ValueError, match="token") as info:
+        OutpostClient("127.0.0.1:1", token="has space")
+    assert "has space" not in str(info.value)
+
+
+async def test_token_never_appears_in_the_log(start_outpost, pki, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="outpost")
+    async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
+        async with token_client(op.address, TOKEN_A, pki) as a, token_client(op.address, WRONG, pki) as bad:
+            await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
+            await a.list_servers()
+            with pytest.raises(Unauthenticated):
+                await bad.list_servers()
+            await a.stop("alice")
+    captured = capfd.readouterr()
+    text = caplog.text + captured.out + captured.err  # the application's log goes to stderr
+    assert "serving" in text
+    assert "ListServers UNAUTHENTICATED" in text and "Start OK" in text  # the access log ran
+    for secret in (TOKEN_A, WRONG):
+        assert secret not in text
