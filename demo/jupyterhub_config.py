@@ -23,6 +23,9 @@ c.Authenticator.allow_all = True
 
 c.JupyterHub.spawner_class = "outpost"
 c.OutpostSpawner.outpost_address = "127.0.0.1:50051"
+c.OutpostSpawner.outpost_ca = f"{data}/certs/outpost-ca/outpost-ca.crt"  # mTLS (demo/run.sh)
+c.OutpostSpawner.outpost_cert = f"{data}/certs/default/default.crt"
+c.OutpostSpawner.outpost_key = f"{data}/certs/default/default.key"
 c.OutpostSpawner.ssh_host = "127.0.0.1"
 c.OutpostSpawner.ssh_port = 2222
 c.OutpostSpawner.ssh_key = f"{data}/hub_ssh_key"

@@ -18,6 +18,14 @@ os.makedirs(data, exist_ok=True)
 
 c.Outpost.ip = "127.0.0.1"
 c.Outpost.port = 50051
+
+# mTLS with the certificates demo/run.sh makes (jupyterhub-outpost generate-certs); the
+# hub's certificate (CN "default") names the demo hub. Without them: plaintext on loopback.
+certs = os.path.join(data, "certs")
+if os.path.exists(os.path.join(certs, "outpost-server", "outpost-server.crt")):
+    c.Outpost.tls_cert = os.path.join(certs, "outpost-server", "outpost-server.crt")
+    c.Outpost.tls_key = os.path.join(certs, "outpost-server", "outpost-server.key")
+    c.Outpost.tls_client_ca = os.path.join(certs, "outpost-ca", "outpost-ca.crt")
 c.Outpost.spawner_class = "simple"
 c.Outpost.db_url = f"sqlite:///{data}/outpost.sqlite"
 

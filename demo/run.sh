@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make demo: the whole picture on 127.0.0.1 —
 #   JupyterHub (any user name logs in) with the proxy   http://127.0.0.1:8000
-#   an Outpost with the simple Spawner and SQLite        gRPC 127.0.0.1:50051
+#   an Outpost with the simple Spawner and SQLite        gRPC (mTLS) 127.0.0.1:50051
 #   its embedded SSH forwarder, which the hub tunnels through   127.0.0.1:2222
 # Ctrl-C stops the hub and the Outpost; running notebooks keep running and are picked up
 # again by the next `make demo`.
@@ -11,6 +11,10 @@ DATA="${OUTPOST_DEMO_DATA:-$PWD/demo-data}"
 export OUTPOST_DEMO_DATA="$DATA"
 mkdir -p "$DATA"
 export PATH="$PWD/.venv/bin:$PWD/node_modules/.bin:$PATH"
+
+# mTLS: a CA, the Outpost's certificate and the demo hub's ("default")
+[ -d "$DATA/certs" ] || .venv/bin/jupyterhub-outpost generate-certs --out "$DATA/certs" \
+  --host 127.0.0.1 --host localhost --hub default > "$DATA/generate-certs.log"
 
 # the hub's SSH key, allowed at the Outpost's forwarder (demo/outpost_config.py)
 [ -f "$DATA/hub_ssh_key" ] || ssh-keygen -q -t ed25519 -N '' -C demo-hub -f "$DATA/hub_ssh_key"
@@ -25,7 +29,8 @@ for _ in $(seq 100); do
 done
 echo "[127.0.0.1]:2222 $(cat "$DATA/outpost_ssh_host_key.pub")" > "$DATA/known_hosts"
 
-G=".venv/bin/grpcurl -plaintext"
+C="$DATA/certs"
+G=".venv/bin/grpcurl -cacert $C/outpost-ca/outpost-ca.crt -cert $C/default/default.crt -key $C/default/default.key"
 A="127.0.0.1:50051"
 S="jupyterhub.outpost.v1.OutpostService"
 cat <<TXT
@@ -37,7 +42,8 @@ cat <<TXT
   to your notebook, reached through an SSH tunnel to the Outpost.
   The Outpost's log: $DATA/outpost.log
 
-  The Outpost itself, with grpcurl (in a second terminal, in $(pwd)):
+  The Outpost itself, with grpcurl over mTLS as the demo hub (in a second terminal, in
+  $(pwd)):
 
   # what the Outpost serves (server reflection) and whether it is healthy
   $G $A list
@@ -53,7 +59,7 @@ cat <<TXT
 
   # its status (with the address), and the notebook itself
   $G -d '{"server_name": "by-hand"}' $A $S/Poll
-  curl -s -H "Authorization: token demo-token" http://127.0.0.1:\$(.venv/bin/grpcurl -plaintext -d '{"server_name": "by-hand"}' $A $S/Poll | sed -n 's/.*"port": \([0-9]*\).*/\1/p')/user/alice/api/status
+  curl -s -H "Authorization: token demo-token" http://127.0.0.1:\$($G -d '{"server_name": "by-hand"}' $A $S/Poll | sed -n 's/.*"port": \([0-9]*\).*/\1/p')/user/alice/api/status
 
   # stop it (idempotent: run it twice)
   $G -d '{"server_name": "by-hand", "start_id": "demo-1"}' $A $S/Stop

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +24,29 @@ def printed_commands() -> list[str]:
     return [line for line in lines if line.startswith(("$G", "curl"))]
 
 
-def run(cmd: str, port: int) -> subprocess.CompletedProcess:
+def grpcurl_as_demo_hub(certs: Path) -> str:
+    """What demo/run.sh prints as $G: grpcurl over mTLS with the demo hub's certificate."""
+    return (
+        f"{BIN}/grpcurl -cacert {certs}/outpost-ca/outpost-ca.crt"
+        f" -cert {certs}/default/default.crt -key {certs}/default/default.key"
+    )
+
+
+def generate_demo_certs(data: Path) -> Path:
+    """The certificates demo/run.sh makes, made the same way."""
+    certs = data / "certs"
+    subprocess.run(
+        [str(BIN / "jupyterhub-outpost"), "generate-certs", "--out", str(certs),
+         "--host", "127.0.0.1", "--host", "localhost", "--hub", "default"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return certs
+
+
+def run(cmd: str, port: int, certs: Path) -> subprocess.CompletedProcess:
     env = dict(
         os.environ,
-        G=f"{BIN}/grpcurl -plaintext",
+        G=grpcurl_as_demo_hub(certs),
         A=f"127.0.0.1:{port}",
         S="jupyterhub.outpost.v1.OutpostService",
     )
@@ -36,6 +56,7 @@ def run(cmd: str, port: int) -> subprocess.CompletedProcess:
 async def test_demo_commands_work_as_printed(tmp_path):
     commands = printed_commands()
     assert len(commands) >= 7
+    certs = generate_demo_certs(tmp_path)
     port = free_port()
     env = dict(os.environ, OUTPOST_DEMO_DATA=str(tmp_path))
     log = open(tmp_path / "outpost.log", "w")
@@ -44,17 +65,17 @@ async def test_demo_commands_work_as_printed(tmp_path):
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        await wait_for(lambda: run(commands[0], port).returncode == 0, timeout=30)
+        await wait_for(lambda: run(commands[0], port, certs).returncode == 0, timeout=30)
         outputs = {}
         for cmd in commands:
             if cmd.startswith("curl"):
                 # the notebook takes a moment to listen after READY; a person is slower
                 out = await wait_for(
-                    lambda: (r := run(cmd, port)).returncode == 0 and '"started"' in r.stdout and r,
+                    lambda: (r := run(cmd, port, certs)).returncode == 0 and '"started"' in r.stdout and r,
                     timeout=30,
                 )
             else:
-                out = await asyncio.to_thread(run, cmd, port)
+                out = await asyncio.to_thread(run, cmd, port, certs)
             assert out.returncode == 0, (cmd, out.stderr)
             outputs[cmd] = out.stdout
 
@@ -93,7 +114,7 @@ async def test_make_demo_hub_spawns_through_outpost(tmp_path):
 
     import requests
 
-    from outpost_client import OutpostClient
+    from outpost_client import OutpostClient, TLSConfig
 
     busy = [p for p in (8000, 8081, 50051, 2222, 18081) if _port_in_use(p)]
     if busy:
@@ -144,7 +165,13 @@ async def test_make_demo_hub_spawns_through_outpost(tmp_path):
         await wait_for(ready, timeout=60, interval=0.5, message="the notebook did not answer through the proxy")
     finally:
         try:
-            async with OutpostClient("127.0.0.1:50051", timeout=30) as client:
+            certs = tmp_path / "certs"  # made by demo/run.sh: the demo runs with mTLS
+            tls = TLSConfig(
+                ca=str(certs / "outpost-ca" / "outpost-ca.crt"),
+                cert=str(certs / "default" / "default.crt"),
+                key=str(certs / "default" / "default.key"),
+            )
+            async with OutpostClient("127.0.0.1:50051", tls=tls, timeout=30) as client:
                 for server in await client.list_servers():
                     await client.stop(server.server_name)
         except Exception as e:
