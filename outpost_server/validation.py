@@ -6,6 +6,7 @@ docs/configuration.md); change them only together.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -19,7 +20,7 @@ MAX_USER_NAME = 255
 MAX_GROUPS = 1000
 MAX_ENV_KEY = 1024
 DEFAULT_MAX_DEPTH = 16
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
 
 
 def invalid(field: str, message: str) -> InvalidArgument:
@@ -106,10 +107,28 @@ def struct_depth(value: struct_pb2.Value | struct_pb2.Struct | struct_pb2.ListVa
     return 0
 
 
+def has_non_finite(value) -> bool:
+    """True if a Struct/Value/ListValue holds NaN or an infinity (JSON cannot store them)."""
+    if isinstance(value, struct_pb2.Struct):
+        return any(has_non_finite(v) for v in value.fields.values())
+    if isinstance(value, struct_pb2.ListValue):
+        return any(has_non_finite(v) for v in value.values)
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return not math.isfinite(value.number_value)
+    if kind == "struct_value":
+        return has_non_finite(value.struct_value)
+    if kind == "list_value":
+        return has_non_finite(value.list_value)
+    return False
+
+
 def check_struct(value: struct_pb2.Struct, field: str, max_depth: int = DEFAULT_MAX_DEPTH):
     depth = struct_depth(value)
     if depth > max_depth:
         raise invalid(field, f"is nested {depth} levels deep; at most {max_depth} are allowed")
+    if has_non_finite(value):
+        raise invalid(field, "holds NaN or Infinity, which JSON (and so the Outpost's database) cannot store")
     return value
 
 
