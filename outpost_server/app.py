@@ -84,6 +84,11 @@ flags = {
 }
 
 
+def one_line_exit(error: Exception) -> SystemExit:
+    """How a configuration error ends start-up: one line on stderr, exit status 1."""
+    return SystemExit(f"jupyterhub-outpost: {error}")
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -466,7 +471,7 @@ class Outpost(Application):
         try:
             self.load_tls()
         except TLSConfigError as e:
-            raise SystemExit(f"jupyterhub-outpost: {e}") from None
+            raise one_line_exit(e) from None
 
     def check_network(self):
         if not _is_loopback(self.ip) and not self.allow_plaintext and not self.tls_enabled:
@@ -502,7 +507,7 @@ class Outpost(Application):
         try:
             self.crypt = self.make_crypt()
         except CryptConfigError as e:
-            raise SystemExit(f"jupyterhub-outpost: {e}") from None
+            raise one_line_exit(e) from None
 
     def check_forwarder(self):
         """Fail before anything starts if the SSH forwarder's keys are unusable."""
@@ -512,7 +517,7 @@ class Outpost(Application):
         try:
             forwarder.load_keys()
         except ForwarderConfigError as e:
-            raise SystemExit(f"jupyterhub-outpost: {e}") from None
+            raise one_line_exit(e) from None
         self.forwarder = forwarder
 
     async def override_policy(self, hub: str, overrides: dict) -> None:
@@ -637,15 +642,11 @@ class Outpost(Application):
         try:
             await self.init_manager()
             try:
-                await self.init_server()
-            except TLSConfigError as e:  # the files changed since check_tls
-                await self.cleanup()
-                raise SystemExit(f"jupyterhub-outpost: {e}") from None
-            try:
+                await self.init_server()  # TLS files may have changed since check_tls
                 await self.init_forwarder()
-            except ForwarderConfigError as e:
+            except (TLSConfigError, ForwarderConfigError) as e:
                 await self.cleanup()
-                raise SystemExit(f"jupyterhub-outpost: {e}") from None
+                raise one_line_exit(e) from None
             await stop.wait()
             self.log.info("Shutting down: health NOT_SERVING, finishing in-flight RPCs")
             await self.cleanup()
