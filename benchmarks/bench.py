@@ -50,6 +50,9 @@ POLL_CONCURRENT_SECONDS = 3.0
 LIST_REPEATS = 50
 
 # key: (comparison, target), for n=100. Only a subset of keys has a target.
+BATCH_SIZE = 1000
+BATCH_REPEATS = 50
+
 TARGETS = {
     "poll_c64_rps": (">=", 2000),
     "poll_c1_p50_ms": ("<=", 0.8),
@@ -57,6 +60,7 @@ TARGETS = {
     "stop_p50_ms": ("<=", 4),
     "start_c16_total_s": ("<=", 0.3),
     "list_p50_ms": ("<=", 5),
+    "batch_status_1000_p50_ms": ("<=", 20),
 }
 # Targets that only make sense at n=100 (they grow with n); not checked for other n.
 SIZE_DEPENDENT = {"start_c16_total_s", "list_p50_ms"}
@@ -438,6 +442,23 @@ async def run(outpost: OutpostProcess, n: int) -> dict:
 
         if await client.list_servers():
             raise BenchmarkError("servers left after stopping them all")
+
+        # BatchPoll: the status of 1,000 servers in one call (what a hub's shared poller sends)
+        batch_names = server_names(BATCH_SIZE, prefix="batch")
+        await run_concurrently(
+            [lambda name=name: timed_start(client, name, ids.next()) for name in batch_names], 16
+        )
+        await wait_running(client, batch_names)
+        batches = []
+        for _ in range(BATCH_REPEATS):
+            t0 = time.perf_counter()
+            statuses, missing = await client.batch_poll(batch_names)
+            batches.append(time.perf_counter() - t0)
+            if len(statuses) != BATCH_SIZE or missing:
+                raise BenchmarkError(f"BatchPoll answered {len(statuses)} statuses, {len(missing)} not found")
+        results["batch_status_1000_p50_ms"] = ms(percentile(batches, 50))
+        notes["batch_status_1000"] = f"1 proc x 1 coroutine, {BATCH_REPEATS} BatchPolls of {BATCH_SIZE} servers"
+        await run_concurrently([lambda name=name: timed_stop(client, name) for name in batch_names], 16)
         try:
             await client.poll(names[0])
             raise BenchmarkError(f"{names[0]} still answers Poll after Stop")

@@ -145,6 +145,15 @@ class OutpostClient:
         response = await self._call(self.stub.Poll, pb.PollRequest(server_name=server_name), timeout)
         return response.status
 
+    async def batch_poll(
+        self, server_names, *, timeout: float | None = None
+    ) -> tuple[list[pb.ServerStatus], list[str]]:
+        """Statuses of many servers in one call, and the names this hub has no server for."""
+        response = await self._call(
+            self.stub.BatchPoll, pb.BatchPollRequest(server_names=list(server_names)), timeout
+        )
+        return list(response.statuses), list(response.not_found)
+
     async def stop(
         self, server_name: str, start_id: str = "", *, timeout: float | None = None
     ) -> pb.StopResponse:

@@ -556,6 +556,21 @@ class LifecycleManager:
     def poll(self, hub: str, server_name: str) -> pb.ServerStatus:
         return self._get(hub, server_name).status()
 
+    def batch_poll(self, hub: str, names) -> tuple[list[pb.ServerStatus], list[str]]:
+        """Statuses of this hub's servers among names (in order, once each), and the rest."""
+        statuses, not_found, seen = [], [], set()
+        records = self.records
+        for name in names:
+            if name in seen:
+                continue
+            seen.add(name)
+            rec = records.get((hub, name))
+            if rec is None:
+                not_found.append(name)
+            else:
+                statuses.append(rec.status())
+        return statuses, not_found
+
     def list(self, hub: str, page_size: int, after_name: str) -> tuple[list[pb.ServerStatus], str]:
         names = sorted(name for (h, name) in self.records if h == hub and name > after_name)
         page = names[:page_size]

@@ -44,6 +44,17 @@ class OutpostServicer(pb_grpc.OutpostServiceServicer):
         )
         return pb.StopResponse(outcome=outcome, current=current)
 
+    async def BatchPoll(self, request: pb.BatchPollRequest, context) -> pb.BatchPollResponse:
+        names = request.server_names
+        if not names or len(names) > validation.MAX_BATCH:
+            raise validation.invalid(
+                "server_names", f"must hold 1 to {validation.MAX_BATCH} names, not {len(names)}"
+            )
+        for index, name in enumerate(names):
+            validation.check_server_name(name, field=f"server_names[{index}]")
+        statuses, not_found = self.manager.batch_poll(current_hub(), names)
+        return pb.BatchPollResponse(statuses=statuses, not_found=not_found)
+
     async def ListServers(self, request: pb.ListServersRequest, context) -> pb.ListServersResponse:
         size = validation.check_page_size(request.page_size)
         after = convert.decode_page_token(request.page_token)

@@ -19,6 +19,7 @@ START_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_USER_NAME = 255
 MAX_GROUPS = 1000
 MAX_ENV_KEY = 1024
+MAX_BATCH = 10000
 DEFAULT_MAX_DEPTH = 16
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
 

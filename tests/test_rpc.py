@@ -425,3 +425,26 @@ async def test_override_policy_per_hub_and_callable(start_outpost):
         assert "at most 1 second" in err.value.message
         with pytest.raises(OverrideNotAllowed):
             await op.client.start("quinn", sid(), user_name="quinn", config_overrides={"steps": 1})
+
+
+async def test_batch_poll(outpost):
+    c = outpost.client
+    for name in ("b1", "b2", "b3"):
+        await c.start(name, sid(), user_name=name, wait_until_ready=True)
+    await c.stop("b2")
+    statuses, not_found = await c.batch_poll(["b3", "b1", "b2", "ghost", "b1"])
+    assert [s.server_name for s in statuses] == ["b3", "b1"]  # asked order, once each
+    assert all(s.state == pb.SERVER_STATE_RUNNING for s in statuses)
+    assert not_found == ["b2", "ghost"]
+    # the same answer as Poll, server by server
+    assert statuses[0] == await c.poll("b3")
+
+
+@pytest.mark.parametrize(
+    "names, field",
+    [([], "server_names"), (["ok", "bad name"], "server_names[1]"), (["a"] * 10001, "server_names")],
+)
+async def test_batch_poll_bad_input(outpost, names, field):
+    with pytest.raises(InvalidArgument) as err:
+        await outpost.client.batch_poll(names)
+    assert err.value.field == field

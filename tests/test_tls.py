@@ -271,3 +271,16 @@ async def test_generate_certs_then_a_real_outpost(outpost_process, tmp_path):
     # without a client certificate the handshake fails
     refused = await asyncio.to_thread(grpcurl, "-cacert", str(ca), op.address, "list")
     assert refused.returncode != 0
+
+
+async def test_batch_poll_sees_only_own_servers(start_outpost, pki):
+    """BatchPoll answers like Poll: another hub's server is 'not found'."""
+    async with start_outpost(**tls_traits(pki)) as op:
+        async with hub_client(op.address, pki, pki.hubs["hub-a"]) as a, hub_client(
+            op.address, pki, pki.hubs["hub-b"]
+        ) as b:
+            await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
+            statuses, not_found = await b.batch_poll(["alice"])
+            assert statuses == [] and not_found == ["alice"]
+            statuses, not_found = await a.batch_poll(["alice"])
+            assert [s.server_name for s in statuses] == ["alice"] and not_found == []

@@ -213,3 +213,17 @@ class ListServersResponse(_message.Message):
     servers: _containers.RepeatedCompositeFieldContainer[ServerStatus]
     next_page_token: str
     def __init__(self, servers: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class BatchPollRequest(_message.Message):
+    __slots__ = ("server_names",)
+    SERVER_NAMES_FIELD_NUMBER: _ClassVar[int]
+    server_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, server_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class BatchPollResponse(_message.Message):
+    __slots__ = ("statuses", "not_found")
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    NOT_FOUND_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[ServerStatus]
+    not_found: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...

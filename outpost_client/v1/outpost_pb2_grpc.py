@@ -62,6 +62,11 @@ class OutpostServiceStub:
                 request_serializer=outpost__client_dot_v1_dot_outpost__pb2.ListServersRequest.SerializeToString,
                 response_deserializer=outpost__client_dot_v1_dot_outpost__pb2.ListServersResponse.FromString,
                 _registered_method=True)
+        self.BatchPoll = channel.unary_unary(
+                '/jupyterhub.outpost.v1.OutpostService/BatchPoll',
+                request_serializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollRequest.SerializeToString,
+                response_deserializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollResponse.FromString,
+                _registered_method=True)
 
 
 class OutpostServiceServicer:
@@ -175,6 +180,24 @@ class OutpostServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchPoll(self, request, context):
+        """BatchPoll returns the status of many of the calling hub's servers in one call: what a
+        hub's shared poller sends instead of one Poll per server (JupyterHub polls every
+        server every 30 s by default).
+
+        A batch poll, not a stream of changes: it keeps the hub's existing poll schedule and
+        needs no long-lived per-hub state at the Outpost. Read-only and idempotent; answered
+        from memory, like Poll.
+
+        Status codes:
+        - OK: statuses of the servers found; the names not found are listed (a hub should
+        treat them as stopped, like Poll's NOT_FOUND).
+        - INVALID_ARGUMENT: a malformed name, or more than 10000 names (reason INVALID_FIELD).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutpostServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +225,11 @@ def add_OutpostServiceServicer_to_server(servicer, server):
                     servicer.ListServers,
                     request_deserializer=outpost__client_dot_v1_dot_outpost__pb2.ListServersRequest.FromString,
                     response_serializer=outpost__client_dot_v1_dot_outpost__pb2.ListServersResponse.SerializeToString,
+            ),
+            'BatchPoll': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchPoll,
+                    request_deserializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollRequest.FromString,
+                    response_serializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -341,6 +369,33 @@ class OutpostService:
             '/jupyterhub.outpost.v1.OutpostService/ListServers',
             outpost__client_dot_v1_dot_outpost__pb2.ListServersRequest.SerializeToString,
             outpost__client_dot_v1_dot_outpost__pb2.ListServersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchPoll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jupyterhub.outpost.v1.OutpostService/BatchPoll',
+            outpost__client_dot_v1_dot_outpost__pb2.BatchPollRequest.SerializeToString,
+            outpost__client_dot_v1_dot_outpost__pb2.BatchPollResponse.FromString,
             options,
             channel_credentials,
             insecure,
