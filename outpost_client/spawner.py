@@ -118,6 +118,66 @@ def adopt_hub_logging(hub_log) -> None:
     logger._outpost_adopted = True
 
 
+class BatchPoller:
+    """Coalesces the polls of every spawner using one Outpost into BatchPoll calls.
+
+    JupyterHub polls each server on its own timer; a poll waits at most ``window`` seconds
+    for others to join it, then one BatchPoll answers them all (and at hub start-up,
+    when every server is polled at once, one call answers hundreds).
+    """
+
+    def __init__(self, client: OutpostClient, window: float):
+        self.client = client
+        self.window = window
+        self._pending: dict[str, list[asyncio.Future]] = {}
+        self._flush: asyncio.TimerHandle | None = None
+        self.calls = 0  # BatchPoll calls made (for tests and logs)
+
+    async def status(self, name: str) -> pb.ServerStatus:
+        """The server's status, or ServerNotFound / the call's error."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(name, []).append(future)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self.window, self._start_flush)
+        return await future
+
+    def _start_flush(self) -> None:
+        self._flush = None
+        pending, self._pending = self._pending, {}
+        asyncio.ensure_future(self._send(pending))
+
+    async def _send(self, pending: dict[str, list[asyncio.Future]]) -> None:
+        self.calls += 1
+        try:
+            statuses, _ = await self.client.batch_poll(list(pending))
+        except Exception as e:
+            for futures in pending.values():
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(e)
+            return
+        found = {st.server_name: st for st in statuses}
+        for name, futures in pending.items():
+            for f in futures:
+                if f.done():
+                    continue
+                if name in found:
+                    f.set_result(found[name])
+                else:
+                    f.set_exception(ServerNotFound(f"No server {name!r} at this Outpost."))
+
+
+_pollers: dict[tuple, BatchPoller] = {}
+
+
+def poller_for(config: OutpostConfig, timeout: float, window: float) -> BatchPoller:
+    key = (config.address, config.ca, config.cert, config.key, config.token)
+    poller = _pollers.get(key)
+    if poller is None:
+        poller = _pollers[key] = BatchPoller(client_for(config, timeout), window)
+    return poller
+
+
 def tunnel_for(config: OutpostConfig, hub_api_url: str):
     """The hub's shared tunnel to this Outpost's SSH server."""
     from urllib.parse import urlparse
@@ -192,6 +252,13 @@ class OutpostSpawner(Spawner):
         out of the config file, e.g. open("/srv/jupyterhub/outpost.token").read().strip().""",
     )
     outpost_timeout = Float(30.0, config=True, help="Deadline in seconds of each call to the Outpost (not of the whole start).")
+    poll_batch_window = Float(
+        0.2,
+        config=True,
+        help="""Seconds a poll waits for the polls of other servers on the same Outpost,
+        so that one BatchPoll call answers them all (one shared poller per Outpost).
+        0: every poll is its own call.""",
+    )
 
     ssh_host = Unicode(
         "",
@@ -526,7 +593,11 @@ class OutpostSpawner(Spawner):
         if not self.start_id:
             return 0
         try:
-            status = await self.client.poll(self.remote_name)
+            if self.poll_batch_window > 0:
+                poller = poller_for(self.outpost, self.outpost_timeout, self.poll_batch_window)
+                status = await poller.status(self.remote_name)
+            else:
+                status = await self.client.poll(self.remote_name)
         except ServerNotFound:
             return 0
         except OutpostError as e:

@@ -3,6 +3,8 @@ hooks, state, polling, naming. The end-to-end tests cover it inside a real Jupyt
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from tornado import web
 
@@ -154,3 +156,28 @@ async def test_poll_when_outpost_unreachable_assumes_running(start_outpost):
     orphan = make_spawner(op, outpost_timeout=1.0)
     orphan.load_state(state)
     assert await orphan.poll() is None
+
+
+async def test_polls_of_many_spawners_share_one_batch_call(start_outpost):
+    """One shared poller per Outpost: concurrent polls become one BatchPoll."""
+    from outpost_client.spawner import poller_for
+
+    async with start_outpost("outpost_server.testing.InstantSpawner") as op:
+        spawners = []
+        for i in range(40):
+            sp = make_spawner(op, name=f"s{i}")
+            await sp.start()
+            spawners.append(sp)
+        await spawners[5].stop()  # one of them is gone
+        poller = poller_for(spawners[0].outpost, spawners[0].outpost_timeout, spawners[0].poll_batch_window)
+        before = poller.calls
+        results = await asyncio.gather(*(sp.poll() for sp in spawners))
+        assert poller.calls - before == 1
+        assert results[5] == 0
+        assert [r for i, r in enumerate(results) if i != 5] == [None] * 39
+        # with the window off, each poll is its own call (and answers the same)
+        solo = make_spawner(op, name="s1", poll_batch_window=0)
+        solo.load_state(spawners[1].get_state())
+        assert await solo.poll() is None
+        for sp in spawners:
+            await sp.stop()
