@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as tests/conftest.py
 
-from tests.conftest import BIN, OutpostProcess  # noqa: E402
+from tests.conftest import BIN, OutpostProcess, outpost_process_factory  # noqa: E402
 from tests.hub import JupyterHubProcess  # noqa: E402
 from tests.test_e2e_hub import Site  # noqa: E402
 
@@ -209,20 +209,6 @@ class Config:
         }
 
 
-def site_factory(root: Path):
-    """What Site expects of the ``outpost_process`` fixture: a factory of OutpostProcess."""
-    made: list[OutpostProcess] = []
-
-    def factory(config_text: str, name: str = "outpost") -> OutpostProcess:
-        workdir = root / name
-        workdir.mkdir()
-        op = OutpostProcess(workdir, config_text)
-        made.append(op)
-        return op
-
-    return factory, made
-
-
 async def stop_everything(
     configs: list[Config], site: Site | None, outposts: list[OutpostProcess], root: Path
 ) -> list[str]:
@@ -256,7 +242,7 @@ async def stop_everything(
 
 
 async def run(n: int, root: Path) -> dict:
-    factory, outposts = site_factory(root)
+    factory, outposts = outpost_process_factory(root)  # what Site expects of the fixture
     site = Site(factory, root, "site")
     configs: list[Config] = []
     try:

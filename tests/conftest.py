@@ -240,18 +240,25 @@ class OutpostProcess:
                 self.proc.wait()
 
 
-@pytest.fixture
-def outpost_process(tmp_path):
-    """Factory: ``outpost_process(config_text)``; stopped (SIGTERM) after the test."""
+def outpost_process_factory(root: Path):
+    """(factory, made): ``factory(config_text, name)`` makes an OutpostProcess in root/name
+    (not started); ``made`` lists them, for the caller to stop."""
     made: list[OutpostProcess] = []
 
     def factory(config_text: str, name: str = "outpost") -> OutpostProcess:
-        workdir = tmp_path / name
+        workdir = root / name
         workdir.mkdir()
         op = OutpostProcess(workdir, config_text)
         made.append(op)
         return op
 
+    return factory, made
+
+
+@pytest.fixture
+def outpost_process(tmp_path):
+    """Factory: ``outpost_process(config_text)``; stopped (SIGTERM) after the test."""
+    factory, made = outpost_process_factory(tmp_path)
     yield factory
     for op in made:
         op.stop()

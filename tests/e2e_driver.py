@@ -15,6 +15,20 @@ import time
 import requests
 
 
+def read_progress(url: str, headers: dict, timeout: float) -> list[dict]:
+    """A JupyterHub progress event stream (server-sent events), until ready or failed."""
+    events = []
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        r.raise_for_status()
+        for line in r.iter_lines(decode_unicode=True):
+            if line and line.startswith("data:"):
+                event = json.loads(line[5:])
+                events.append(event)
+                if event.get("ready") or event.get("failed"):
+                    break
+    return events
+
+
 def main(hub_url: str, token: str, user: str) -> dict:
     auth = {"Authorization": f"token {token}"}
     api = f"{hub_url}/hub/api"
@@ -23,15 +37,7 @@ def main(hub_url: str, token: str, user: str) -> dict:
     out["create_user"] = r.status_code
     r = requests.post(f"{api}/users/{user}/server", headers=auth, json={}, timeout=30)
     out["start"] = r.status_code
-    events = []
-    with requests.get(f"{api}/users/{user}/server/progress", headers=auth, stream=True, timeout=120) as r:
-        for line in r.iter_lines(decode_unicode=True):
-            if line and line.startswith("data:"):
-                event = json.loads(line[5:])
-                events.append(event)
-                if event.get("ready") or event.get("failed"):
-                    break
-    out["events"] = events
+    out["events"] = read_progress(f"{api}/users/{user}/server/progress", auth, timeout=120)
 
     # 1. a token request through the proxy: the notebook checks the token with the hub API
     r = requests.get(f"{hub_url}/user/{user}/api/status", headers=auth, timeout=30)

@@ -8,7 +8,6 @@ service with an API token. Stopped by PID (and the proxy by its pid file).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import requests
 
 from .conftest import BIN, ROOT, free_port
+from .e2e_driver import read_progress
 
 CHP = ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
 TOKEN = "outpost-e2e-service-token-0123456789"
@@ -140,24 +140,8 @@ class JupyterHubProcess:
         """The hub's progress event stream of a spawn, until ready or failed."""
         path = f"/users/{user}/servers/{server}/progress" if server else f"/users/{user}/server/progress"
 
-        def read() -> list[dict]:
-            events = []
-            with requests.get(
-                f"{self.url}/hub/api{path}",
-                headers={"Authorization": f"token {TOKEN}"},
-                stream=True,
-                timeout=timeout,
-            ) as r:
-                r.raise_for_status()
-                for line in r.iter_lines(decode_unicode=True):
-                    if line and line.startswith("data:"):
-                        event = json.loads(line[5:])
-                        events.append(event)
-                        if event.get("ready") or event.get("failed"):
-                            break
-            return events
-
-        return await asyncio.to_thread(read)
+        headers = {"Authorization": f"token {TOKEN}"}
+        return await asyncio.to_thread(read_progress, f"{self.url}/hub/api{path}", headers, timeout)
 
     async def spawn(self, user: str, server: str = "", options: dict | None = None) -> list[dict]:
         """Create the user if needed, start a server, return its progress events."""
