@@ -32,7 +32,7 @@ from jupyterhub.spawner import Spawner
 from jupyterhub.utils import exponential_backoff
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Dict, Float, Integer, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, Unicode, default, observe
 
 from .client import OutpostClient, TLSConfig
 from .errors import DeadlineExceeded, OutpostError, ServerNotFound, Unavailable
@@ -376,7 +376,23 @@ class OutpostSpawner(Spawner):
 
     # --- helpers ----------------------------------------------------------------------------
 
+    _configs_cache: dict[str, OutpostConfig] | None = None
+
+    @observe(
+        "outpost_address", "outpost_ca", "outpost_cert", "outpost_key", "outpost_token", "ssh_host",
+        "ssh_port", "ssh_user", "ssh_key", "ssh_known_hosts", "hub_api_forward", "hub_api_site_host",
+        "hub_api_site_port", "outposts",
+    )
+    def _forget_configs(self, change) -> None:
+        self._configs_cache = None
+
     def _outpost_configs(self) -> dict[str, OutpostConfig]:
+        """The Outposts this Spawner may use, by name (built once; every poll needs it)."""
+        if self._configs_cache is None:
+            self._configs_cache = self._build_outpost_configs()
+        return self._configs_cache
+
+    def _build_outpost_configs(self) -> dict[str, OutpostConfig]:
         configs = {
             "default": OutpostConfig(
                 address=self.outpost_address,
