@@ -9,6 +9,7 @@ before it is visible to a caller, and polls the Spawners on its own schedule.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import deque
@@ -31,7 +32,7 @@ from outpost_client.errors import (
 )
 from outpost_client.v1 import outpost_pb2 as pb
 
-from . import convert
+from . import convert, orphans
 from .hosting import (
     certs_location,
     install_certificates,
@@ -148,6 +149,39 @@ class Record:
         }
 
 
+class Records(dict):
+    """Every Record by (hub, server_name), with an index per hub.
+
+    A dict (what RPCs read on their hot path), plus per hub its records and its server
+    names in order: ListServers pages and the SSH forwarder's checks cost the size of
+    one hub's share, not of every server on the Outpost.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.by_hub: dict[str, dict[str, Record]] = {}
+        self.sorted_names: dict[str, list[str]] = {}
+
+    def __setitem__(self, key: tuple[str, str], rec: Record) -> None:
+        hub, name = key
+        if key not in self:
+            bisect.insort(self.sorted_names.setdefault(hub, []), name)
+        super().__setitem__(key, rec)
+        self.by_hub.setdefault(hub, {})[name] = rec
+
+    def __delitem__(self, key: tuple[str, str]) -> None:
+        super().__delitem__(key)
+        hub, name = key
+        del self.by_hub[hub][name]
+        names = self.sorted_names[hub]
+        del names[bisect.bisect_left(names, name)]
+        if not names:
+            del self.by_hub[hub], self.sorted_names[hub]
+
+    def of_hub(self, hub: str) -> dict[str, Record]:
+        return self.by_hub.get(hub, {})
+
+
 class LifecycleManager:
     """Owns every hosted Spawner. Created and driven by the Outpost application."""
 
@@ -177,7 +211,7 @@ class LifecycleManager:
         self.override_policy = override_policy
         self.start_message = start_message
         self.max_concurrent_starts_per_hub = max_concurrent_starts_per_hub
-        self.records: dict[tuple[str, str], Record] = {}
+        self.records = Records()
         # hub -> records this manager put in STARTING (pruned lazily; only with a limit)
         self._starting: dict[str, set[Record]] = {}
         self._poller: asyncio.Task | None = None
@@ -231,7 +265,7 @@ class LifecycleManager:
             spec.user.get("admin", False),
             spec.user.get("groups", []),
         )
-        return make_spawner(
+        spawner = make_spawner(
             self.spawner_class,
             config=self.config,
             spawner_name=spec.spawner_name,
@@ -243,6 +277,11 @@ class LifecycleManager:
             overrides=spec.config_overrides,
             log=log.getChild(f"{rec.hub}.{rec.name}"),
         )
+        # passed on to local notebook processes: a restart can find them (orphans.py)
+        spawner._outpost_hub_env[orphans.START_MARKER_ENV] = orphans.start_marker(
+            rec.hub, rec.name, rec.start_id
+        )
+        return spawner
 
     def _event_data(self, data: dict[str, Any]) -> dict[str, Any]:
         data.setdefault("time", time.time())
@@ -400,6 +439,7 @@ class LifecycleManager:
         spawner = rec.spawner
         assert spawner is not None
         progress_task: asyncio.Task | None = None
+        checkpoint_task: asyncio.Task | None = None
         try:
             spawner._spawn_pending = True
             spawner._start_pending = True
@@ -417,10 +457,12 @@ class LifecycleManager:
                     *certs_location(rec.hub, rec.name, rec.start_id, self.certs_base),
                 )
                 rec.spec.certificates = {}  # on disk now; not kept in memory too
+            checkpoint_task = asyncio.create_task(self._checkpoint_state(rec, spawner))
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(rec, spawner))
             result = await asyncio.wait_for(start, spawner.start_timeout)
+            checkpoint_task.cancel()
             scheme, host, port = normalise_address(result, spawner)
             spawner._spawn_pending = spawner._start_pending = False
             await self._stop_progress(rec, progress_task)
@@ -453,6 +495,8 @@ class LifecycleManager:
         except asyncio.CancelledError:
             if progress_task is not None:
                 progress_task.cancel()
+            if checkpoint_task is not None:
+                checkpoint_task.cancel()
             if self._closing:
                 # shutdown: keep what the Spawner knows, so a restart can clean up
                 rec.spawner_state = _safe_state(spawner)
@@ -464,9 +508,50 @@ class LifecycleManager:
             # cancelled by Stop: Stop cleans up
             raise
         except Exception as e:
+            if checkpoint_task is not None:
+                checkpoint_task.cancel()
             if progress_task is not None:
                 await self._stop_progress(rec, progress_task)
             await self._fail_start(rec, e)
+
+    # how often a start's Spawner state is compared with what the database holds
+    checkpoint_interval = 1.0
+
+    async def _checkpoint_state(self, rec: Record, spawner: Spawner) -> None:
+        """While start() runs, store the Spawner's state as soon as it changes.
+
+        The state (a pid, a job id) is what lets a restarted Outpost stop what a start
+        made; without it a crash mid-start leaves an orphan. Spawners keep what
+        get_state() returns in traits, so any trait change wakes this at once; a
+        comparison every ``checkpoint_interval`` catches state kept elsewhere. The row
+        stays STARTING: a restart fails the start and stops what the state names.
+        """
+        woken = asyncio.Event()
+
+        def on_change(_change) -> None:
+            woken.set()
+
+        spawner.observe(on_change)
+        stored = rec.spawner_state
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(woken.wait(), self.checkpoint_interval)
+                except asyncio.TimeoutError:
+                    pass
+                woken.clear()
+                state = _safe_state(spawner)
+                if not state or state == stored:
+                    continue
+                try:
+                    await self._persist(rec, spawner_state=state)
+                except Unavailable:
+                    log.warning("Could not store the state of starting %s/%s yet", rec.hub, rec.name)
+                    continue
+                stored = rec.spawner_state = state
+                log.debug("Stored the state of starting %s/%s", rec.hub, rec.name)
+        finally:
+            spawner.unobserve(on_change)
 
     async def _follow_progress(self, rec: Record, spawner: Spawner) -> None:
         try:
@@ -572,10 +657,12 @@ class LifecycleManager:
         return statuses, not_found
 
     def list(self, hub: str, page_size: int, after_name: str) -> tuple[list[pb.ServerStatus], str]:
-        names = sorted(name for (h, name) in self.records if h == hub and name > after_name)
-        page = names[:page_size]
-        statuses = [self.records[(hub, name)].status() for name in page]
-        next_token = convert.encode_page_token(page[-1]) if len(names) > page_size else ""
+        names = self.records.sorted_names.get(hub, [])
+        first = bisect.bisect_right(names, after_name)
+        page = names[first : first + page_size]
+        of_hub = self.records.of_hub(hub)
+        statuses = [of_hub[name].status() for name in page]
+        next_token = convert.encode_page_token(page[-1]) if len(names) > first + page_size else ""
         return statuses, next_token
 
     def forward_targets(self, hub: str) -> set[tuple[str, int]]:
@@ -586,9 +673,8 @@ class LifecycleManager:
         """
         return {
             (rec.address["host"], rec.address["port"])
-            for (h, _), rec in self.records.items()
-            if h == hub
-            and rec.address
+            for rec in self.records.of_hub(hub).values()
+            if rec.address
             and rec.state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_UNKNOWN)
         }
 
@@ -758,7 +844,21 @@ class LifecycleManager:
                 unreadable.add(rec)
             elif row.get("crypt_stale"):
                 stale.append(rec)
+        interrupted = {
+            orphans.start_marker(r.hub, r.name, r.start_id): r
+            for r in self.records.values()
+            if r.state == pb.SERVER_STATE_STARTING and r not in unreadable
+        }
         await asyncio.gather(*(self._reconcile(r) for r in list(self.records.values()) if r not in unreadable))
+        if interrupted:
+            # what the Spawners' stop() could not reach (their state was never stored)
+            stopped = await asyncio.to_thread(orphans.stop_marked, set(interrupted))
+            for marker, pids in stopped.items():
+                rec = interrupted[marker]
+                log.warning(
+                    "Stopped processes %s left by the interrupted start of %s/%s",
+                    pids, rec.hub, rec.name,
+                )
         # rows in plain text or under an older key: write them again under the first key
         ops = [
             self.store.op_update_server(r.hub, r.name, env=r.spec.env, spawner_state=r.spawner_state)

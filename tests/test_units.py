@@ -171,3 +171,34 @@ async def test_async_policy():
 def test_bad_policy(bad):
     with pytest.raises(ValueError):
         check_policy(bad)
+
+
+def test_records_index_per_hub():
+    """The per-hub index and name order follow every insert, replace and delete."""
+    import random
+
+    from outpost_server.manager import Records
+
+    records, truth = Records(), {}
+    rnd = random.Random(7)
+    for i in range(2000):
+        key = (rnd.choice(["a", "b", "c"]), f"s{rnd.randrange(300)}")
+        if key in truth and rnd.random() < 0.5:
+            del records[key], truth[key]
+        else:
+            records[key] = truth[key] = i  # a stand-in for a Record
+    assert dict(records) == truth
+    for hub in ("a", "b", "c"):
+        mine = {name: v for (h, name), v in truth.items() if h == hub}
+        assert records.of_hub(hub) == mine
+        assert records.sorted_names.get(hub, []) == sorted(mine)
+    assert records.of_hub("nobody") == {}
+
+
+def test_start_marker_is_stable_and_distinct():
+    from outpost_server.orphans import find_marked, start_marker
+
+    m = start_marker("hub", "srv", "s1")
+    assert m == start_marker("hub", "srv", "s1") and len(m) == 32
+    assert len({m, start_marker("hub", "srv", "s2"), start_marker("hub2", "srv", "s1")}) == 3
+    assert find_marked({m}) == {}  # no process carries it
