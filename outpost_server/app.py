@@ -52,6 +52,7 @@ from .interceptors import (
 )
 from .manager import LifecycleManager
 from .policy import check_policy, denied_overrides
+from .relay import HubAPIRelay, RelayConfigError
 from .servicer import OutpostServicer
 from .store import Store
 from .tls import TLSConfigError, load_server_tls
@@ -132,6 +133,7 @@ class Outpost(Application):
     raise_config_file_errors = True
     _log_formatter_cls = LogFormatter
     forwarder: SSHForwarder | None = None
+    relay: HubAPIRelay | None = None
 
     config_file = Unicode(
         "outpost_config.py", config=True, help="The config file to load (Python, like jupyterhub_config.py)."
@@ -409,7 +411,7 @@ class Outpost(Application):
     @property
     def classes(self):
         spawner = self.spawner_class if isinstance(self.spawner_class, type) else LocalProcessSpawner
-        return [Outpost, SSHForwarder, spawner]
+        return [Outpost, SSHForwarder, HubAPIRelay, spawner]
 
     # --- start-up -------------------------------------------------------------------
 
@@ -425,6 +427,7 @@ class Outpost(Application):
         self.check_tls()
         self.check_network()
         self.check_forwarder()
+        self.make_relay()  # a bad c.HubAPIRelay value stops start-up here (TraitError)
         self.check_crypt()
 
     def init_logging(self):
@@ -541,7 +544,33 @@ class Outpost(Application):
         self.store = Store(self.db_url, max_events_per_server=self.max_events_per_server, crypt=self.crypt)
         await self.store.open()
 
+    def make_relay(self) -> HubAPIRelay | None:
+        """The hub API relay if it is enabled (made once)."""
+        if self.relay is None:
+            relay = HubAPIRelay(parent=self)
+            if not relay.enabled:
+                return None
+            self.relay = relay
+        return self.relay
+
+    async def init_relay(self):
+        # before the manager: a start the manager restores or accepts may wait for its
+        # notebook's callback; after it at shutdown, so pending starts still get it
+        relay = self.make_relay()
+        if relay is None:
+            return
+
+        def lookup(hub: str, server_name: str):
+            manager = getattr(self, "manager", None)
+            return manager.records.get((hub, server_name)) if manager is not None else None
+
+        await relay.start(lookup)
+        self.log.info(
+            "Hub API relay listening on %s:%d; notebooks reach it at %s", relay.ip, relay.bound_port, relay.base_url
+        )
+
     async def init_manager(self):
+        relay = self.make_relay()
         self.manager = LifecycleManager(
             store=self.store,
             spawner_class=self.spawner_class,
@@ -554,6 +583,7 @@ class Outpost(Application):
             override_policy=self.override_policy,
             start_message=self.start_message,
             max_concurrent_starts_per_hub=self.max_concurrent_starts_per_hub,
+            spawner_created=None if relay is None else (lambda rec, sp: relay.attach(sp, rec.hub, rec.name)),
         )
         self.manager.certs_base = self.certs_dir or None
         restored = await self.manager.restore()
@@ -640,6 +670,11 @@ class Outpost(Application):
             loop.add_signal_handler(sig, stop.set)
         await self.init_store()
         try:
+            try:
+                await self.init_relay()
+            except RelayConfigError as e:
+                await self.cleanup()
+                raise one_line_exit(e) from None
             await self.init_manager()
             try:
                 await self.init_server()  # TLS files may have changed since check_tls
@@ -668,6 +703,8 @@ class Outpost(Application):
         manager = getattr(self, "manager", None)
         if manager is not None:
             await manager.shutdown(self.shutdown_grace)
+        if self.relay is not None:
+            await self.relay.stop()
 
     def write_config_file(self):
         path = self.config_file

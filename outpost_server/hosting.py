@@ -112,12 +112,29 @@ def stand_ins_from_env(
     return user, hub
 
 
+class StandInDatabase:
+    """What a hosted Spawner gets as ``self.db``: the hub's database is not here.
+
+    ``Spawner.db`` (the hub's shared session) is deprecated but still used: batchspawner
+    calls ``self.db.commit()`` after recording its job id. What a Spawner keeps goes to
+    the Outpost's own database through ``get_state()``; a commit here has nothing to do.
+    """
+
+    def commit(self) -> None:
+        pass
+
+    def rollback(self) -> None:
+        pass
+
+
 class HostedSpawnerMixin:
     """Mixed in front of the configured Spawner class (see :func:`hosted_spawner_class`)."""
 
     _outpost_name: str = ""
     _outpost_hub_env: dict[str, str] = {}
     _outpost_site_env_keys: frozenset[str] = frozenset()
+    # set by the hub API relay when it is on (HubAPIRelay.attach): env -> env
+    _outpost_env_filter = None
 
     @property
     def name(self) -> str:  # Spawner.name reads the hub's ORM object; we have none
@@ -131,6 +148,8 @@ class HostedSpawnerMixin:
                 continue  # paths on the hub's machine; the site's come from cert_paths
             if key not in site_keys or key not in env:
                 env[key] = value
+        if self._outpost_env_filter is not None:
+            env = self._outpost_env_filter(env)
         return env
 
 
@@ -167,6 +186,7 @@ def make_spawner(
         hub=hub,
         config=config,
         orm_spawner=None,
+        db=StandInDatabase(),
         api_token=env.get("JUPYTERHUB_API_TOKEN", ""),
         oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID", ""),
         user_options=user_options,

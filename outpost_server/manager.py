@@ -13,7 +13,7 @@ import bisect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -81,6 +81,7 @@ class Record:
     last_sequence: int = 0
     terminal: bool = False
     accepted: asyncio.Future | None = None
+    poll_task: asyncio.Task | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _status: pb.ServerStatus | None = None
@@ -104,10 +105,7 @@ class Record:
         if timeout is None:
             await waiter.wait()
         else:
-            try:
-                await asyncio.wait_for(waiter.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(waiter, timeout)
 
     def status(self) -> pb.ServerStatus:
         if self._status is None:
@@ -199,8 +197,11 @@ class LifecycleManager:
         override_policy=None,
         start_message: str = "",
         max_concurrent_starts_per_hub: int = 0,
+        spawner_created: Callable[[Record, Spawner], None] | None = None,
     ):
         self.store = store
+        # called with every Spawner this manager makes (the hub API relay attaches here)
+        self.spawner_created = spawner_created
         self.spawner_class = spawner_class
         self.config = config
         self.site_env_keys = site_env_keys
@@ -281,6 +282,8 @@ class LifecycleManager:
         spawner._outpost_hub_env[orphans.START_MARKER_ENV] = orphans.start_marker(
             rec.hub, rec.name, rec.start_id
         )
+        if self.spawner_created is not None:
+            self.spawner_created(rec, spawner)
         return spawner
 
     def _event_data(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -461,8 +464,16 @@ class LifecycleManager:
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(rec, spawner))
-            result = await asyncio.wait_for(start, spawner.start_timeout)
+            try:
+                done, _ = await asyncio.wait({start}, timeout=spawner.start_timeout)
+            except asyncio.CancelledError:
+                await cancel_and_wait(start)  # Stop or shutdown: the start ends first
+                raise
+            if not done:
+                await cancel_and_wait(start)
+                raise asyncio.TimeoutError()
             checkpoint_task.cancel()
+            result = start.result()
             scheme, host, port = normalise_address(result, spawner)
             spawner._spawn_pending = spawner._start_pending = False
             await self._stop_progress(rec, progress_task)
@@ -498,8 +509,9 @@ class LifecycleManager:
             if checkpoint_task is not None:
                 checkpoint_task.cancel()
             if self._closing:
-                # shutdown: keep what the Spawner knows, so a restart can clean up
-                rec.spawner_state = _safe_state(spawner)
+                # shutdown: keep what the Spawner knows, so a restart can clean up (or
+                # what the checkpoint knew, if the cancel made the Spawner forget it)
+                rec.spawner_state = _safe_state(spawner) or rec.spawner_state
                 try:
                     await self._persist(rec, spawner_state=rec.spawner_state)
                 except Exception:
@@ -534,11 +546,8 @@ class LifecycleManager:
         spawner.observe(on_change)
         stored = rec.spawner_state
         try:
-            while True:
-                try:
-                    await asyncio.wait_for(woken.wait(), self.checkpoint_interval)
-                except asyncio.TimeoutError:
-                    pass
+            while rec.state == pb.SERVER_STATE_STARTING and rec.spawner is spawner:
+                await wait_event(woken, self.checkpoint_interval)
                 woken.clear()
                 state = _safe_state(spawner)
                 if not state or state == stored:
@@ -585,6 +594,10 @@ class LifecycleManager:
             "Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error
         )
         if rec.spawner is not None:
+            if rec.spawner_state and not _safe_state(rec.spawner):
+                # a start that forgot what it made when it failed or was cancelled
+                # (batchspawner clears its job id): stop what the checkpoint recorded
+                rec.spawner.load_state(rec.spawner_state)
             try:
                 await rec.spawner.stop(now=True)
             except Exception:
@@ -703,13 +716,24 @@ class LifecycleManager:
         if rec.state != pb.SERVER_STATE_STOPPED:
             rec.state = pb.SERVER_STATE_STOPPING
             rec.changed()
+        spawner = rec.spawner
         if rec.start_task is not None and not rec.start_task.done():
+            # what the start made so far: a Spawner may forget it when cancelled
+            # (batchspawner turns the cancel into "job not found" and clears its job id)
+            before = _safe_state(spawner) if spawner is not None else None
+            if before:
+                rec.spawner_state = before
             rec.start_task.cancel()
             try:
                 await rec.start_task
             except (asyncio.CancelledError, Exception):
                 pass
-        spawner = rec.spawner
+            if spawner is not None and rec.spawner is None:
+                spawner = None  # the failed start already stopped it (_fail_start)
+            elif spawner is not None and before and not _safe_state(spawner):
+                spawner.load_state(before)
+        else:
+            spawner = rec.spawner
         if spawner is None and rec.spawner_state and previous != pb.SERVER_STATE_STOPPED:
             spawner = self._restored_spawner(rec)
         if spawner is not None:
@@ -762,19 +786,56 @@ class LifecycleManager:
         ]
         await asyncio.gather(*(one(r) for r in targets))
 
-    async def _poll_one(self, rec: Record) -> None:
+    async def _poll_one(self, rec: Record) -> bool:
+        """Poll rec's Spawner; one that takes over ``poll_timeout`` makes it UNKNOWN.
+
+        poll() is never cancelled: a Spawner may turn a cancel into an answer
+        (batchspawner reads its killed ``squeue`` as "job not found", forgets the job
+        and returns 1, a notebook declared dead while it runs). A poll that overruns goes
+        on in the background and its answer still counts; the server is not polled again
+        until it is done. True if the poll answered in time.
+        """
         spawner = rec.spawner
-        if spawner is None:
-            return
+        if spawner is None or rec.poll_task is not None:
+            return False  # gone, or its last poll() still runs (and it is UNKNOWN)
+        task = rec.poll_task = asyncio.create_task(
+            self._run_poll(rec, spawner), name=f"poll-{rec.hub}-{rec.name}"
+        )
+        done, _ = await asyncio.wait({task}, timeout=self.poll_timeout)
+        if not done:
+            log.warning(
+                "poll() of %s/%s has taken over %gs; it is UNKNOWN until poll() answers",
+                rec.hub, rec.name, self.poll_timeout,
+            )  # fmt: skip
+            self._set_unknown(rec)
+        return bool(done)
+
+    def _set_unknown(self, rec: Record) -> None:
+        if rec.state != pb.SERVER_STATE_UNKNOWN and rec.stop_task is None:
+            rec.state = pb.SERVER_STATE_UNKNOWN
+            rec.changed()
+
+    async def _run_poll(self, rec: Record, spawner: Spawner) -> None:
         try:
-            result = await asyncio.wait_for(spawner.poll(), self.poll_timeout)
-        except Exception as e:
-            log.warning("poll() of %s/%s failed: %s: %s", rec.hub, rec.name, type(e).__name__, e)
-            if rec.state != pb.SERVER_STATE_UNKNOWN and rec.stop_task is None:
-                rec.state = pb.SERVER_STATE_UNKNOWN
-                rec.changed()
-            return
-        if rec.stop_task is not None or self.records.get((rec.hub, rec.name)) is not rec:
+            try:
+                result = await spawner.poll()
+            except Exception as e:
+                log.warning("poll() of %s/%s failed: %s: %s", rec.hub, rec.name, type(e).__name__, e)
+                self._set_unknown(rec)
+                return
+            try:
+                await self._apply_poll(rec, spawner, result)
+            except Unavailable:
+                log.warning("Could not store the poll result of %s/%s; the next poll does", rec.hub, rec.name)
+        finally:
+            rec.poll_task = None
+
+    async def _apply_poll(self, rec: Record, spawner: Spawner, result) -> None:
+        if (
+            rec.stop_task is not None
+            or rec.spawner is not spawner
+            or self.records.get((rec.hub, rec.name)) is not rec
+        ):
             return  # stopped while we polled
         new_state = _safe_state(spawner)
         if result is None:
@@ -877,7 +938,7 @@ class LifecycleManager:
         if rec.state == pb.SERVER_STATE_STOPPED:
             return
         try:
-            spawner = self._restored_spawner(rec)
+            self._restored_spawner(rec)
         except Exception:
             log.exception("Could not recreate the Spawner of %s/%s", rec.hub, rec.name)
             rec.state = pb.SERVER_STATE_UNKNOWN
@@ -887,29 +948,10 @@ class LifecycleManager:
             await self._fail_start(rec, _RestartDuringStart(RESTART_DURING_START))
             return
         try:
-            result = await asyncio.wait_for(spawner.poll(), self.poll_timeout)
-        except Exception as e:
-            log.warning("poll() of restored %s/%s failed: %s", rec.hub, rec.name, e)
-            rec.state = pb.SERVER_STATE_UNKNOWN
-            return
-        if result is None:
-            rec.state = pb.SERVER_STATE_RUNNING
-            log.info("Restored %s/%s: running", rec.hub, rec.name)
-        else:
-            rec.state = pb.SERVER_STATE_STOPPED
-            rec.exit_code = int(result)
-            log.info("Restored %s/%s: exited with %s", rec.hub, rec.name, result)
-        rec.spawner_state = _safe_state(spawner)
-        rec.changed()
-        try:
-            await self._persist(
-                rec,
-                state=convert.STATE_NAMES[rec.state],
-                exit_code=rec.exit_code,
-                spawner_state=rec.spawner_state,
-            )
+            await self._poll_one(rec)
         except Unavailable:
-            pass
+            pass  # the database is down: the next poll writes what changed
+        log.info("Restored %s/%s: %s", rec.hub, rec.name, convert.STATE_NAMES[rec.state])
 
     async def shutdown(self, grace: float) -> None:
         """Stop polling; give pending starts `grace` seconds; keep running servers running."""
@@ -918,6 +960,8 @@ class LifecycleManager:
             self._poller.cancel()
         pending = [r.start_task for r in self.records.values() if r.start_task and not r.start_task.done()]
         pending += [r.stop_task for r in self.records.values() if r.stop_task and not r.stop_task.done()]
+        # polls are never cancelled (see _poll_one); their answers get the grace too
+        polls = [r.poll_task for r in self.records.values() if r.poll_task is not None]
         if pending:
             log.info("Waiting up to %gs for %d pending starts/stops", grace, len(pending))
             done, still = await asyncio.wait(pending, timeout=grace)
@@ -925,10 +969,12 @@ class LifecycleManager:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=5)
+        if polls:
+            await asyncio.wait(polls, timeout=grace)
         # persist the latest Spawner state of every server (what a restart needs)
         ops = []
         for rec in self.records.values():
-            if rec.spawner is not None and rec.state != pb.SERVER_STATE_STOPPED:
+            if rec.spawner is not None and rec.state != pb.SERVER_STATE_STOPPED and rec.poll_task is None:
                 state = _safe_state(rec.spawner)
                 if state != rec.spawner_state:
                     rec.spawner_state = state
@@ -942,6 +988,28 @@ class LifecycleManager:
 
 class _RestartDuringStart(Exception):
     pass
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait up to timeout for event; True if it is set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancel that arrives as the
+    event is set, and the waiting task would run on after being cancelled.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        pass
+    return event.is_set()
+
+
+async def cancel_and_wait(task: asyncio.Future) -> None:
+    """Cancel task and wait until it has ended, however it ends."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # retrieved: what it did after the cancel no longer matters
 
 
 def _safe_state(spawner: Spawner) -> dict | None:

@@ -93,3 +93,93 @@ class FailingPollSpawner(InstantSpawner):
 
     async def poll(self):
         raise RuntimeError("scheduler unreachable")
+
+
+class SlowPollSpawner(InstantSpawner):
+    """Starts at once; every poll() takes `poll_delay` seconds (a slow batch scheduler), then
+    answers ``exit_code`` (None: running; a test sets it to make the server "exit").
+
+    Over all instances: ``polls_in_flight`` counts the polls running right now (for tests
+    that must show the slow polls were really in flight), ``polls_done`` the finished ones,
+    and ``overlaps`` the polls that began while the same Spawner's previous poll was still
+    running (an Outpost should never do that).
+    """
+
+    poll_delay = Float(5.0, config=True, help="Seconds each poll() takes.")
+    polls_in_flight = 0
+    polls_done = 0
+    overlaps = 0
+    exit_code: int | None = None
+    _polling = 0
+
+    async def poll(self):
+        if self._polling:
+            SlowPollSpawner.overlaps += 1
+        self._polling += 1
+        SlowPollSpawner.polls_in_flight += 1
+        try:
+            await asyncio.sleep(self.poll_delay)
+        finally:
+            self._polling -= 1
+            SlowPollSpawner.polls_in_flight -= 1
+            SlowPollSpawner.polls_done += 1
+        return self.exit_code
+
+
+class HangingStartSpawner(Spawner):
+    """start() starts a real child process (``sleep``), then never returns.
+
+    For start timeouts: whoever gives up on the start must stop() it, or the child leaks.
+    ``children`` maps each user name to its child's pid; ``stopped_users`` lists the users
+    whose stop() ran (both over all instances).
+    """
+
+    children: dict[str, int] = {}
+    stopped_users: list[str] = []
+    _proc: asyncio.subprocess.Process | None = None
+
+    async def start(self):
+        self._proc = await asyncio.create_subprocess_exec(
+            "sleep", "600", stdin=asyncio.subprocess.DEVNULL
+        )
+        HangingStartSpawner.children[self.user.name] = self._proc.pid
+        await asyncio.Event().wait()
+
+    async def poll(self):
+        if self._proc is None or self._proc.returncode is not None:
+            return 0
+        return None
+
+    async def stop(self, now=False):
+        HangingStartSpawner.stopped_users.append(self.user.name)
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+            await self._proc.wait()
+
+
+class RecordingSpawner(SlowSpawner):
+    """A SlowSpawner that keeps every instance whose start() ran, in ``started`` (over all
+    instances, in order): for comparing the Outpost's view with the Spawners' own."""
+
+    started: list[RecordingSpawner] = []
+
+    async def start(self):
+        RecordingSpawner.started.append(self)
+        return await super().start()
+
+
+class LatePortSpawner(Spawner):
+    """Like batchspawner: start() waits until something sets ``self.port`` (the notebook's
+    callback through the hub API relay), then returns that port."""
+
+    async def start(self):
+        self.port = 0
+        while not self.port:
+            await asyncio.sleep(0.02)
+        return ("127.0.0.1", self.port)
+
+    async def poll(self):
+        return None
+
+    async def stop(self, now=False):
+        return None

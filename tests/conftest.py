@@ -14,6 +14,10 @@ Index:
 - ``pg_url``: only the PostgreSQL database.
 - ``subreaper``: makes this process the reaper of orphaned notebooks (this machine's
   PID 1 does not reap), for tests that SIGKILL an Outpost.
+- ``slurm``: a private single-node Slurm cluster (munged, slurmctld, slurmd; jobs run as
+  root), all under one temp dir; ``slurm.conf`` is its config file (``slurm.env`` has
+  ``SLURM_CONF``); ``occupy()``/``free()``, ``squeue()``,
+  ``stop_controller()``/``start_controller()``; see tests/slurm.py.
 - ``TEST_CRYPT_KEY``: the database encryption key of the whole session. This module sets
   ``OUTPOST_CRYPT_KEY`` to it in ``os.environ`` when imported, so every Outpost (in
   process, ``outpost_process``, any console script a test runs) has a key;
@@ -75,6 +79,7 @@ async def running_outpost(config: Config):
     await app.init_store()
     try:
         try:
+            await app.init_relay()
             await app.init_manager()
             await app.init_server()
             await app.init_forwarder()
@@ -298,6 +303,14 @@ def subreaper():
     reaper._stop.set()
     reaper._thread.join()
     libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.fixture
+def slurm(subreaper):
+    from .slurm import private_cluster
+
+    with private_cluster(subreaper) as cluster:
+        yield cluster
 
 
 def children_of(pid: int) -> list[int]:

@@ -27,6 +27,14 @@ def test_every_forwarder_option_is_documented():
     assert not missing, f"docs/configuration.md does not describe SSHForwarder: {missing}"
 
 
+def test_every_relay_option_is_documented():
+    from outpost_server.relay import HubAPIRelay
+
+    text = (ROOT / "docs" / "configuration.md").read_text().split("c.HubAPIRelay", 1)[1]
+    missing = [name for name in HubAPIRelay.class_traits(config=True) if f"`{name}`" not in text]
+    assert not missing, f"docs/configuration.md does not describe HubAPIRelay: {missing}"
+
+
 def test_every_outpost_spawner_option_is_documented():
     from outpost_client.spawner import OutpostSpawner
     from jupyterhub.spawner import Spawner

@@ -202,3 +202,14 @@ def test_start_marker_is_stable_and_distinct():
     assert m == start_marker("hub", "srv", "s1") and len(m) == 32
     assert len({m, start_marker("hub", "srv", "s2"), start_marker("hub2", "srv", "s1")}) == 3
     assert find_marked({m}) == {}  # no process carries it
+
+
+def test_hosted_spawner_db_is_a_stand_in():
+    """batchspawner's start() calls self.db.commit(): a hosted Spawner's db must take it."""
+    user, hub = stand_ins_from_env({}, "amy", 1, False, [])
+    spawner = make_spawner(
+        SimpleLocalProcessSpawner, config=Config(), spawner_name="", user=user, hub=hub,
+        env={}, user_options={}, site_env_keys=frozenset(),
+    )  # fmt: skip
+    spawner.db.commit()
+    spawner.db.rollback()

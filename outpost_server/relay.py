@@ -1,0 +1,452 @@
+"""The hub API relay: notebooks at the site talk to "the hub" through the Outpost.
+
+A Spawner like batchspawner's learns its notebook's port late: the job starts, the
+notebook picks a free port and reports it with ``POST $JUPYTERHUB_API_URL/batchspawner``
+(``{"port": N}``, with its own API token); in a normal hub the hub's batchspawner API
+handler sets the port on the Spawner, whose start() has been waiting for it. Here that
+Spawner lives in the Outpost, so the callback must be answered at the site. Everything
+else the notebook asks the hub (token checks, the OAuth code exchange, activity) must
+still reach the hub, through whatever the hub put in JUPYTERHUB_API_URL (usually the
+site-side end of its SSH reverse forward, which compute nodes cannot reach).
+
+With ``c.HubAPIRelay.enabled``, every hosted Spawner's notebook gets
+
+    JUPYTERHUB_API_URL = <relay url>/hubs/<hub>/servers/<server_name><original path>
+
+(the hub's JUPYTERHUB_ACTIVITY_URL, and any other env value under the original API URL,
+moves along) and the relay
+
+- answers ``POST .../batchspawner`` itself: the request's token must be that server's
+  JUPYTERHUB_API_TOKEN; only the keys in :data:`CALLBACK_KEYS` are set, on the live
+  Spawner of a server that is still starting;
+- passes every other request below the original API path to the original
+  JUPYTERHUB_API_URL of that server's start (method, path, query, headers, body), and the
+  answer back. It adds no credentials: the hub checks every request as it always does.
+
+Hub and server come from the path, so one relay serves every hub of the Outpost and a
+request can only ever reach the upstream that server's own hub sent. Bodies are bounded,
+upstream calls time out, and tokens are never logged (access lines carry no query
+string).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import socket
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+from urllib.parse import quote, unquote, urlparse
+
+from tornado import httputil, netutil, web
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
+from traitlets import Bool, Float, Integer, TraitError, Unicode, validate
+from traitlets.config import Configurable
+
+from outpost_client.v1 import outpost_pb2 as pb
+
+log = logging.getLogger("outpost.relay")
+
+# What batchspawner-singleuser sends (batchspawner 1.x: {"port": N}); nothing else is set
+CALLBACK_KEYS = frozenset({"port"})
+CALLBACK_PATH = "batchspawner"
+# batchspawner's own handler answers this body (its 201 is set after finish(): the
+# status on the wire is 200, which is what batchspawner-singleuser sees)
+CALLBACK_ANSWER = {"message": "BatchSpawner data configured"}
+
+# hop-by-hop headers (RFC 9110 7.6.1) and what the two HTTP stacks compute themselves
+_SKIP_REQUEST_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_SKIP_RESPONSE_HEADERS = _SKIP_REQUEST_HEADERS - {"host"}
+_AUTH = re.compile(r"(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
+_WILDCARD = ("", "0.0.0.0", "::", "[::]")
+
+# (hub, server_name) -> what the relay needs of that server, or None
+Lookup = Callable[[str, str], Any]
+
+
+class RelayConfigError(ValueError):
+    """The relay cannot start; the message is one line a person can act on."""
+
+
+def relay_prefix(base_url: str, hub: str, server_name: str) -> str:
+    """The part of a notebook's JUPYTERHUB_API_URL that names the relay, hub and server."""
+    return f"{base_url.rstrip('/')}/hubs/{quote(hub, safe='')}/servers/{quote(server_name, safe='')}"
+
+
+def relayed_env(env: dict[str, str], original_api_url: str, prefix: str) -> dict[str, str]:
+    """env with the hub API URL (and every value under it) pointing at the relay.
+
+    ``http://127.0.0.1:18081/hub/api`` becomes ``<prefix>/hub/api``; so does the start of
+    ``JUPYTERHUB_ACTIVITY_URL``. Values that do not start with the original URL stay.
+    """
+    original = original_api_url.rstrip("/")
+    if not original:
+        return env
+    origin = _origin(original)
+    relayed = dict(env)
+    for key, value in env.items():
+        if value == original or value.startswith(original + "/"):
+            relayed[key] = prefix + value[len(origin) :]
+    relayed["JUPYTERHUB_API_URL"] = prefix + original[len(origin) :]
+    return relayed
+
+
+def _origin(url: str) -> str:
+    parsed = urlparse(url)
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def token_from(headers: httputil.HTTPHeaders) -> str:
+    """The token of ``Authorization: token X`` or ``Bearer X`` ("" if none)."""
+    match = _AUTH.match(headers.get("Authorization", "").strip())
+    return match.group(1) if match else ""
+
+
+def same_token(given: str, expected: str) -> bool:
+    """Constant-time comparison; an empty expected token matches nothing."""
+    if not given or not expected:
+        return False
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8", "replace"))
+
+
+class HubAPIRelay(Configurable):
+    """Relays notebooks' hub API calls; answers batchspawner's port callback itself."""
+
+    enabled = Bool(
+        False,
+        config=True,
+        help="""Run the hub API relay and point every notebook's JUPYTERHUB_API_URL at it.
+
+        Needed for Spawners whose notebooks report their port to the hub API once they
+        run (batchspawner's SlurmSpawner and friends: batchspawner-singleuser POSTs it to
+        $JUPYTERHUB_API_URL/batchspawner): the relay answers that callback at the site
+        and passes every other hub API request on to the hub (through its reverse
+        forward, or directly). Off: the notebook gets the hub's JUPYTERHUB_API_URL as it is.
+        """,
+    )
+    ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""The address the relay listens on.
+
+        Notebooks must reach it: on a batch cluster, an address of the Outpost host the
+        compute nodes can reach (or "0.0.0.0"), not 127.0.0.1. Anyone who can reach it
+        can reach the hub API of every hub with a server here, exactly as notebooks can
+        (the hub still checks every request's token).
+        """,
+    )
+    port = Integer(8082, config=True, help="The port the relay listens on (0: any free port).")
+    url = Unicode(
+        "",
+        config=True,
+        help="""The base URL notebooks reach the relay at, e.g. "http://login1.cluster:8082".
+
+        Empty (default): http://<ip>:<port> with the port actually bound; for a wildcard
+        ip ("0.0.0.0", "::", "") the host's fully qualified name instead of the ip.
+        """,
+    )
+    max_body_bytes = Integer(
+        4 * 1024 * 1024,
+        min=1024,
+        config=True,
+        help="""The largest body the relay passes on, in either direction. A larger request
+        gets 413 (or 400 if it is chunked) and never reaches the hub; a larger answer from
+        the hub becomes 502.""",
+    )
+    upstream_timeout = Float(
+        30.0,
+        config=True,
+        help="""Seconds a relayed request may take at the hub (connecting included) before the
+        notebook gets 504.""",
+    )
+
+    @validate("port")
+    def _check_port(self, proposal):
+        if not 0 <= proposal.value < 65536:
+            raise TraitError(f"HubAPIRelay.port must be 0 to 65535, not {proposal.value}")
+        return proposal.value
+
+    @validate("url")
+    def _check_url(self, proposal):
+        value = proposal.value.strip()
+        if value:
+            parsed = urlparse(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query:
+                raise TraitError(f"HubAPIRelay.url must be an http(s) URL with a host, not {value!r}")
+        return value.rstrip("/")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._server: HTTPServer | None = None
+        self._client: SimpleAsyncHTTPClient | None = None
+        self._lookup: Lookup = lambda hub, server_name: None
+        self.bound_port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """Where notebooks reach the relay (the configured url, or derived once bound)."""
+        if self.url:
+            return self.url
+        if self.bound_port is None:
+            raise RuntimeError("the hub API relay has not started")
+        host = socket.getfqdn() if self.ip in _WILDCARD else self.ip
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.bound_port}"
+
+    # --- the notebook's env -------------------------------------------------------------
+
+    def notebook_env(self, hub: str, server_name: str, env: dict[str, str]) -> dict[str, str]:
+        """What the hosted Spawner's get_env() returns when the relay is on."""
+        record = self._lookup(hub, server_name)
+        original = ""
+        if record is not None:
+            original = record.spec.env.get("JUPYTERHUB_API_URL", "")
+        original = original or env.get("JUPYTERHUB_API_URL", "")
+        if not original:
+            return env
+        return relayed_env(env, original, relay_prefix(self.base_url, hub, server_name))
+
+    def attach(self, spawner, hub: str, server_name: str) -> None:
+        """Make a hosted Spawner's get_env() point its notebook at this relay."""
+        spawner._outpost_env_filter = partial(self.notebook_env, hub, server_name)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, lookup: Lookup) -> None:
+        """Listen; ``lookup(hub, server_name)`` answers the server's manager Record (or None)."""
+        self._lookup = lookup
+        self._client = SimpleAsyncHTTPClient(
+            force_instance=True, max_clients=100, max_body_size=self.max_body_bytes
+        )
+        app = web.Application(
+            [(r"/.*", RelayHandler, {"relay": self})],
+            log_function=_access_log,
+            xsrf_cookies=False,
+        )
+        self._server = HTTPServer(app, max_body_size=self.max_body_bytes, xheaders=False)
+        try:
+            sockets = netutil.bind_sockets(self.port, address=self.ip or None)
+        except OSError as e:
+            self._client.close()
+            self._client = None
+            self._server = None
+            raise RelayConfigError(f"hub API relay cannot listen on {self.ip}:{self.port} ({e})") from None
+        self._server.add_sockets(sockets)
+        self.bound_port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            await self._server.close_all_connections()
+            self._server = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # --- requests ------------------------------------------------------------------------
+
+    def resolve(self, path: str):
+        """Take /hubs/<hub>/servers/<server><rest> apart: (hub, server_name, record, rest,
+        the server's original JUPYTERHUB_API_URL, its path), or raise an HTTPError."""
+        parts = path.split("/", 6)
+        if len(parts) < 6 or parts[0] or parts[1] != "hubs" or parts[3] != "servers":
+            raise web.HTTPError(404, "not a relay path: /hubs/<hub>/servers/<server>/...")
+        hub, server_name = unquote(parts[2]), unquote(parts[4])
+        rest = "/" + "/".join(parts[5:])
+        if any(unquote(segment) in (".", "..") for segment in rest.split("/")):
+            raise web.HTTPError(400, "dot segments are not allowed")
+        record = self._lookup(hub, server_name)
+        original = record.spec.env.get("JUPYTERHUB_API_URL", "") if record is not None else ""
+        if not original:
+            raise web.HTTPError(404, "no such server")
+        api_path = urlparse(original).path.rstrip("/")
+        if rest != api_path and not rest.startswith(api_path + "/"):
+            raise web.HTTPError(404, "only the hub API is relayed")
+        return hub, server_name, record, rest, original, api_path
+
+    def set_from_callback(self, hub: str, server_name: str, record, token: str, body: bytes) -> dict:
+        """Check and apply one batchspawner callback; answer an HTTPError if refused."""
+        if not same_token(token, record.spec.env.get("JUPYTERHUB_API_TOKEN", "")):
+            log.warning(
+                "Refused a batchspawner callback for %s/%s: not that server's token", hub, server_name
+            )
+            raise web.HTTPError(403, "not this server's token")
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise web.HTTPError(400, "the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise web.HTTPError(400, "the body must be a JSON object")
+        values = {}
+        for key in sorted(CALLBACK_KEYS & data.keys()):
+            value = data[key]
+            if key == "port":
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+                    raise web.HTTPError(400, "port must be an integer from 1 to 65535")
+            values[key] = value
+        ignored = sorted(str(k)[:64] for k in data.keys() - CALLBACK_KEYS)
+        spawner = record.spawner
+        if spawner is None or record.state != pb.SERVER_STATE_STARTING:
+            log.warning(
+                "Refused a batchspawner callback for %s/%s: the server is not starting", hub, server_name
+            )
+            raise web.HTTPError(409, "this server is not starting")
+        for key, value in values.items():
+            setattr(spawner, key, value)
+        log.info(
+            "%s/%s: the notebook reported %s%s",
+            hub,
+            server_name,
+            ", ".join(f"{k}={v}" for k, v in values.items()) or "nothing",
+            f" (ignored keys: {', '.join(ignored)})" if ignored else "",
+        )
+        return CALLBACK_ANSWER
+
+    async def forward(self, handler: RelayHandler, upstream: str) -> None:
+        request = handler.request
+        headers = httputil.HTTPHeaders()
+        for name, value in request.headers.get_all():
+            if name.lower() not in _SKIP_REQUEST_HEADERS:
+                headers.add(name, value)
+        body = handler.body
+        method = request.method
+        assert self._client is not None
+        outgoing = HTTPRequest(
+            upstream,
+            method=method,
+            headers=headers,
+            body=body if (body or method in ("POST", "PUT", "PATCH")) else None,
+            follow_redirects=False,
+            decompress_response=False,
+            allow_nonstandard_methods=True,
+            connect_timeout=self.upstream_timeout,
+            request_timeout=self.upstream_timeout,
+        )
+        try:
+            response = await self._client.fetch(outgoing, raise_error=False)
+        except HTTPTimeoutError:
+            status, reason = 504, "the hub did not answer in time"
+        except (HTTPClientError, httputil.HTTPInputError):
+            # also what an answer larger than max_body_bytes becomes (the client hangs up)
+            status, reason = (
+                502,
+                f"the hub closed the connection or answered more than {self.max_body_bytes} bytes",
+            )
+        except OSError as e:
+            status, reason = 502, f"cannot reach the hub ({type(e).__name__})"
+        else:
+            status, reason = response.code, ""
+        if reason:
+            log.warning("%s %s for %s/%s: %s", method, request.path, handler.hub, handler.server_name, reason)
+            raise web.HTTPError(status, reason)
+        handler.set_status(response.code, response.reason)
+        for name in ("Content-Type", "Server", "Date"):
+            handler.clear_header(name)
+        for name, value in response.headers.get_all():
+            if name.lower() not in _SKIP_RESPONSE_HEADERS:
+                handler.add_header(name, value)
+        if response.body and method != "HEAD" and response.code not in (204, 304):
+            handler.write(response.body)
+        await handler.finish()
+
+
+@web.stream_request_body
+class RelayHandler(web.RequestHandler):
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def initialize(self, relay: HubAPIRelay) -> None:
+        self.relay = relay
+        self.hub = self.server_name = ""
+
+    def prepare(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        length = self.request.headers.get("Content-Length")
+        limit = self.relay.max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise web.HTTPError(413, f"the body may have at most {limit} bytes")
+        self.request.connection.set_max_body_size(limit)
+        self.hub, self.server_name, self.record, self.rest, self.original, self.api_path = self.relay.resolve(
+            self.request.path
+        )
+
+    def data_received(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self.relay.max_body_bytes:  # unreachable: the connection limits it
+            raise web.HTTPError(413)
+        self._chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def check_xsrf_cookie(self) -> None:
+        pass  # an API relay; the hub does its own checks
+
+    def log_exception(self, typ, value, tb) -> None:
+        # tornado's own lines name request.uri (its query string may carry a token)
+        where = f"{self.request.method} {self.request.path}"
+        if isinstance(value, web.HTTPError):
+            log.debug("%d %s: %s", value.status_code, where, value.log_message or "")
+        else:
+            log.error("Relaying %s failed", where, exc_info=(typ, value, tb))
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        # a short JSON message like the hub's API; never the exception's traceback
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            message = exc.log_message
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"status": status_code, "message": message}))
+
+    async def _handle(self) -> None:
+        method = self.request.method
+        if method == "POST" and self.rest.rstrip("/") == f"{self.api_path}/{CALLBACK_PATH}":
+            answer = self.relay.set_from_callback(
+                self.hub, self.server_name, self.record, token_from(self.request.headers), self.body
+            )
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(answer))
+            return
+        upstream = _origin(self.original) + self.rest
+        if self.request.query:
+            upstream += "?" + self.request.query
+        await self.relay.forward(self, upstream)
+
+    get = head = post = put = patch = delete = options = _handle
+
+
+def _access_log(handler: web.RequestHandler) -> None:
+    """Tornado's access log without the query string (it may carry a token)."""
+    status = handler.get_status()
+    level = logging.DEBUG if status < 400 else logging.INFO
+    log.log(
+        level,
+        "%d %s %s (%s) %.2fms",
+        status,
+        handler.request.method,
+        handler.request.path,
+        handler.request.remote_ip,
+        1000.0 * handler.request.request_time(),
+    )

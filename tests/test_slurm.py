@@ -1,0 +1,337 @@
+"""BatchSpawner's SlurmSpawner hosted by a real Outpost process, on a real Slurm cluster.
+
+The Outpost runs as the console script with an ``outpost_config.py`` written the way a site
+writes it (``c.Outpost.spawner_class = "batchspawner.SlurmSpawner"``, ``req_*`` options,
+its own batch script); Slurm is the private single-node cluster of the ``slurm`` fixture
+(tests/slurm.py); the hub is a real ``OutpostClient``. What is covered: the queue as the
+user sees it in the Events stream, Stop (``scancel``), a Stop while the job is still
+pending (the hub's "cancel" of a pending spawn), and a slurmctld outage while a job runs.
+
+Stand-ins, all marked in CONFIG:
+
+- The "notebook" is ``python -m http.server`` on a port the test chooses (``Spawner.cmd``
+  and ``args``, run by the site's batch script through ``srun``): it starts in well under
+  a second, and a real ``jupyterhub-singleuser`` adds nothing Slurm-specific here.
+- The port: batchspawner 1.3's ``start()`` first resets ``self.port`` to 0 and, once the
+  job is RUNNING, waits until something sets it; in a hub that is the ``/batchspawner`` API
+  handler, called by ``batchspawner-singleuser`` in the job. A preset ``c.Spawner.port`` is
+  overwritten, so the config uses batchspawner's own test hook (``mock_port``) instead.
+  The callback through the Outpost is the hub API relay's business and tested there.
+
+Two tests pin how batchspawner 1.3 meets the Outpost's cancellations: it turns a cancel
+of its ``squeue`` into "job not found" and forgets the job, so the Outpost never cancels
+a poll() (one that overruns ``poll_timeout`` makes the server UNKNOWN) and gives a
+cancelled start's Spawner back the state it had before the cancel.
+
+Jobs run as root (the tests do): ``exec_prefix = ""`` and the hub's user is ``root``
+(``SlurmSpawner.get_env()`` looks the user up in the site's passwd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from outpost_client import OutpostClient, ServerNotFound, pb
+
+from .conftest import free_port, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+JOB_NAME = "spawner-jupyterhub"
+
+CONFIG = """\
+import batchspawner
+
+c.Outpost.spawner_class = "batchspawner.SlurmSpawner"
+c.Outpost.db_url = "sqlite:///{workdir}/outpost.sqlite"
+c.Outpost.certs_dir = "{workdir}/certs"
+c.Outpost.shutdown_grace = 1
+c.Outpost.poll_interval = 1            # the default is 30; the outage test needs polls
+c.Outpost.log_level = "DEBUG"
+
+c.SlurmSpawner.exec_prefix = ""        # the Outpost runs as root and submits as itself
+c.SlurmSpawner.req_partition = "debug"
+c.SlurmSpawner.req_nprocs = "1"
+c.SlurmSpawner.req_memory = "100M"
+c.SlurmSpawner.req_runtime = "00:10:00"
+c.SlurmSpawner.startup_poll_interval = 0.5
+c.SlurmSpawner.start_timeout = 60
+c.SlurmSpawner.env_keep.append("SLURM_CONF")   # sbatch runs with get_env(), not os.environ
+c.SlurmSpawner.batch_script = '''#!/bin/bash
+#SBATCH --output={jobs}/jupyterhub_slurmspawner_%j.log
+#SBATCH --job-name={job_name}
+#SBATCH --chdir={jobs}
+#SBATCH --export={{{{keepvars}}}}
+{{% if partition %}}#SBATCH --partition={{{{partition}}}}
+{{% endif %}}{{% if runtime %}}#SBATCH --time={{{{runtime}}}}
+{{% endif %}}{{% if memory %}}#SBATCH --mem={{{{memory}}}}
+{{% endif %}}{{% if nprocs %}}#SBATCH --cpus-per-task={{{{nprocs}}}}
+{{% endif %}}{{% if options %}}#SBATCH {{{{options}}}}
+{{% endif %}}
+set -euo pipefail
+trap 'echo SIGTERM received' TERM
+{{{{prologue}}}}
+{{% if srun %}}{{{{srun}}}} {{% endif %}}{{{{cmd}}}}
+echo "the notebook ended"
+{{{{epilogue}}}}
+'''
+
+# stand-in notebook (see tests/test_slurm.py): a plain HTTP server on a fixed port
+c.Spawner.cmd = [{python!r}, "-m", "http.server"]
+c.Spawner.args = ["{port}", "--bind", "127.0.0.1", "--directory", "{jobs}"]
+c.SlurmSpawner.batchspawner_singleuser_cmd = ""
+# stand-in for the port callback: start() takes batchspawner's test hook instead of waiting
+batchspawner.SlurmSpawner.mock_port = {port}
+"""
+
+
+class Site:
+    def __init__(self, slurm, op, client: OutpostClient, port: int):
+        self.slurm = slurm
+        self.op = op
+        self.client = client
+        self.port = port
+
+    def env(self, name: str) -> dict[str, str]:
+        """What a hub sends as the notebook's env (abridged)."""
+        return {
+            "JUPYTERHUB_API_TOKEN": uuid.uuid4().hex,
+            "JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api",
+            "JUPYTERHUB_SERVICE_PREFIX": f"/user/root/{name}/",
+            "JUPYTERHUB_USER": "root",
+        }
+
+    async def start(self, name: str, **kwargs) -> str:
+        start_id = uuid.uuid4().hex
+        await self.client.start(name, start_id, user_name="root", spawner_name=name, env=self.env(name), **kwargs)
+        return start_id
+
+    def our_jobs(self):
+        """The Spawner's jobs still in the queue (pending, running or completing)."""
+        return [j for j in self.slurm.active() if j.name == JOB_NAME]
+
+    def log_count(self, text: str) -> int:
+        """How often text is in the Outpost's log."""
+        return self.op.log.read_text().count(text)
+
+    def job_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (self.slurm.root / "jobs").iterdir())
+
+    def serving(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+
+@pytest.fixture
+async def make_site(slurm, outpost_process, monkeypatch):
+    """Factory: ``await make_site(extra_config="")`` -> a Site with its Outpost serving."""
+    # squeue/scancel run with the Outpost's own environment: SLURM_CONF names the cluster
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    clients: list[OutpostClient] = []
+
+    async def make(extra_config: str = "") -> Site:
+        port = free_port()
+        op = outpost_process("")
+        config = CONFIG.format(
+            workdir=op.workdir, jobs=slurm.root / "jobs", port=port, python=sys.executable, job_name=JOB_NAME
+        )
+        op.config.write_text(config + extra_config)
+        op.start()
+        await op.wait_serving()
+        clients.append(OutpostClient(op.address, timeout=30))
+        return Site(slurm, op, clients[-1], port)
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def site(make_site):
+    return await make_site()
+
+
+async def collect(client: OutpostClient, name: str, into: list) -> None:
+    async for event in client.events(name):
+        into.append(event)
+
+
+async def test_pending_in_queue_then_running(site):
+    """The queue in the Events stream: what batchspawner's progress() says, then READY."""
+    slurm = site.slurm
+    slurm.occupy()
+    await site.start("queued")
+    events: list[pb.EventsResponse] = []
+    follower = asyncio.create_task(collect(site.client, "queued", events))
+    try:
+        # the scheduler's own view: our job waits for the occupied CPUs
+        job = (await wait_for(lambda: site.our_jobs(), 10, message="no job submitted"))[0]
+        await wait_for(lambda: slurm.job(job.id).reason == "Resources", 15,
+                       message=f"job not pending for Resources: {slurm.squeue()}")  # fmt: skip
+        assert slurm.job(job.id).state == "PENDING"
+        # ... and the user's, from the Spawner's progress()
+        await wait_for(lambda: any(e.message == "Pending in queue..." for e in events), 10,
+                       message=f"no 'Pending' event: {[e.message for e in events]}")  # fmt: skip
+        assert (await site.client.poll("queued")).state == pb.SERVER_STATE_STARTING
+        slurm.free()
+        await asyncio.wait_for(follower, 30)
+    finally:
+        follower.cancel()
+    messages = [e.message for e in events]
+    assert events[-1].kind == pb.EVENT_KIND_READY, messages
+    assert events[-1].message == f"Server ready at http://{slurm.node}:{site.port}"
+    progress = [m for m in messages[:-1] if m != "Unknown status..."]
+    assert set(progress) <= {"Pending in queue...", "Cluster job running... waiting to connect"}, messages
+    assert progress[0] == "Pending in queue...", messages
+    assert slurm.job(job.id).state == "RUNNING"
+    status = await site.client.poll("queued")
+    assert status.state == pb.SERVER_STATE_RUNNING
+    assert (status.address.host, status.address.port) == (slurm.node, site.port)
+    await wait_for(site.serving, 10, message="the job's server does not answer")
+
+
+async def test_stop_cancels_the_job(site):
+    """Stop runs scancel: the job leaves the queue and its process ends."""
+    start_id = await site.start("running", wait_until_ready=True)
+    status = await site.client.poll("running")
+    assert status.state == pb.SERVER_STATE_RUNNING, status.failure_message
+    [job] = site.our_jobs()
+    assert job.state == "RUNNING" and job.node == site.slurm.node
+    await wait_for(site.serving, 10, message="the job's server does not answer")
+
+    r = await site.client.stop("running", start_id)
+    assert r.outcome == pb.STOP_OUTCOME_STOPPED
+    assert site.slurm.job(job.id).state in ("CANCELLED", "COMPLETED"), site.slurm.squeue()
+    assert site.our_jobs() == []
+    assert not site.serving()
+    with pytest.raises(ServerNotFound):
+        await site.client.poll("running")
+
+
+async def cancel_pending(site, name: str, query_in_flight: bool) -> None:
+    """The hub cancels a pending spawn: Stop while the job waits in the queue.
+
+    batchspawner's start() loops: query squeue, sleep startup_poll_interval. Where the
+    Stop lands in that loop matters (see test_stop_during_the_queue_query), so the caller
+    chooses: right after the loop's query started, or while it sleeps.
+    """
+    slurm = site.slurm
+    slurm.occupy()
+    start_id = await site.start(name)
+    events: list[pb.EventsResponse] = []
+    follower = asyncio.create_task(collect(site.client, name, events))
+    job = (await wait_for(lambda: site.our_jobs(), 10, message="no job submitted"))[0]
+    # the user has seen the job wait in the queue, and cancels
+    await wait_for(lambda: any(e.message == "Pending in queue..." for e in events), 10,
+                   message=f"no 'Pending' event: {[e.message for e in events]}")  # fmt: skip
+    assert slurm.job(job.id).state == "PENDING"
+    assert (await site.client.poll(name)).state == pb.SERVER_STATE_STARTING
+    queried = "Spawner querying job:"  # start()'s queries (the poller leaves STARTING alone)
+    if query_in_flight:
+        before = site.log_count(queried)
+        await wait_for(lambda: site.log_count(queried) > before, 10, message="no new squeue")
+    assert (site.log_count(queried) > site.log_count(f"Job {job.id} still pending")) == query_in_flight
+
+    r = await site.client.stop(name, start_id)
+    await asyncio.wait_for(follower, 10)  # the stream ends with the stopped start
+    assert r.outcome == pb.STOP_OUTCOME_STOPPED
+    assert slurm.job(job.id).state == "CANCELLED", slurm.squeue()
+    assert site.our_jobs() == []
+    with pytest.raises(ServerNotFound):
+        await site.client.poll(name)
+    statuses, not_found = await site.client.batch_poll([name])
+    assert (statuses, not_found) == ([], [name])
+    # the freed node runs nothing of ours
+    slurm.free()
+    await asyncio.sleep(1.5)
+    assert site.our_jobs() == [] and not site.serving()
+
+
+async def test_stop_while_pending_leaves_nothing(make_site):
+    """Cancel while start() waits between two squeue calls (nearly always, on a real site)."""
+    site = await make_site("c.SlurmSpawner.startup_poll_interval = 5\n")
+    await cancel_pending(site, "cancelled", query_in_flight=False)
+
+
+SLOW_SQUEUE = """#!{python}
+import os, sys, time
+time.sleep(2)  # a busy controller
+os.execvp("squeue", ["squeue", *sys.argv[1:]])
+"""
+
+
+async def test_stop_during_the_queue_query(make_site, tmp_path):
+    """Cancel while start()'s squeue runs (a slow squeue makes that moment last 2 s)."""
+    slow = tmp_path / "slow-squeue"
+    slow.write_text(SLOW_SQUEUE.format(python=sys.executable))
+    slow.chmod(0o755)
+    site = await make_site(
+        f"c.SlurmSpawner.batch_query_cmd = \"exec {slow} -h -j {{job_id}} -o '%T %B'\"\n"
+        "c.SlurmSpawner.startup_poll_interval = 0.1\n"
+    )
+    await cancel_pending(site, "cancelled-in-query", query_in_flight=True)
+
+
+async def test_controller_outage_is_not_a_stopped_server(site):
+    """slurmctld down for ~20 s while the job runs: never STOPPED; running afterwards."""
+    slurm = site.slurm
+    start_id = await site.start("steady", wait_until_ready=True)
+    [job] = site.our_jobs()
+    assert (await site.client.poll("steady")).state == pb.SERVER_STATE_RUNNING
+    # serving: srun has its step (srun needs slurmctld to start one, not to keep it)
+    await wait_for(site.serving, 10, message="the job's server does not answer")
+
+    slurm.stop_controller()
+    seen: set[int] = set()
+    down = time.monotonic()
+    while time.monotonic() - down < 20:
+        status = await site.client.poll("steady")
+        statuses, _ = await site.client.batch_poll(["steady"])
+        [listed] = await site.client.list_servers()
+        seen |= {status.state, statuses[0].state, listed.state}
+        assert pb.SERVER_STATE_STOPPED not in seen, status
+        await asyncio.sleep(0.5)
+    assert site.serving(), f"the job must run on without its controller\n{site.job_logs()}"
+    slurm.start_controller()
+    # the Outpost's polls did run into the outage (batchspawner logs squeue's error)
+    assert "Unable to contact slurm controller" in site.op.log.read_text()
+    assert seen == {pb.SERVER_STATE_RUNNING}, seen
+
+    # with the controller back, poll() succeeds again (a fresh poll after the restart)
+    mark = len(site.op.log.read_text())
+    await wait_for(lambda: f"squeue -h -j {job.id}" in site.op.log.read_text()[mark:], 40,
+                   message="no poll after the controller came back")  # fmt: skip
+    assert slurm.job(job.id).state == "RUNNING"
+    status = await site.client.poll("steady")
+    assert status.state == pb.SERVER_STATE_RUNNING
+    assert (status.address.host, status.address.port) == (slurm.node, site.port)
+
+    assert (await site.client.stop("steady", start_id)).outcome == pb.STOP_OUTCOME_STOPPED
+    assert site.our_jobs() == [], slurm.squeue()
+
+
+async def test_outage_longer_than_poll_timeout(make_site):
+    """squeue takes ~18 s to give up on a dead slurmctld; poll_timeout is shorter here."""
+    site = await make_site("c.Outpost.poll_timeout = 3\n")
+    slurm = site.slurm
+    start_id = await site.start("patient", wait_until_ready=True)
+    slurm.stop_controller()
+    try:
+        down = time.monotonic()
+        while time.monotonic() - down < 8:
+            status = await site.client.poll("patient")
+            assert status.state != pb.SERVER_STATE_STOPPED, "STOPPED while the job runs"
+            await asyncio.sleep(0.5)
+    finally:
+        slurm.start_controller()
+    assert (await site.client.stop("patient", start_id)).outcome == pb.STOP_OUTCOME_STOPPED
+    assert site.our_jobs() == [], slurm.squeue()
