@@ -243,6 +243,28 @@ class Outpost(Application):
         to the working directory) or postgresql://user@host:5432/dbname.""",
     )
 
+    db_timeout = Float(
+        10.0,
+        config=True,
+        help="""Seconds a PostgreSQL connection attempt, one statement, or the wait for a
+        pooled connection may take. Then the write fails and the RPC answers UNAVAILABLE
+        (PERSISTENCE_UNAVAILABLE): a database host that stops answering must not hang
+        Starts and Stops until TCP gives up. Poll, BatchPoll, ListServers and Events never
+        wait for the database.""",
+    )
+
+    @validate("db_timeout", "poll_interval", "poll_timeout")
+    def _positive_seconds(self, proposal):
+        if proposal.value <= 0:
+            raise TraitError(f"Outpost.{proposal.trait.name} must be more than 0 seconds, not {proposal.value}")
+        return proposal.value
+
+    @validate("poll_concurrency")
+    def _at_least_one(self, proposal):
+        if proposal.value < 1:
+            raise TraitError(f"Outpost.poll_concurrency must be at least 1, not {proposal.value}")
+        return proposal.value
+
     crypt_keys = List(
         Unicode(),
         config=True,
@@ -541,7 +563,12 @@ class Outpost(Application):
     async def init_store(self):
         if self.crypt is None:  # not checked by initialize() (an Outpost made in-process)
             self.crypt = self.make_crypt()
-        self.store = Store(self.db_url, max_events_per_server=self.max_events_per_server, crypt=self.crypt)
+        self.store = Store(
+            self.db_url,
+            max_events_per_server=self.max_events_per_server,
+            crypt=self.crypt,
+            timeout=self.db_timeout,
+        )
         await self.store.open()
 
     def make_relay(self) -> HubAPIRelay | None:

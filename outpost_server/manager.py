@@ -21,6 +21,7 @@ from typing import Any
 from jupyterhub.spawner import Spawner
 
 from outpost_client.errors import (
+    PERSISTENCE_UNAVAILABLE,
     TOO_MANY_STARTS,
     OutpostError,
     ResourceExhausted,
@@ -208,6 +209,7 @@ class LifecycleManager:
         self.poll_interval = poll_interval
         self.poll_timeout = poll_timeout
         self.poll_concurrency = poll_concurrency
+        self._poll_slots = asyncio.Semaphore(poll_concurrency)
         self.max_events = max_events_per_server
         self.override_policy = override_policy
         self.start_message = start_message
@@ -749,7 +751,14 @@ class LifecycleManager:
                 ) from None
             _run_post_stop_hook(spawner)
         self._remove_certificates(rec)
-        await self.store.write(self.store.op_delete_server(rec.hub, rec.name))
+        try:
+            await self.store.write(self.store.op_delete_server(rec.hub, rec.name))
+        except Unavailable:
+            raise Unavailable(
+                f"Server {rec.name!r} was stopped, but the Outpost could not record that in its "
+                "database (it is unreachable); repeat Stop, which is safe, once it is back.",
+                reason=PERSISTENCE_UNAVAILABLE,
+            ) from None
         if self.records.get((rec.hub, rec.name)) is rec:
             del self.records[(rec.hub, rec.name)]
         rec.spawner = None
@@ -765,49 +774,46 @@ class LifecycleManager:
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
-                await self.poll_all()
+                self.poll_round()
             except Exception:
                 log.exception("Polling the Spawners failed")
 
-    async def poll_all(self) -> None:
-        """Poll every running server's Spawner once (bounded concurrency and time)."""
-        semaphore = asyncio.Semaphore(self.poll_concurrency)
+    def poll_round(self) -> list[asyncio.Task]:
+        """Begin a poll of every running server that is not being polled already.
 
-        async def one(rec: Record) -> None:
-            async with semaphore:
-                await self._poll_one(rec)
-
-        targets = [
-            r
-            for r in self.records.values()
-            if r.spawner is not None
-            and r.state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_UNKNOWN)
-            and r.stop_task is None
-        ]
-        await asyncio.gather(*(one(r) for r in targets))
-
-    async def _poll_one(self, rec: Record) -> bool:
-        """Poll rec's Spawner; one that takes over ``poll_timeout`` makes it UNKNOWN.
-
-        poll() is never cancelled: a Spawner may turn a cancel into an answer
-        (batchspawner reads its killed ``squeue`` as "job not found", forgets the job
-        and returns 1, a notebook declared dead while it runs). A poll that overruns goes
-        on in the background and its answer still counts; the server is not polled again
-        until it is done. True if the poll answered in time.
+        A round does not wait for its polls: one slow or hung poll() (a batch scheduler
+        that does not answer) delays nobody else's, and its server is left out of the
+        next rounds until it answers. At most ``poll_concurrency`` poll() calls run at once.
         """
+        tasks = []
+        for rec in self.records.values():
+            if (
+                rec.state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_UNKNOWN)
+                and rec.stop_task is None
+                and (task := self._begin_poll(rec)) is not None
+            ):
+                tasks.append(task)
+        return tasks
+
+    async def poll_all(self) -> None:
+        """Poll every running server's Spawner once and wait for the answers."""
+        tasks = self.poll_round()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def _begin_poll(self, rec: Record) -> asyncio.Task | None:
         spawner = rec.spawner
         if spawner is None or rec.poll_task is not None:
-            return False  # gone, or its last poll() still runs (and it is UNKNOWN)
-        task = rec.poll_task = asyncio.create_task(
-            self._run_poll(rec, spawner), name=f"poll-{rec.hub}-{rec.name}"
-        )
+            return None  # gone, or its last poll() still runs
+        rec.poll_task = asyncio.create_task(self._run_poll(rec, spawner), name=f"poll-{rec.hub}-{rec.name}")
+        return rec.poll_task
+
+    async def _poll_one(self, rec: Record) -> bool:
+        """Poll rec's Spawner, waiting up to ``poll_timeout``; True if it answered."""
+        task = self._begin_poll(rec)
+        if task is None:
+            return False
         done, _ = await asyncio.wait({task}, timeout=self.poll_timeout)
-        if not done:
-            log.warning(
-                "poll() of %s/%s has taken over %gs; it is UNKNOWN until poll() answers",
-                rec.hub, rec.name, self.poll_timeout,
-            )  # fmt: skip
-            self._set_unknown(rec)
         return bool(done)
 
     def _set_unknown(self, rec: Record) -> None:
@@ -815,14 +821,32 @@ class LifecycleManager:
             rec.state = pb.SERVER_STATE_UNKNOWN
             rec.changed()
 
+    def _poll_overran(self, rec: Record) -> None:
+        log.warning(
+            "poll() of %s/%s has taken over %gs; it is UNKNOWN until poll() answers",
+            rec.hub, rec.name, self.poll_timeout,
+        )  # fmt: skip
+        self._set_unknown(rec)
+
     async def _run_poll(self, rec: Record, spawner: Spawner) -> None:
+        """One poll() of rec's Spawner, then its answer stored and shown.
+
+        poll() is never cancelled: a Spawner may turn a cancel into an answer
+        (batchspawner reads its killed ``squeue`` as "job not found", forgets the job
+        and returns 1: a notebook declared dead while it runs). One that takes over
+        ``poll_timeout`` makes the server UNKNOWN meanwhile; its answer still counts.
+        """
         try:
-            try:
-                result = await spawner.poll()
-            except Exception as e:
-                log.warning("poll() of %s/%s failed: %s: %s", rec.hub, rec.name, type(e).__name__, e)
-                self._set_unknown(rec)
-                return
+            async with self._poll_slots:
+                overran = asyncio.get_running_loop().call_later(self.poll_timeout, self._poll_overran, rec)
+                try:
+                    result = await spawner.poll()
+                except Exception as e:
+                    log.warning("poll() of %s/%s failed: %s: %s", rec.hub, rec.name, type(e).__name__, e)
+                    self._set_unknown(rec)
+                    return
+                finally:
+                    overran.cancel()
             try:
                 await self._apply_poll(rec, spawner, result)
             except Unavailable:
@@ -831,26 +855,36 @@ class LifecycleManager:
             rec.poll_task = None
 
     async def _apply_poll(self, rec: Record, spawner: Spawner, result) -> None:
-        if (
-            rec.stop_task is not None
-            or rec.spawner is not spawner
-            or self.records.get((rec.hub, rec.name)) is not rec
-        ):
+        """Store what poll() said, then show it (a failed write shows nothing: the next
+        poll of the server, still RUNNING or UNKNOWN, writes it again)."""
+
+        def current() -> bool:
+            return (
+                rec.stop_task is None
+                and rec.spawner is spawner
+                and self.records.get((rec.hub, rec.name)) is rec
+            )
+
+        if not current():
             return  # stopped while we polled
         new_state = _safe_state(spawner)
         if result is None:
-            if rec.state != pb.SERVER_STATE_RUNNING or new_state != rec.spawner_state:
+            if rec.state == pb.SERVER_STATE_RUNNING and new_state == rec.spawner_state:
+                return
+            await self._persist(rec, state="running", spawner_state=new_state)
+            if current():
                 rec.state = pb.SERVER_STATE_RUNNING
                 rec.spawner_state = new_state
                 rec.changed()
-                await self._persist(rec, state="running", spawner_state=new_state)
             return
-        log.info("%s/%s exited with status %s", rec.hub, rec.name, result)
-        rec.state = pb.SERVER_STATE_STOPPED
-        rec.exit_code = int(result)
-        rec.spawner_state = new_state
-        rec.changed()
-        await self._persist(rec, state="stopped", exit_code=rec.exit_code, spawner_state=new_state)
+        exit_code = int(result)
+        await self._persist(rec, state="stopped", exit_code=exit_code, spawner_state=new_state)
+        if current():
+            log.info("%s/%s exited with status %s", rec.hub, rec.name, result)
+            rec.state = pb.SERVER_STATE_STOPPED
+            rec.exit_code = exit_code
+            rec.spawner_state = new_state
+            rec.changed()
 
     # --- restore and shutdown ----------------------------------------------------------
 

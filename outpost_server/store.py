@@ -9,6 +9,12 @@ Writes go through one writer task that commits everything queued since its last 
 in a single transaction (group commit): under load many RPCs share one commit, and no two
 transactions ever contend for SQLite's single write lock.
 
+A database that goes away fails writes, it does not hang them: on PostgreSQL every
+connection attempt and statement is bounded by :attr:`Store.timeout`, a batch that failed
+because the database was unreachable fails all its callers at once (Unavailable), and the
+pool checks a connection before each use (``pool_pre_ping``), so the first write after an
+outage gets a fresh one (tests/test_faults.py).
+
 The secret columns (``env``, ``spawner_state``) are encrypted in Python by the op builders,
 before a write is queued (the prebuilt statements stay as they are), and decrypted by
 :meth:`Store.load` (crypto.py).
@@ -40,6 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from outpost_client.errors import Unavailable
@@ -123,11 +130,35 @@ def async_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def unreachable(error: BaseException) -> bool:
+    """True if error says the database could not be reached or did not answer in time (as
+    opposed to refusing one of the ops): retrying ops one by one would only wait again."""
+    if isinstance(error, (OSError, asyncio.TimeoutError)):  # refused, reset, timed out
+        return True
+    return isinstance(error, DBAPIError) and (
+        error.connection_invalidated or isinstance(error.orig, (OSError, asyncio.TimeoutError))
+    )
+
+
 class Store:
     """The database, opened once per Outpost process."""
 
-    def __init__(self, url: str, *, max_events_per_server: int = 200, crypt: Crypt | None = None):
+    #: seconds a PostgreSQL connection attempt, one statement, or the wait for a pooled
+    #: connection may take before the write fails (Unavailable); a frozen server or a
+    #: black-holed network must not hang Starts and Stops until TCP gives up (hours)
+    timeout: float = 10.0
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_events_per_server: int = 200,
+        crypt: Crypt | None = None,
+        timeout: float | None = None,
+    ):
         self.url = async_url(url)
+        if timeout is not None:
+            self.timeout = timeout
         self.max_events = max_events_per_server
         # None stores the secret columns in plain text (the Outpost application always
         # passes one; it refuses to start without a key)
@@ -146,7 +177,13 @@ class Store:
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
+            kwargs.update(
+                pool_pre_ping=True,
+                pool_size=5,
+                max_overflow=5,
+                pool_timeout=self.timeout,
+                connect_args={"timeout": self.timeout, "command_timeout": self.timeout},
+            )
         self.engine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
 
@@ -212,8 +249,9 @@ class Store:
             try:
                 await self._commit([op for ops, _ in batch for op in ops])
             except Exception as e:
-                if len(batch) == 1:
-                    self._fail(batch[0][1], e)
+                if len(batch) == 1 or unreachable(e):
+                    for _, future in batch:
+                        self._fail(future, e)
                     continue
                 # one bad op must not fail the others: retry each caller on its own
                 for ops, future in batch:
