@@ -565,9 +565,20 @@ class LifecycleManager:
             spawner.unobserve(on_change)
 
     async def _follow_progress(self, rec: Record, spawner: Spawner) -> None:
+        """Emit the Spawner's progress events; a repeat of the last one is dropped.
+
+        Pollers repeat themselves (batchspawner yields "Pending in queue..." every second
+        while a job waits): each repeat would be a database write and a line in the
+        user's event log, saying nothing new.
+        """
+        last = None
         try:
             async for item in spawner.progress():
-                await self._emit(rec, convert.event_from_spawner(item), durable=False)
+                data = convert.event_from_spawner(item)
+                if data == last:
+                    continue
+                last = dict(data)
+                await self._emit(rec, data, durable=False)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -20,6 +20,8 @@ from outpost_client import (
     pb,
 )
 
+from outpost_server.testing import SlowSpawner
+
 from .conftest import wait_for
 
 ENV = {"JUPYTERHUB_API_TOKEN": "secret-token", "JUPYTERHUB_API_URL": "http://hub:8081/hub/api"}
@@ -448,3 +450,23 @@ async def test_batch_poll_bad_input(outpost, names, field):
     with pytest.raises(InvalidArgument) as err:
         await outpost.client.batch_poll(names)
     assert err.value.field == field
+
+
+class RepeatingSpawner(SlowSpawner):
+    """progress() says the same thing again and again, as a queue poller does."""
+
+    async def progress(self):
+        for message in ["Pending in queue...", "Pending in queue...", "Pending in queue...", "Running"]:
+            yield {"message": message}
+            await asyncio.sleep(self.delay / 8)
+
+
+async def test_repeated_progress_events_are_coalesced(start_outpost):
+    async with start_outpost(RepeatingSpawner, **{"RepeatingSpawner.delay": 0.4}) as op:
+        await op.client.start("rep", sid(), user_name="rep", wait_until_ready=True)
+        events = await collect(op.client, "rep")
+        assert [e.message for e in events if e.kind == pb.EVENT_KIND_PROGRESS] == [
+            "Pending in queue...",
+            "Running",
+        ]
+        assert events[-1].kind == pb.EVENT_KIND_READY

@@ -39,7 +39,7 @@ import pytest
 
 from outpost_client import OutpostClient, ServerNotFound, pb
 
-from .conftest import free_port, wait_for
+from .conftest import ROOT, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -165,8 +165,21 @@ async def collect(client: OutpostClient, name: str, into: list) -> None:
         into.append(event)
 
 
-async def test_pending_in_queue_then_running(site):
-    """The queue in the Events stream: what batchspawner's progress() says, then READY."""
+def queue_reason_recipe() -> str:
+    """The outpost_config.py lines of docs/sites/slurm.md's queue-reason recipe, as written."""
+    doc = (ROOT / "docs" / "sites" / "slurm.md").read_text()
+    section = doc.split("## What the user sees while the job waits", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("flavour", ["batchspawner", "recipe"])
+async def test_pending_in_queue_then_running(make_site, flavour):
+    """The queue in the Events stream: what the Spawner's progress() says, then READY.
+
+    batchspawner 1.3 says "Pending in queue..."; the docs' recipe (a SlurmSpawner
+    subclass in outpost_config.py) adds the job id and squeue's reason.
+    """
+    site = await make_site(queue_reason_recipe() if flavour == "recipe" else "")
     slurm = site.slurm
     slurm.occupy()
     await site.start("queued")
@@ -179,8 +192,12 @@ async def test_pending_in_queue_then_running(site):
                        message=f"job not pending for Resources: {slurm.squeue()}")  # fmt: skip
         assert slurm.job(job.id).state == "PENDING"
         # ... and the user's, from the Spawner's progress()
-        await wait_for(lambda: any(e.message == "Pending in queue..." for e in events), 10,
-                       message=f"no 'Pending' event: {[e.message for e in events]}")  # fmt: skip
+        pending = {
+            "batchspawner": "Pending in queue...",
+            "recipe": f"Job {job.id} pending in queue (Resources)",
+        }[flavour]
+        await wait_for(lambda: any(e.message == pending for e in events), 10,
+                       message=f"no {pending!r} event: {[e.message for e in events]}")  # fmt: skip
         assert (await site.client.poll("queued")).state == pb.SERVER_STATE_STARTING
         slurm.free()
         await asyncio.wait_for(follower, 30)
@@ -190,8 +207,15 @@ async def test_pending_in_queue_then_running(site):
     assert events[-1].kind == pb.EVENT_KIND_READY, messages
     assert events[-1].message == f"Server ready at http://{slurm.node}:{site.port}"
     progress = [m for m in messages[:-1] if m != "Unknown status..."]
-    assert set(progress) <= {"Pending in queue...", "Cluster job running... waiting to connect"}, messages
-    assert progress[0] == "Pending in queue...", messages
+    # queue states, never the same one twice in a row (the Outpost drops repeats)
+    assert all(a != b for a, b in zip(progress, progress[1:])), messages
+    assert progress[0].startswith(("Pending in queue", f"Job {job.id} pending in queue (")), messages
+    assert set(progress) - {progress[0]} <= {
+        "Cluster job running... waiting to connect",
+        pending,
+        f"Job {job.id} pending in queue (None)",  # between Resources and running
+        f"Job {job.id} pending in queue (Priority)",
+    }, messages
     assert slurm.job(job.id).state == "RUNNING"
     status = await site.client.poll("queued")
     assert status.state == pb.SERVER_STATE_RUNNING
