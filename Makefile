@@ -7,12 +7,13 @@ PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help setup system-packages demo test test-fast bench proto lint lint-proto postgres clean
+.PHONY: help setup system-packages demo test test-fast bench soak proto lint lint-proto postgres clean
 
 help:
 	@echo "make demo        JupyterHub on http://127.0.0.1:8000 spawning through an Outpost (gRPC 50051, SSH 2222)"
 	@echo "make test        set up everything and run the whole test suite"
 	@echo "make bench       benchmarks against a real Outpost (table + bench-results/bench.json)"
+	@echo "make soak        10 minutes of start/poll/stop with real processes (bench-results/soak.json)"
 	@echo "make proto       regenerate outpost_client/v1 from protos/"
 	@echo "make lint-proto  buf lint"
 
@@ -62,10 +63,15 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 demo: setup $(VENV)/.demo-installed
 	@bash demo/run.sh
 
+# n=100 and n=2000 (keys with _n2000, and their ratios), event latency, CPU of 2,000 servers
 bench: setup
-	$(PY) benchmarks/bench.py --json bench-results/bench.json
+	$(PY) benchmarks/bench.py --n 100 2000 --json bench-results/bench.json
 	$(PY) benchmarks/tunnel_bench.py --json bench-results/tunnel.json
 	$(PY) benchmarks/spawn_bench.py --json bench-results/spawn.json
+
+# not part of `make test`: 10 minutes (SOAK_ARGS="--minutes 2" for a shorter run)
+soak: setup
+	$(PY) benchmarks/soak.py --json bench-results/soak.json $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules demo-data bench-results .pytest_cache

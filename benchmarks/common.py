@@ -1,8 +1,8 @@
-"""Helpers shared by the benchmarks (``bench.py``, ``tunnel_bench.py``, ``spawn_bench.py``)
-and ``sshd_helper.py``.
+"""Helpers shared by the benchmarks (``bench.py``, ``soak.py``, ``tunnel_bench.py``,
+``spawn_bench.py``) and ``sshd_helper.py``.
 
 The benchmarks run as scripts (``.venv/bin/python benchmarks/X.py``, so ``benchmarks/`` is
-on ``sys.path``): ``bench.py`` and ``tunnel_bench.py`` import this as ``common``,
+on ``sys.path``): ``bench.py``, ``soak.py`` and ``tunnel_bench.py`` import this as ``common``,
 ``spawn_bench.py`` (which puts the repo root first on ``sys.path`` for ``tests.*``) as
 ``benchmarks.common``. ``sshd_helper`` tries the relative import first: the tests import it
 as ``benchmarks.sshd_helper``, ``tunnel_bench.py`` as ``sshd_helper``. Standard library only.
@@ -10,11 +10,15 @@ as ``benchmarks.sshd_helper``, ``tunnel_bench.py`` as ``sshd_helper``. Standard 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import socket
+import subprocess
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -25,18 +29,47 @@ def free_port() -> int:
 
 
 def machine_info(**extra) -> dict:
-    """The ``machine`` entry of a benchmark's JSON: CPUs usable by this process, Python
-    version and platform, then ``extra`` (e.g. versions of the software under test)."""
+    """The ``machine`` entry of a benchmark's JSON: CPUs usable by this process, their
+    model, Python version and platform, then ``extra`` (e.g. versions of the software
+    under test)."""
     try:
         nproc = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         nproc = os.cpu_count()
+    cpu_model = platform.processor()
+    try:  # Linux: the name /proc/cpuinfo gives the first CPU
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return {
         "nproc": nproc,
+        "cpu_model": cpu_model,
         "python": platform.python_version(),
         "platform": platform.platform(),
         **extra,
     }
+
+
+def source_info(paths=("outpost_server", "outpost_client")) -> dict:
+    """What code was measured: the checkout's commit, and a digest of each file under
+    paths that differs from it (benchmarks often run on a tree with uncommitted edits)."""
+    def git(*args) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.rstrip("\n")  # not strip(): a porcelain line may start with a space
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    modified = {}
+    for line in git("status", "--porcelain", "--", *paths).splitlines():
+        name = line[3:].split(" -> ")[-1]
+        try:
+            modified[name] = hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:12]
+        except OSError:
+            modified[name] = line[:2].strip() or "?"
+    return {"commit": git("rev-parse", "HEAD"), "modified": modified}
 
 
 def write_json(path: str | Path, document: dict, *, sort_keys: bool = True) -> Path:
