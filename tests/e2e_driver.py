@@ -29,6 +29,33 @@ def read_progress(url: str, headers: dict, timeout: float) -> list[dict]:
     return events
 
 
+def browser_oauth(hub_url: str, user: str) -> dict:
+    """Log in like a browser, then open pages of the user's running notebook: the
+    notebook's OAuth (redirect to the hub, back to its oauth_callback, the code exchanged
+    with the hub API). The redirects taken, whether the notebook's cookie was set, and
+    the status of an API page with that cookie alone (no token)."""
+    browser = requests.Session()
+    page = browser.get(f"{hub_url}/hub/login", timeout=30).text
+    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page)
+    # after login the hub sends the browser to its running server
+    r = browser.post(
+        f"{hub_url}/hub/login",
+        data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
+        timeout=30,
+    )
+    history = [h.url for h in r.history]
+    # a page of the notebook that needs a login whatever extensions it has (without
+    # JupyterLab its root page may not): the notebook sends the browser through OAuth
+    r = browser.get(f"{hub_url}/user/{user}/files/outpost-oauth-check.txt", timeout=30)
+    history += [h.url for h in r.history]
+    contents = browser.get(f"{hub_url}/user/{user}/api/contents", timeout=30)
+    return {
+        "path": [url.split(hub_url, 1)[-1].split("?")[0] for url in history],
+        "cookie": f"jupyterhub-user-{user}" in browser.cookies.keys(),
+        "status": contents.status_code,
+    }
+
+
 def main(hub_url: str, token: str, user: str) -> dict:
     auth = {"Authorization": f"token {token}"}
     api = f"{hub_url}/hub/api"
@@ -44,25 +71,8 @@ def main(hub_url: str, token: str, user: str) -> dict:
     out["status_with_token"] = r.status_code
 
     # 2. a browser: log in, then OAuth to the notebook (it exchanges the code with the hub)
-    browser = requests.Session()
-    page = browser.get(f"{hub_url}/hub/login", timeout=30).text
-    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page)
-    # after login the hub sends the browser to its running server: the notebook's OAuth
-    # (redirect to the hub, back to its oauth_callback, code exchanged with the hub API)
-    r = browser.post(
-        f"{hub_url}/hub/login",
-        data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
-        timeout=30,
-    )
-    history = [h.url for h in r.history]
-    # a page of the notebook that needs a login whatever extensions it has (without
-    # JupyterLab its root page may not): the notebook sends the browser through OAuth
-    r = browser.get(f"{hub_url}/user/{user}/files/outpost-oauth-check.txt", timeout=30)
-    history += [h.url for h in r.history]
-    out["oauth_path"] = [url.split(hub_url, 1)[-1].split("?")[0] for url in history]
-    out["oauth_cookie"] = f"jupyterhub-user-{user}" in browser.cookies.keys()
-    r = browser.get(f"{hub_url}/user/{user}/api/contents", timeout=30)
-    out["oauth_status"] = r.status_code  # with the notebook's own OAuth cookie, no token
+    oauth = browser_oauth(hub_url, user)
+    out["oauth_path"], out["oauth_cookie"], out["oauth_status"] = oauth["path"], oauth["cookie"], oauth["status"]
 
     # 3. activity: the notebook reports it to the hub's activity URL
     def last_activity():

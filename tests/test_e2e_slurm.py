@@ -30,6 +30,7 @@ from outpost_client import pb
 from outpost_server.crypto import Crypt
 
 from .conftest import BIN, TEST_CRYPT_KEY, free_port, wait_for
+from .e2e_driver import browser_oauth
 from .hub import TOKEN
 from .test_e2e_hub import hub_factory, make_site, remote_servers  # noqa: F401  (fixtures)
 
@@ -113,28 +114,6 @@ def follow_progress(url: str, into: list, timeout: float) -> None:
                 into.append(event)
                 if event.get("ready") or event.get("failed"):
                     return
-
-
-def browser_oauth(hub_url: str, user: str) -> dict:
-    """Log in like a browser, then open a notebook page: the notebook's OAuth (redirect to
-    the hub, back to its oauth_callback, the code exchanged with the hub API)."""
-    browser = requests.Session()
-    page = browser.get(f"{hub_url}/hub/login", timeout=30).text
-    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page)
-    r = browser.post(
-        f"{hub_url}/hub/login",
-        data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
-        timeout=30,
-    )
-    history = [h.url for h in r.history]
-    r = browser.get(f"{hub_url}/user/{user}/files/outpost-oauth-check.txt", timeout=30)
-    history += [h.url for h in r.history]
-    contents = browser.get(f"{hub_url}/user/{user}/api/contents", timeout=30)
-    return {
-        "path": [url.split(hub_url, 1)[-1].split("?")[0] for url in history],
-        "cookie": f"jupyterhub-user-{user}" in browser.cookies.keys(),
-        "status": contents.status_code,
-    }
 
 
 def stored_env(site, server_name: str) -> dict[str, str]:
