@@ -93,7 +93,11 @@ async def slurm_site(slurm, make_site, monkeypatch):  # noqa: F811
 async def slurm_hub(slurm_site, hub_factory):  # noqa: F811
     # OutpostSpawner with the hub API reverse forward (Site.hub_config): the site never
     # opens a connection to the hub
-    hub = hub_factory(slurm_site.hub_config() + "c.Spawner.start_timeout = 120\n")
+    hub = hub_factory(
+        slurm_site.hub_config()
+        + "c.Spawner.start_timeout = 120\n"
+        + "c.Spawner.poll_interval = 2  # the hub polls during the slurmctld outage\n"
+    )
     hub.start()
     await hub.wait_ready()
     return hub
@@ -215,6 +219,23 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
     # (batchspawner itself logs the whole submit env, token included, at DEBUG: not ours)
     relay_lines = [line for line in log.splitlines() if " outpost.relay]" in line]
     assert relay_lines and not [line for line in relay_lines if env["JUPYTERHUB_API_TOKEN"] in line]
+
+    # slurmctld down for ~20 s while the notebook runs (batchspawner#171): squeue fails,
+    # the Outpost keeps the server RUNNING, and the hub, polling every 2 s, keeps it too
+    slurm.stop_controller()
+    try:
+        down = time.monotonic()
+        while time.monotonic() - down < 22:
+            model = await hub.server_model(USER)
+            assert model and model["ready"] and not model["pending"], (model, hub.tail())
+            assert (await remote_servers(site))[USER].state != pb.SERVER_STATE_STOPPED
+            await asyncio.sleep(1)
+    finally:
+        slurm.start_controller()
+    assert "Unable to contact slurm controller" in site.op.log.read_text()  # polls did fail
+    assert slurm.job(job.id).state == "RUNNING"
+    r = await hub.get(f"/user/{USER}/api/status")
+    assert r.status_code == 200, (r.status_code, r.text, hub.tail())
 
     # Stop: the job leaves the queue
     await hub.stop_server(USER)
