@@ -213,3 +213,16 @@ def test_hosted_spawner_db_is_a_stand_in():
     )  # fmt: skip
     spawner.db.commit()
     spawner.db.rollback()
+
+
+@pytest.mark.parametrize(
+    "trait, value",
+    [("poll_concurrency", 0), ("db_timeout", 0), ("poll_interval", -1), ("poll_timeout", 0)],
+)
+def test_outpost_refuses_settings_that_would_stall_it(trait, value):
+    from traitlets import TraitError
+
+    from outpost_server.app import Outpost
+
+    with pytest.raises(TraitError, match=trait):
+        Outpost(**{trait: value})
