@@ -15,9 +15,12 @@ import time
 import requests
 
 
-def read_progress(url: str, headers: dict, timeout: float) -> list[dict]:
-    """A JupyterHub progress event stream (server-sent events), until ready or failed."""
-    events = []
+def read_progress(url: str, headers: dict, timeout: float, into: list | None = None) -> list[dict]:
+    """A JupyterHub progress event stream (server-sent events), until ready or failed.
+
+    Each event is appended to ``into`` as it arrives (for a caller watching from another
+    thread), and the list is returned."""
+    events = [] if into is None else into
     with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
         r.raise_for_status()
         for line in r.iter_lines(decode_unicode=True):

@@ -24,13 +24,12 @@ import threading
 import time
 
 import pytest
-import requests
 
 from outpost_client import pb
 from outpost_server.crypto import Crypt
 
 from .conftest import BIN, TEST_CRYPT_KEY, free_port, wait_for
-from .e2e_driver import browser_oauth
+from .e2e_driver import browser_oauth, read_progress
 from .hub import TOKEN
 from .test_e2e_hub import hub_factory, make_site, remote_servers  # noqa: F401  (fixtures)
 
@@ -107,19 +106,6 @@ def our_jobs(slurm):
     return [j for j in slurm.active() if j.name == JOB_NAME]
 
 
-def follow_progress(url: str, into: list, timeout: float) -> None:
-    """The hub's progress event stream into ``into`` as the events arrive (a thread)."""
-    headers = {"Authorization": f"token {TOKEN}"}
-    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        r.raise_for_status()
-        for line in r.iter_lines(decode_unicode=True):
-            if line and line.startswith("data:"):
-                event = json.loads(line[5:])
-                into.append(event)
-                if event.get("ready") or event.get("failed"):
-                    return
-
-
 def stored_env(site, server_name: str) -> dict[str, str]:
     """The env the hub sent with the start, as the Outpost stored it (decrypted)."""
     db = sqlite3.connect(site.op.workdir / "outpost.sqlite")
@@ -145,8 +131,9 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
     assert r.status_code == 202, r.text
     events: list[dict] = []
     follower = threading.Thread(
-        target=follow_progress,
-        args=(f"{hub.url}/hub/api/users/{USER}/server/progress", events, 180),
+        target=read_progress,
+        args=(f"{hub.url}/hub/api/users/{USER}/server/progress", {"Authorization": f"token {TOKEN}"}, 180),
+        kwargs={"into": events},
         daemon=True,
     )
     follower.start()
