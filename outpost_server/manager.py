@@ -444,7 +444,6 @@ class LifecycleManager:
         spawner = rec.spawner
         assert spawner is not None
         progress_task: asyncio.Task | None = None
-        checkpoint_task: asyncio.Task | None = None
         try:
             spawner._spawn_pending = True
             spawner._start_pending = True
@@ -469,12 +468,13 @@ class LifecycleManager:
             try:
                 done, _ = await asyncio.wait({start}, timeout=spawner.start_timeout)
             except asyncio.CancelledError:
+                checkpoint_task.cancel()  # what a cancelled Spawner forgets is not stored
                 await cancel_and_wait(start)  # Stop or shutdown: the start ends first
                 raise
+            checkpoint_task.cancel()
             if not done:
                 await cancel_and_wait(start)
                 raise asyncio.TimeoutError()
-            checkpoint_task.cancel()
             result = start.result()
             scheme, host, port = normalise_address(result, spawner)
             spawner._spawn_pending = spawner._start_pending = False
@@ -508,8 +508,6 @@ class LifecycleManager:
         except asyncio.CancelledError:
             if progress_task is not None:
                 progress_task.cancel()
-            if checkpoint_task is not None:
-                checkpoint_task.cancel()
             if self._closing:
                 # shutdown: keep what the Spawner knows, so a restart can clean up (or
                 # what the checkpoint knew, if the cancel made the Spawner forget it)
@@ -522,8 +520,6 @@ class LifecycleManager:
             # cancelled by Stop: Stop cleans up
             raise
         except Exception as e:
-            if checkpoint_task is not None:
-                checkpoint_task.cancel()
             if progress_task is not None:
                 await self._stop_progress(rec, progress_task)
             await self._fail_start(rec, e)
@@ -607,10 +603,7 @@ class LifecycleManager:
             "Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error
         )
         if rec.spawner is not None:
-            if rec.spawner_state and not _safe_state(rec.spawner):
-                # a start that forgot what it made when it failed or was cancelled
-                # (batchspawner clears its job id): stop what the checkpoint recorded
-                rec.spawner.load_state(rec.spawner_state)
+            _recall_state(rec.spawner, rec.spawner_state)  # what the checkpoint stored
             try:
                 await rec.spawner.stop(now=True)
             except Exception:
@@ -731,22 +724,17 @@ class LifecycleManager:
             rec.changed()
         spawner = rec.spawner
         if rec.start_task is not None and not rec.start_task.done():
-            # what the start made so far: a Spawner may forget it when cancelled
-            # (batchspawner turns the cancel into "job not found" and clears its job id)
-            before = _safe_state(spawner) if spawner is not None else None
-            if before:
-                rec.spawner_state = before
+            # what the start made so far, kept before the cancel can make it forget
+            rec.spawner_state = (_safe_state(spawner) if spawner else None) or rec.spawner_state
             rec.start_task.cancel()
             try:
                 await rec.start_task
             except (asyncio.CancelledError, Exception):
                 pass
-            if spawner is not None and rec.spawner is None:
+            if rec.spawner is None:
                 spawner = None  # the failed start already stopped it (_fail_start)
-            elif spawner is not None and before and not _safe_state(spawner):
-                spawner.load_state(before)
-        else:
-            spawner = rec.spawner
+            elif spawner is not None:
+                _recall_state(spawner, rec.spawner_state)
         if spawner is None and rec.spawner_state and previous != pb.SERVER_STATE_STOPPED:
             spawner = self._restored_spawner(rec)
         if spawner is not None:
@@ -819,13 +807,11 @@ class LifecycleManager:
         rec.poll_task = asyncio.create_task(self._run_poll(rec, spawner), name=f"poll-{rec.hub}-{rec.name}")
         return rec.poll_task
 
-    async def _poll_one(self, rec: Record) -> bool:
-        """Poll rec's Spawner, waiting up to ``poll_timeout``; True if it answered."""
+    async def _poll_one(self, rec: Record) -> None:
+        """Poll rec's Spawner, waiting up to ``poll_timeout`` for its answer."""
         task = self._begin_poll(rec)
-        if task is None:
-            return False
-        done, _ = await asyncio.wait({task}, timeout=self.poll_timeout)
-        return bool(done)
+        if task is not None:
+            await asyncio.wait({task}, timeout=self.poll_timeout)
 
     def _set_unknown(self, rec: Record) -> None:
         if rec.state != pb.SERVER_STATE_UNKNOWN and rec.stop_task is None:
@@ -1033,6 +1019,14 @@ class LifecycleManager:
 
 class _RestartDuringStart(Exception):
     pass
+
+
+def _recall_state(spawner: Spawner, state: dict | None) -> None:
+    """Give a Spawner that forgot what it made (its get_state() is empty) the state that
+    was stored for it: batchspawner turns a cancel into "job not found" and clears its
+    job id, and its stop() would then cancel nothing."""
+    if state and not _safe_state(spawner):
+        spawner.load_state(state)
 
 
 async def wait_event(event: asyncio.Event, timeout: float) -> bool:
