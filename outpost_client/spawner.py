@@ -523,8 +523,7 @@ class OutpostSpawner(Spawner):
         self._progress = _Progress()
         client = self.client
         try:
-            await self._retry(
-                "Start",
+            await self._start_or_forget(
                 lambda: client.start(
                     self.remote_name,
                     self.start_id,
@@ -554,6 +553,22 @@ class OutpostSpawner(Spawner):
             self._progress.finish()
         return url
 
+    async def _start_or_forget(self, call) -> None:
+        """Start, retrying while the Outpost is unavailable. A refusal (bad request,
+        override not allowed, name taken, too many starts) means the Outpost holds
+        nothing of this start, so the start id is forgotten.
+
+        That matters to the user: after a failed start JupyterHub polls the server
+        before it clears the spawn, and its progress page answers 400 ("not starting")
+        instead of the reason to anyone who asks meanwhile. Without a start id, poll()
+        answers at once, without a call (or a batch window) to wait for.
+        """
+        try:
+            await self._retry("Start", call)
+        except OutpostError:
+            self.start_id = ""
+            raise
+
     async def _follow_events(self, client: OutpostClient) -> pb.ServerAddress:
         """Follow the start's events to its terminal event, resuming after drops."""
         after = 0
@@ -567,6 +582,7 @@ class OutpostSpawner(Spawner):
                         return event.address
                     if event.kind == pb.EVENT_KIND_FAILED:
                         self.log.warning("Outpost start of %s failed: %s (%s)", self._log_name, event.message, event.error_class)
+                        self.start_id = ""  # the Outpost has already cleaned up after it
                         raise OutpostStartFailed(event.message)
                     item = {"message": event.message}
                     if event.HasField("progress"):

@@ -143,13 +143,17 @@ class JupyterHubProcess:
         headers = {"Authorization": f"token {TOKEN}"}
         return await asyncio.to_thread(read_progress, f"{self.url}/hub/api{path}", headers, timeout)
 
-    async def spawn(self, user: str, server: str = "", options: dict | None = None) -> list[dict]:
-        """Create the user if needed, start a server, return its progress events."""
+    async def request_spawn(self, user: str, server: str = "", options: dict | None = None) -> None:
+        """Create the user if needed and ask the hub to start a server (returns at once)."""
         r = await self.api("POST", f"/users/{user}")
         assert r.status_code in (201, 409), r.text
         path = f"/users/{user}/servers/{server}" if server else f"/users/{user}/server"
         r = await self.api("POST", path, json=options or {})
         assert r.status_code in (201, 202), r.text
+
+    async def spawn(self, user: str, server: str = "", options: dict | None = None) -> list[dict]:
+        """Create the user if needed, start a server, return its progress events."""
+        await self.request_spawn(user, server, options)
         return await self.progress(user, server)
 
     async def server_model(self, user: str, server: str = "") -> dict | None:

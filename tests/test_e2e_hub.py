@@ -456,3 +456,35 @@ async def test_denied_override_reason_on_spawn_page(site, hub_factory):
     assert events[-1].get("failed"), events
     assert "does not allow your hub to override mem_limit" in events[-1]["message"], events[-1]
     assert "jane" not in await remote_servers(site)
+
+
+@pytest.mark.parametrize(
+    "refused", [True, False], ids=["start-refused", "failed-at-the-site"]
+)
+async def test_spawn_page_opened_after_the_failure_shows_it(make_site, hub_factory, refused):
+    """The spawn page's event stream opened just after a start failed shows the reason.
+
+    JupyterHub polls a failed server before it clears the spawn, and its progress API
+    answers 400 ("not starting") to anyone asking meanwhile. A hub that batches its
+    polls over a long window made that gap last the whole window."""
+    if refused:
+        site = await make_site("site-refuse")
+        config = 'c.OutpostSpawner.config_overrides = {"mem_limit": "64G"}\n'
+        reason = "does not allow your hub to override mem_limit"
+    else:
+        site = await make_site(
+            "site-fail", extra='c.Outpost.spawner_class = "outpost_server.testing.FailingSpawner"\n'
+        )
+        config = ""
+        reason = "No GPU left for you today"
+    hub = hub_factory(site.hub_config() + config + "c.OutpostSpawner.poll_batch_window = 3\n")
+    hub.start()
+    await hub.wait_ready()
+    await hub.request_spawn("kim")
+    await wait_for(
+        lambda: "starting kim's server" in hub.tail(20000), interval=0.02, timeout=30,
+        message=f"the start never failed:\n{hub.tail()}",
+    )
+    events = await hub.progress("kim")
+    assert events[-1].get("failed"), events
+    assert reason in events[-1]["message"], events[-1]
