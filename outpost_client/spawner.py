@@ -602,10 +602,26 @@ class OutpostSpawner(Spawner):
         tunnel = self._tunnel()
         if tunnel is None:
             return f"{self.remote_scheme}://{self.remote_host}:{self.remote_port}"
-        self.local_port = await tunnel.forward(
-            self.remote_name, self.remote_host, self.remote_port, local_port=self.local_port
-        )
+        try:
+            self.local_port = await tunnel.forward(
+                self.remote_name, self.remote_host, self.remote_port, local_port=self.local_port
+            )
+        except Exception as e:
+            await self._stop_unreachable(e)
+            raise
         return f"{self.remote_scheme}://127.0.0.1:{self.local_port}"
+
+    async def _stop_unreachable(self, error: Exception) -> None:
+        """The notebook runs at the site, but the hub cannot reach it: stop it now and,
+        once stopped, forget the start (as after a refusal, see _start_or_forget). If the
+        Outpost cannot be told now, JupyterHub's own stop after the failure tries again."""
+        self.log.warning("No tunnel to %s (%s); stopping it at the Outpost", self._log_name, error)
+        try:
+            await self.client.stop(self.remote_name, self.start_id)
+        except OutpostError as e:
+            self.log.warning("Could not stop %s yet: %s", self._log_name, e)
+            return
+        self.start_id = ""
 
     async def progress(self):
         progress = getattr(self, "_progress", None)

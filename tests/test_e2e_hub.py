@@ -488,3 +488,25 @@ async def test_spawn_page_opened_after_the_failure_shows_it(make_site, hub_facto
     events = await hub.progress("kim")
     assert events[-1].get("failed"), events
     assert reason in events[-1]["message"], events[-1]
+
+
+async def test_unreachable_notebook_is_stopped_and_the_user_told(site, hub_factory, tmp_path):
+    """The notebook starts at the site, but the hub cannot make its tunnel (the site's SSH
+    host key is not the one the hub knows): the spawn page says why, and the notebook is
+    stopped at once rather than after JupyterHub's poll (a 3 s batch window here)."""
+    stranger = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    known_hosts = tmp_path / "stranger_known_hosts"
+    known_hosts.write_text(f"[{site.ip}]:{site.ssh_port} {stranger}\n")
+    config = site.hub_config().replace(str(site.known_hosts), str(known_hosts))
+    hub = hub_factory(config + "c.OutpostSpawner.poll_batch_window = 3\n")
+    hub.start()
+    await hub.wait_ready()
+    await hub.request_spawn("lou")
+    await wait_for(
+        lambda: "starting lou's server" in hub.tail(20000), interval=0.02, timeout=60,
+        message=f"the start never failed:\n{hub.tail()}",
+    )
+    events = await hub.progress("lou")
+    assert events[-1].get("failed"), events
+    assert "host key" in events[-1]["message"].lower(), events[-1]
+    assert "lou" not in await remote_servers(site)
