@@ -285,6 +285,24 @@ class OutpostSpawner(Spawner):
     )
     hub_api_site_host = Unicode("127.0.0.1", config=True, help="Site-side listen address of the reverse forward.")
     hub_api_site_port = Integer(0, config=True, help="Site-side listen port of the reverse forward (must be allowed for this hub at the SSH server).")
+    tunnel_listen_host = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""Address of the hub's host where each notebook's tunnel listens (one port per
+        notebook). 127.0.0.1 while the proxy runs on the hub's host. If the proxy runs
+        elsewhere (Kubernetes: its own pod), an address of the hub's the proxy can reach, or
+        0.0.0.0 together with tunnel_connect_host. Whoever reaches it reaches the notebook's
+        port, as on a cluster without tunnels; the notebook still requires its login.""",
+    )
+    tunnel_connect_host = Unicode(
+        "",
+        config=True,
+        help="""Host in the URL the hub and the proxy use for a notebook's tunnel, e.g. a
+        headless Service that selects the hub pod when tunnel_listen_host is 0.0.0.0. The
+        hub stores the URL, so the name must survive hub restarts (a pod IP does not).
+        Empty: tunnel_listen_host itself. With internal_ssl, a name other than 127.0.0.1
+        or localhost goes in c.Spawner.ssl_alt_names.""",
+    )
 
     outposts = Dict(
         config=True,
@@ -493,6 +511,8 @@ class OutpostSpawner(Spawner):
     async def start(self):
         self.outpost_name = await self._choose_outpost()
         config = self.outpost
+        if config.ssh_host:
+            self._tunnel_connect_host()  # a configuration error fails before anything starts
         if self.check_allowed is not None:
             try:
                 allowed = await _maybe_await(self.check_allowed(self, dict(self.user_options)))
@@ -597,6 +617,17 @@ class OutpostSpawner(Spawner):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5)
 
+    def _tunnel_connect_host(self) -> str:
+        """The host in a tunnelled notebook's URL (a configuration error if there is none)."""
+        host = self.tunnel_connect_host or self.tunnel_listen_host
+        if host in ("", "0.0.0.0", "::"):
+            raise ValueError(
+                f"OutpostSpawner.tunnel_listen_host is {self.tunnel_listen_host!r}, which the proxy "
+                "cannot connect to: set OutpostSpawner.tunnel_connect_host to an address of the "
+                "hub's host the proxy can reach."
+            )
+        return f"[{host}]" if ":" in host else host
+
     async def _connect(self) -> str:
         """The URL the hub (and proxy) reach the notebook at: through the tunnel if any."""
         tunnel = self._tunnel()
@@ -604,12 +635,13 @@ class OutpostSpawner(Spawner):
             return f"{self.remote_scheme}://{self.remote_host}:{self.remote_port}"
         try:
             self.local_port = await tunnel.forward(
-                self.remote_name, self.remote_host, self.remote_port, local_port=self.local_port
+                self.remote_name, self.remote_host, self.remote_port,
+                local_port=self.local_port, listen_host=self.tunnel_listen_host,
             )
         except Exception as e:
             await self._stop_unreachable(e)
             raise
-        return f"{self.remote_scheme}://127.0.0.1:{self.local_port}"
+        return f"{self.remote_scheme}://{self._tunnel_connect_host()}:{self.local_port}"
 
     async def _stop_unreachable(self, error: Exception) -> None:
         """The notebook runs at the site, but the hub cannot reach it: stop it now and,
@@ -665,7 +697,10 @@ class OutpostSpawner(Spawner):
         tunnel = self._tunnel()
         if tunnel is not None and tunnel.local_port(self.remote_name) != self.local_port:
             try:
-                await tunnel.forward(self.remote_name, self.remote_host, self.remote_port, local_port=self.local_port)
+                await tunnel.forward(
+                    self.remote_name, self.remote_host, self.remote_port,
+                    local_port=self.local_port, listen_host=self.tunnel_listen_host,
+                )
             except Exception as e:
                 self.log.warning("Could not restore the tunnel to %s: %s", self._log_name, e)
 

@@ -1,6 +1,7 @@
 """Hub-side SSH tunnels to Outposts: one SSH connection per Outpost, one local port per server.
 
-The hub reaches a remote notebook through ``127.0.0.1:<local port>``: every TCP connection
+The hub reaches a remote notebook through ``127.0.0.1:<local port>`` (or another address
+of the hub's, ``OutpostSpawner.tunnel_listen_host``): every TCP connection
 accepted there becomes one ``direct-tcpip`` channel on the Outpost's SSH connection (any
 OpenSSH server, or the Outpost's embedded forwarder), and the bytes are piped both ways.
 
@@ -119,6 +120,7 @@ class _Forward:
     key: str
     host: str
     port: int
+    listen_host: str = LISTEN_HOST
     server: asyncio.AbstractServer | None = None
     local_port: int = 0
     pipes: set[_LocalSide] = field(default_factory=set)
@@ -491,11 +493,15 @@ class Tunnel:
         fwd = self._forwards.get(key)
         return fwd.local_port if fwd is not None else None
 
-    async def forward(self, key: str, remote_host: str, remote_port: int, local_port: int = 0) -> int:
-        """The local port (on 127.0.0.1) that reaches remote_host:remote_port at the site.
+    async def forward(
+        self, key: str, remote_host: str, remote_port: int, local_port: int = 0, listen_host: str = LISTEN_HOST
+    ) -> int:
+        """The local port (on ``listen_host``, 127.0.0.1 unless the hub's proxy runs
+        elsewhere) that reaches remote_host:remote_port at the site.
 
         Idempotent per key: the same destination returns the existing port; another
-        destination (or another explicitly requested ``local_port``) replaces the forward.
+        destination (or another explicitly requested ``local_port`` or ``listen_host``)
+        replaces the forward.
         ``local_port`` asks for exactly that port (restoring the port a restarted hub
         recorded). Connects on first use; raises :class:`TunnelError` when the SSH server
         cannot be reached or refuses us, or the requested port cannot be bound.
@@ -505,7 +511,7 @@ class Tunnel:
             fwd = self._forwards.get(key)
             if (
                 fwd is not None
-                and (fwd.host, fwd.port) == (remote_host, remote_port)
+                and (fwd.host, fwd.port, fwd.listen_host) == (remote_host, remote_port, listen_host)
                 and local_port in (0, fwd.local_port)
             ):
                 return fwd.local_port
@@ -516,20 +522,20 @@ class Tunnel:
                     key, fwd.host, fwd.port, fwd.local_port, remote_host, remote_port,
                 )
                 self._drop_forward(fwd)
-            fwd = _Forward(key, remote_host, remote_port)
+            fwd = _Forward(key, remote_host, remote_port, listen_host)
             loop = asyncio.get_running_loop()
             try:
                 fwd.server = await loop.create_server(
-                    lambda: _LocalSide(self, fwd), LISTEN_HOST, local_port, reuse_address=True, backlog=128
+                    lambda: _LocalSide(self, fwd), listen_host, local_port, reuse_address=True, backlog=128
                 )
             except OSError as e:
                 raise TunnelError(
-                    f"cannot listen on {LISTEN_HOST}:{local_port} for {key!r} ({e.strerror or e})"
+                    f"cannot listen on {listen_host}:{local_port} for {key!r} ({e.strerror or e})"
                 ) from None
             fwd.local_port = fwd.server.sockets[0].getsockname()[1]
             self._forwards[key] = fwd
             log.info(
-                "forward %r: %s:%d -> %s:%d at %s", key, LISTEN_HOST, fwd.local_port,
+                "forward %r: %s:%d -> %s:%d at %s", key, listen_host, fwd.local_port,
                 remote_host, remote_port, self.target,
             )
             return fwd.local_port

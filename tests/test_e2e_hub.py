@@ -214,6 +214,24 @@ async def test_spawn_progress_proxy_and_stop(site, hub_factory):
     assert not port_open(local_port), "the forward must close with the server"
 
 
+async def test_proxy_elsewhere_reaches_the_tunnel(site, hub_factory):
+    """A proxy not on the hub's host (Kubernetes: its own pod) reaches notebooks at the
+    address the hub names: here the tunnel listens everywhere and the hub names 127.0.0.5."""
+    hub = hub_factory(
+        site.hub_config()
+        + 'c.OutpostSpawner.tunnel_listen_host = "0.0.0.0"\n'
+        + 'c.OutpostSpawner.tunnel_connect_host = "127.0.0.5"\n'
+    )
+    hub.start()
+    await hub.wait_ready()
+    events = await hub.spawn("nia")
+    assert events[-1].get("ready"), (events, hub.tail())
+    assert "to proxy /user/nia/ => http://127.0.0.5:" in hub.tail(20000), hub.tail()
+    r = await hub.get("/user/nia/api/status")
+    assert r.status_code == 200, (r.status_code, r.text, hub.tail())
+    await hub.stop_server("nia")
+
+
 async def test_notebook_env_uses_reverse_forward(site, hub_factory):
     """The notebook's hub URLs point at the site-side end of the reverse forward."""
     hub = hub_factory(site.hub_config())

@@ -125,6 +125,17 @@ async def test_remote_failure_is_raised_with_its_message(start_outpost):
         assert err.value.jupyterhub_message == "No GPU left for you today"
 
 
+async def test_wildcard_tunnel_listen_host_needs_a_connect_host(start_outpost):
+    """0.0.0.0 is no address for the proxy to connect to: the start fails with what to set,
+    before anything is started at the site."""
+    async with start_outpost("outpost_server.testing.InstantSpawner") as op:
+        spawner = make_spawner(op, ssh_host="127.0.0.1", tunnel_listen_host="0.0.0.0")
+        with pytest.raises(ValueError) as err:
+            await spawner.start()
+        assert "set OutpostSpawner.tunnel_connect_host" in str(err.value)
+        assert await spawner.client.list_servers() == []
+
+
 async def test_choose_outpost(start_outpost):
     async with start_outpost("outpost_server.testing.InstantSpawner") as a, start_outpost(
         "outpost_server.testing.SlowSpawner", **{"SlowSpawner.delay": 0.0}

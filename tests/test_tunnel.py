@@ -55,9 +55,11 @@ class EchoServer:
         self.server.close()
 
 
-async def round_trip(port: int, payload: bytes = b"ping", timeout: float = 5.0, tag: bytes = b"") -> bytes:
-    """Connect to 127.0.0.1:port, send payload, return what came back (tag + echo)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+async def round_trip(
+    port: int, payload: bytes = b"ping", timeout: float = 5.0, tag: bytes = b"", host: str = "127.0.0.1"
+) -> bytes:
+    """Connect to host:port, send payload, return what came back (tag + echo)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
         writer.write(payload)
         await writer.drain()
@@ -461,3 +463,23 @@ def test_fast_path_covers_this_asyncssh():
 
     oldest, newest = tunnel_mod.FAST_PATH_ASYNCSSH
     assert oldest <= tunnel_mod._asyncssh_version() <= newest, asyncssh.__version__
+
+
+async def test_forward_listens_where_the_proxy_can_reach_it(sshd_server, tunnels):  # noqa: F811
+    """A proxy on another host (Kubernetes: its own pod) needs the tunnel on an address of
+    the hub's other than 127.0.0.1: exactly that address, or every address (0.0.0.0)."""
+    sshd = sshd_server()
+    key = sshd.add_client_key("hub")
+    sshd.start()
+    async with EchoServer() as echo:
+        tunnel = tunnels(target_for(sshd, key))
+        port = await tunnel.forward("alice", "127.0.0.1", echo.port, listen_host="127.0.0.3")
+        assert await round_trip(port, b"there", host="127.0.0.3") == b"there"
+        with pytest.raises(OSError):
+            await round_trip(port, host="127.0.0.1")  # only where it was asked to listen
+
+        # another listen address replaces the forward (a changed hub config after a restart)
+        anywhere = await tunnel.forward("alice", "127.0.0.1", echo.port, local_port=port, listen_host="0.0.0.0")
+        assert anywhere == port
+        for host in ("127.0.0.1", "127.0.0.4"):
+            assert await round_trip(port, b"any", host=host) == b"any"
