@@ -32,6 +32,7 @@ from .conftest import BIN, TEST_CRYPT_KEY, free_port, wait_for
 from .e2e_driver import browser_oauth, read_progress
 from .hub import TOKEN
 from .test_e2e_hub import hub_factory, make_site, remote_servers  # noqa: F401  (fixtures)
+from .test_slurm import queue_reason_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -85,7 +86,8 @@ async def slurm_site(slurm, make_site, monkeypatch):  # noqa: F811
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     jobs = slurm.root / "jobs"
     extra = SLURM_SITE.format(relay_port=free_port(), bin=BIN, jobs=jobs, job_name=JOB_NAME)
-    return await make_site("site-slurm", extra=extra)
+    # the site shows Slurm's reason for the wait (docs/sites/slurm.md, as written there)
+    return await make_site("site-slurm", extra=extra + queue_reason_recipe())
 
 
 @pytest.fixture
@@ -146,11 +148,12 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
     await wait_for(
         lambda: slurm.job(job.id).reason == "Resources", 15, message=f"not pending: {slurm.squeue()}"
     )
-    # the user's spawn page shows the queue (batchspawner's own progress message)
+    # the user's spawn page shows the job waiting and Slurm's reason
+    waiting = f"Job {job.id} pending in queue (Resources)"
     await wait_for(
-        lambda: any(e.get("message") == "Pending in queue..." for e in events),
+        lambda: any(e.get("message") == waiting for e in events),
         20,
-        message=f"no 'Pending in queue' on the spawn page: {events}\n{hub.tail()}",
+        message=f"no {waiting!r} on the spawn page: {events}\n{hub.tail()}",
     )
     model = await hub.server_model(USER)
     assert model["pending"] == "spawn" and not model["ready"], model
