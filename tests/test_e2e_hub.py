@@ -496,16 +496,23 @@ async def test_spawn_page_opened_after_the_failure_shows_it(make_site, hub_facto
         config = ""
         reason = "No GPU left for you today"
     hub = hub_factory(site.hub_config() + config + "c.OutpostSpawner.poll_batch_window = 3\n")
+    events = await spawn_page_after_failure(hub, "kim")
+    assert reason in events[-1]["message"], events[-1]
+
+
+async def spawn_page_after_failure(hub: JupyterHubProcess, user: str) -> list[dict]:
+    """Start the hub, ask for a spawn that will fail, and open its progress stream (the
+    spawn page) only once the hub has logged the failure: the failed event it ends with."""
     hub.start()
     await hub.wait_ready()
-    await hub.request_spawn("kim")
+    await hub.request_spawn(user)
     await wait_for(
-        lambda: "starting kim's server" in hub.tail(20000), interval=0.02, timeout=30,
+        lambda: f"starting {user}'s server" in hub.tail(20000), interval=0.02, timeout=60,
         message=f"the start never failed:\n{hub.tail()}",
     )
-    events = await hub.progress("kim")
+    events = await hub.progress(user)
     assert events[-1].get("failed"), events
-    assert reason in events[-1]["message"], events[-1]
+    return events
 
 
 async def test_unreachable_notebook_is_stopped_and_the_user_told(site, hub_factory, tmp_path):
@@ -517,14 +524,6 @@ async def test_unreachable_notebook_is_stopped_and_the_user_told(site, hub_facto
     known_hosts.write_text(f"[{site.ip}]:{site.ssh_port} {stranger}\n")
     config = site.hub_config().replace(str(site.known_hosts), str(known_hosts))
     hub = hub_factory(config + "c.OutpostSpawner.poll_batch_window = 3\n")
-    hub.start()
-    await hub.wait_ready()
-    await hub.request_spawn("lou")
-    await wait_for(
-        lambda: "starting lou's server" in hub.tail(20000), interval=0.02, timeout=60,
-        message=f"the start never failed:\n{hub.tail()}",
-    )
-    events = await hub.progress("lou")
-    assert events[-1].get("failed"), events
+    events = await spawn_page_after_failure(hub, "lou")
     assert "host key" in events[-1]["message"].lower(), events[-1]
     assert "lou" not in await remote_servers(site)
