@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -192,7 +194,7 @@ def make_spawner(
         user_options=user_options,
     )
     if log is not None:
-        kwargs["log"] = log
+        kwargs["log"] = RedactingLog(log, secrets_in_env(env))
     spawner = cls(**kwargs)
     spawner._outpost_name = spawner_name
     spawner._outpost_hub_env = dict(env)
@@ -202,6 +204,50 @@ def make_spawner(
     if overrides:
         apply_overrides(spawner, overrides)
     return spawner
+
+
+# env keys whose values never reach the Outpost's log (JUPYTERHUB_API_TOKEN, JPY_API_TOKEN,
+# whatever a hub's custom_env adds under such a name)
+SECRET_ENV_KEY = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|PRIVATE", re.IGNORECASE)
+REDACTED = "[secret]"
+
+
+def secrets_in_env(env: dict[str, str]) -> tuple[str, ...]:
+    """The values in a start's env that must not be logged: those of keys named like a
+    secret, 8 characters or longer (shorter ones would blot out ordinary words), longest
+    first so that a secret containing another is hidden whole."""
+    found = {v for k, v in env.items() if SECRET_ENV_KEY.search(k) and isinstance(v, str) and len(v) >= 8}
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+class RedactingLog(logging.LoggerAdapter):
+    """A hosted Spawner's log, with its server's secrets replaced by ``[secret]``.
+
+    Spawners log more than a hub's operators see: batchspawner logs the whole submit
+    environment (the notebook's API token included) at DEBUG. A record is formatted here,
+    redacted, and handed to the logger as plain text; tracebacks are passed on as they are.
+    """
+
+    def __init__(self, logger: logging.Logger, secrets: tuple[str, ...]):
+        super().__init__(logger, {})
+        self.secrets = secrets
+
+    def log(self, level, msg, *args, **kwargs):
+        if not self.isEnabledFor(level):
+            return
+        text = str(msg)
+        if args:
+            try:
+                text = text % args
+            except (TypeError, ValueError):
+                text = f"{text} {args!r}"
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        kwargs.setdefault("stacklevel", 2)
+        self.logger.log(level, "%s", text, **kwargs)
+
+    def getChild(self, suffix: str) -> RedactingLog:  # noqa: N802 (logging's name)
+        return RedactingLog(self.logger.getChild(suffix), self.secrets)
 
 
 def apply_overrides(spawner: Spawner, overrides: dict[str, Any]) -> None:

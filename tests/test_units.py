@@ -215,6 +215,32 @@ def test_hosted_spawner_db_is_a_stand_in():
     spawner.db.rollback()
 
 
+def test_hosted_spawner_log_hides_the_servers_secrets(caplog):
+    """A Spawner that logs its environment (batchspawner does, at DEBUG) shows no token."""
+    import logging
+
+    token = "0123456789abcdef0123456789abcdef"
+    env = {"JUPYTERHUB_API_TOKEN": token, "JPY_API_TOKEN": token, "MY_SECRET": "hunter22",
+           "PIN_PASSWORD": "short", "JUPYTERHUB_USER": "amy"}  # fmt: skip
+    user, hub = stand_ins_from_env(env, "amy", 1, False, [])
+    log = logging.getLogger("outpost.manager.test.amy")
+    spawner = make_spawner(
+        SimpleLocalProcessSpawner, config=Config(), spawner_name="", user=user, hub=hub,
+        env=env, user_options={}, site_env_keys=frozenset(), log=log,
+    )  # fmt: skip
+    with caplog.at_level(logging.DEBUG, logger=log.name):
+        spawner.log.debug("Spawner submitting environment: %s", spawner.get_env())
+        spawner.log.info("token " + token)  # already formatted by the caller
+        spawner.log.getChild("sub").warning("%s and %d", "hunter22", 3)
+        spawner.log.info("100%% of %s", "amy")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert token not in text and "hunter22" not in text, text
+    assert "'JUPYTERHUB_API_TOKEN': '[secret]'" in text, text
+    assert "[secret] and 3" in text and "100% of amy" in text, text
+    assert "short" in text  # under 8 characters: not worth hiding every such word
+    assert all(r.filename.endswith("test_units.py") for r in caplog.records)  # the caller's line
+
+
 @pytest.mark.parametrize(
     "trait, value",
     [("poll_concurrency", 0), ("db_timeout", 0), ("poll_interval", -1), ("poll_timeout", 0)],
