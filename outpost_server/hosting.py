@@ -235,12 +235,12 @@ class RedactingLog(logging.LoggerAdapter):
     def log(self, level, msg, *args, **kwargs):
         if not self.isEnabledFor(level):
             return
-        text = str(msg)
-        if args:
-            try:
-                text = text % args
-            except (TypeError, ValueError):
-                text = f"{text} {args!r}"
+        # formatted the way logging formats a record (a lone mapping is the %(key)s form)
+        record = logging.LogRecord(self.logger.name, level, "", 0, msg, args, None)
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError, KeyError):
+            text = f"{msg} {args!r}"
         for secret in self.secrets:
             text = text.replace(secret, REDACTED)
         kwargs.setdefault("stacklevel", 2)

@@ -233,10 +233,12 @@ def test_hosted_spawner_log_hides_the_servers_secrets(caplog):
         spawner.log.info("token " + token)  # already formatted by the caller
         spawner.log.getChild("sub").warning("%s and %d", "hunter22", 3)
         spawner.log.info("100%% of %s", "amy")
+        spawner.log.info("%(who)s has %(what)s", {"who": "amy", "what": token})
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert token not in text and "hunter22" not in text, text
     assert "'JUPYTERHUB_API_TOKEN': '[secret]'" in text, text
     assert "[secret] and 3" in text and "100% of amy" in text, text
+    assert "amy has [secret]" in text, text
     assert "short" in text  # under 8 characters: not worth hiding every such word
     assert all(r.filename.endswith("test_units.py") for r in caplog.records)  # the caller's line
 
