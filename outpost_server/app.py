@@ -134,6 +134,10 @@ class Outpost(Application):
     _log_formatter_cls = LogFormatter
     forwarder: SSHForwarder | None = None
     relay: HubAPIRelay | None = None
+    store: Store | None = None
+    manager: LifecycleManager | None = None
+    server: grpc.aio.Server | None = None
+    health: health.aio.HealthServicer | None = None
 
     config_file = Unicode(
         "outpost_config.py", config=True, help="The config file to load (Python, like jupyterhub_config.py)."
@@ -580,22 +584,6 @@ class Outpost(Application):
             self.relay = relay
         return self.relay
 
-    async def init_relay(self):
-        # before the manager: a start the manager restores or accepts may wait for its
-        # notebook's callback; after it at shutdown, so pending starts still get it
-        relay = self.make_relay()
-        if relay is None:
-            return
-
-        def lookup(hub: str, server_name: str):
-            manager = getattr(self, "manager", None)
-            return manager.records.get((hub, server_name)) if manager is not None else None
-
-        await relay.start(lookup)
-        self.log.info(
-            "Hub API relay listening on %s:%d; notebooks reach it at %s", relay.ip, relay.bound_port, relay.base_url
-        )
-
     async def init_manager(self):
         relay = self.make_relay()
         self.manager = LifecycleManager(
@@ -613,6 +601,22 @@ class Outpost(Application):
             spawner_created=None if relay is None else (lambda rec, sp: relay.attach(sp, rec.hub, rec.name)),
         )
         self.manager.certs_base = self.certs_dir or None
+
+    async def init_relay(self):
+        # before the servers are restored: a start the manager restores or accepts may
+        # wait for its notebook's callback; stopped after the manager, so pending starts
+        # still get it
+        relay = self.make_relay()
+        if relay is None:
+            return
+        records = self.manager.records
+        await relay.start(lambda hub, server_name: records.get((hub, server_name)))
+        self.log.info(
+            "Hub API relay listening on %s:%d; notebooks reach it at %s", relay.ip, relay.bound_port, relay.base_url
+        )
+
+    async def init_servers(self):
+        """Restore every server from the database, then poll them on the manager's schedule."""
         restored = await self.manager.restore()
         if restored:
             self.log.info("Restored %d servers from the database", restored)
@@ -685,6 +689,26 @@ class Outpost(Application):
             forwarder.host_key.get_fingerprint(),
         )
 
+    async def setup(self):
+        """Every start-up step, in order: database, lifecycle manager, hub API relay,
+        restored servers, gRPC server, SSH forwarder.
+
+        What start() runs before it waits for a signal, and what an in-process Outpost
+        (tests, benchmarks) runs instead of start(). A step that fails tears down the
+        steps before it (cleanup()) and raises: RelayConfigError, TLSConfigError and
+        ForwarderConfigError carry a one-line message for the operator.
+        """
+        try:
+            await self.init_store()
+            await self.init_manager()
+            await self.init_relay()
+            await self.init_servers()
+            await self.init_server()  # TLS files may have changed since check_tls
+            await self.init_forwarder()
+        except BaseException:
+            await self.cleanup()
+            raise
+
     async def start(self):
         if self.subapp is not None:
             return self.subapp.start()
@@ -695,43 +719,36 @@ class Outpost(Application):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.init_store()
         try:
-            try:
-                await self.init_relay()
-            except RelayConfigError as e:
-                await self.cleanup()
-                raise one_line_exit(e) from None
-            await self.init_manager()
-            try:
-                await self.init_server()  # TLS files may have changed since check_tls
-                await self.init_forwarder()
-            except (TLSConfigError, ForwarderConfigError) as e:
-                await self.cleanup()
-                raise one_line_exit(e) from None
+            await self.setup()
+        except (RelayConfigError, TLSConfigError, ForwarderConfigError) as e:
+            raise one_line_exit(e) from None
+        try:
             await stop.wait()
             self.log.info("Shutting down: health NOT_SERVING, finishing in-flight RPCs")
-            await self.cleanup()
         finally:
-            await self.store.close()
+            await self.cleanup()
         self.log.info("Outpost stopped; running notebooks keep running")
 
     async def cleanup(self):
-        """Teardown in reverse order of the init_* steps (any of them may not have run)."""
-        health = getattr(self, "health", None)
+        """Teardown in reverse order of setup() (any step may not have run; safe twice)."""
+        health, self.health = self.health, None
         if health is not None:
             for service in ("", SERVICE_NAME):
                 await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.forwarder is not None:
             await self.forwarder.stop()
-        server = getattr(self, "server", None)
+        server, self.server = self.server, None
         if server is not None:
             await server.stop(self.shutdown_grace)
-        manager = getattr(self, "manager", None)
+        manager, self.manager = self.manager, None
         if manager is not None:
             await manager.shutdown(self.shutdown_grace)
         if self.relay is not None:
             await self.relay.stop()
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
 
     def write_config_file(self):
         path = self.config_file

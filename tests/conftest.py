@@ -77,22 +77,29 @@ class InProcessOutpost:
 @asynccontextmanager
 async def running_outpost(config: Config):
     app = Outpost(config=config)
-    await app.init_store()
+    await app.setup()
     try:
+        client = OutpostClient(f"127.0.0.1:{app.bound_port}", timeout=20)
         try:
-            await app.init_relay()
-            await app.init_manager()
-            await app.init_server()
-            await app.init_forwarder()
-            client = OutpostClient(f"127.0.0.1:{app.bound_port}", timeout=20)
-            try:
-                yield InProcessOutpost(app, client)
-            finally:
-                await client.close()
+            yield InProcessOutpost(app, client)
         finally:
-            await app.cleanup()
+            await client.close()
     finally:
-        await app.store.close()
+        await app.cleanup()
+
+
+async def stored_rows(app: Outpost) -> list[dict]:
+    """The server rows in app's database, read through a Store of their own (app may be
+    torn down already)."""
+    from outpost_server.store import Store
+
+    store = Store(app.db_url, crypt=app.crypt)
+    await store.open()
+    try:
+        rows, _ = await store.load()
+    finally:
+        await store.close()
+    return rows
 
 
 def outpost_config(tmp_path: Path, spawner_class, db_url: str | None = None, **traits) -> Config:

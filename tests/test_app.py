@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from outpost_client import OutpostClient, pb
 
-from .conftest import BIN, process_alive, wait_for
+from .conftest import BIN, process_alive, stored_rows, wait_for
 
 OUTPOST = str(BIN / "jupyterhub-outpost")
 
@@ -77,7 +77,7 @@ async def test_sigterm_finishes_rpcs_keeps_notebooks(start_outpost):
         await cleanup
         # running notebooks were not stopped by the shutdown
         assert not op.manager.records[("default", "running")].spawner.stopped
-        rows, _ = await op.app.store.load()
+        rows = await stored_rows(op.app)
         assert {r["server_name"]: r["state"] for r in rows} == {"running": "running", "slow": "running"}
 
 

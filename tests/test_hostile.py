@@ -808,9 +808,10 @@ async def test_database_matches_memory_after_hostile_load(world, tmp_path):
     with sqlite3.connect(source) as src, sqlite3.connect(copy) as dst:
         src.backup(dst)
     app = Outpost(config=outpost_config(tmp_path, INSTANT, db_url=f"sqlite:///{copy}"))
-    await app.init_store()
     try:
+        await app.init_store()
         await app.init_manager()
+        await app.init_servers()  # restores, as a restarted Outpost does
         assert set(app.manager.records) == set(op.manager.records)
         for key, rec in op.manager.records.items():
             back = app.manager.records[key]
@@ -819,7 +820,6 @@ async def test_database_matches_memory_after_hostile_load(world, tmp_path):
             assert canon(back.spec.user_options) == canon(rec.spec.user_options)
     finally:
         await app.cleanup()
-        await app.store.close()
 
 
 # --- the limits, explicitly ------------------------------------------------------------------------
