@@ -12,17 +12,19 @@ from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "outpost.jupyterhub.org"
 
-# ErrorInfo reasons (documented in the proto's header comment).
+# The ErrorInfo reasons the Outpost sends: each is listed in the proto's header comment
+# and has one class below (its ``reason``); tests/test_errors.py fails on any drift.
 INVALID_FIELD = "INVALID_FIELD"
 SERVER_NOT_FOUND = "SERVER_NOT_FOUND"
 START_NOT_FOUND = "START_NOT_FOUND"
 SERVER_ALREADY_STARTED = "SERVER_ALREADY_STARTED"
 OVERRIDE_NOT_ALLOWED = "OVERRIDE_NOT_ALLOWED"
 SPAWNER_ERROR = "SPAWNER_ERROR"
+INTERNAL_ERROR = "INTERNAL_ERROR"
 PERSISTENCE_UNAVAILABLE = "PERSISTENCE_UNAVAILABLE"
 SHUTTING_DOWN = "SHUTTING_DOWN"
-UNAUTHENTICATED_HUB = "UNAUTHENTICATED_HUB"
 TOO_MANY_STARTS = "TOO_MANY_STARTS"
+UNAUTHENTICATED_HUB = "UNAUTHENTICATED_HUB"
 
 
 class OutpostError(Exception):
@@ -31,6 +33,10 @@ class OutpostError(Exception):
     On the server, raising one of these (or a subclass) anywhere below the servicer is the
     one way to answer with a status other than OK; the message is shown to the caller as
     it is, so it must make sense to a person and never contain a traceback.
+
+    ``reason`` is the ErrorInfo reason: a class's own for what the Outpost raises, the
+    one received for a decoded error, and "" for a status without ErrorInfo (made by
+    gRPC itself: an unreachable Outpost, a deadline, an oversized message).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
@@ -59,6 +65,9 @@ class OutpostError(Exception):
         return f"{type(self).__name__}({self.code.name}, {self.reason!r}, {self.message!r})"
 
 
+# --- by status code: what a status without ErrorInfo decodes to ------------------------
+
+
 class InvalidArgument(OutpostError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     reason = INVALID_FIELD
@@ -68,38 +77,28 @@ class InvalidArgument(OutpostError):
         return self.metadata.get("field", "")
 
 
-class ServerNotFound(OutpostError):
+class NotFound(OutpostError):
     code = grpc.StatusCode.NOT_FOUND
-    reason = SERVER_NOT_FOUND
 
 
-class StartNotFound(OutpostError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = START_NOT_FOUND
-
-
-class ServerAlreadyStarted(OutpostError):
+class FailedPrecondition(OutpostError):
     code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = SERVER_ALREADY_STARTED
 
 
-class OverrideNotAllowed(OutpostError):
+class PermissionDenied(OutpostError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    reason = OVERRIDE_NOT_ALLOWED
 
 
-class SpawnerError(OutpostError):
+class InternalError(OutpostError):
+    """INTERNAL: the Outpost (or gRPC) failed; see SpawnerError and OutpostBug."""
+
     code = grpc.StatusCode.INTERNAL
-    reason = SPAWNER_ERROR
-
-    @property
-    def error_class(self) -> str:
-        return self.metadata.get("error_class", "")
 
 
 class Unavailable(OutpostError):
+    """UNAVAILABLE: the Outpost, or its database, cannot answer now; safe to retry."""
+
     code = grpc.StatusCode.UNAVAILABLE
-    reason = PERSISTENCE_UNAVAILABLE
 
 
 class Unauthenticated(OutpostError):
@@ -117,7 +116,59 @@ class DeadlineExceeded(OutpostError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-_BY_REASON: dict[str, type[OutpostError]] = {
+# --- by reason -----------------------------------------------------------------------------
+
+
+class ServerNotFound(NotFound):
+    reason = SERVER_NOT_FOUND
+
+
+class StartNotFound(NotFound):
+    reason = START_NOT_FOUND
+
+
+class ServerAlreadyStarted(FailedPrecondition):
+    reason = SERVER_ALREADY_STARTED
+
+
+class OverrideNotAllowed(PermissionDenied):
+    reason = OVERRIDE_NOT_ALLOWED
+
+
+class SpawnerError(InternalError):
+    """The hosted Spawner raised; metadata "error_class" names its exception."""
+
+    reason = SPAWNER_ERROR
+
+    @property
+    def error_class(self) -> str:
+        return self.metadata.get("error_class", "")
+
+
+class OutpostBug(InternalError):
+    """The Outpost itself raised where it should not (a bug: its log has the traceback)."""
+
+    reason = INTERNAL_ERROR
+
+    @property
+    def error_class(self) -> str:
+        return self.metadata.get("error_class", "")
+
+
+class PersistenceUnavailable(Unavailable):
+    reason = PERSISTENCE_UNAVAILABLE
+
+
+class ShuttingDown(Unavailable):
+    reason = SHUTTING_DOWN
+
+
+class TooManyStarts(ResourceExhausted):
+    reason = TOO_MANY_STARTS
+
+
+#: every reason the Outpost sends -> the class it raises and the client decodes
+BY_REASON: dict[str, type[OutpostError]] = {
     cls.reason: cls
     for cls in (
         InvalidArgument,
@@ -126,22 +177,27 @@ _BY_REASON: dict[str, type[OutpostError]] = {
         ServerAlreadyStarted,
         OverrideNotAllowed,
         SpawnerError,
+        OutpostBug,
+        PersistenceUnavailable,
+        ShuttingDown,
+        TooManyStarts,
         Unauthenticated,
     )
 }
-_BY_REASON[PERSISTENCE_UNAVAILABLE] = Unavailable
-_BY_REASON[SHUTTING_DOWN] = Unavailable
 
 _BY_CODE: dict[grpc.StatusCode, type[OutpostError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: ServerNotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: ServerAlreadyStarted,
-    grpc.StatusCode.PERMISSION_DENIED: OverrideNotAllowed,
-    grpc.StatusCode.INTERNAL: SpawnerError,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        FailedPrecondition,
+        PermissionDenied,
+        InternalError,
+        Unavailable,
+        Unauthenticated,
+        ResourceExhausted,
+        DeadlineExceeded,
+    )
 }
 
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -161,7 +217,9 @@ def from_rpc_error(err: grpc.RpcError) -> OutpostError:
     """Decode a failed call into a typed :class:`OutpostError`.
 
     The ErrorInfo reason picks the class; without one (errors made by gRPC itself, such as
-    an unreachable Outpost or an oversized message) the status code does.
+    an unreachable Outpost or an oversized message), or with a reason this client does
+    not know or that came with another status code, the status code does. The error's
+    ``reason`` is the one received ("" without ErrorInfo).
     """
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
     message = err.details() if callable(getattr(err, "details", None)) else str(err)
@@ -177,7 +235,9 @@ def from_rpc_error(err: grpc.RpcError) -> OutpostError:
                     detail.Unpack(info)
                     reason = info.reason
                     metadata = dict(info.metadata)
-    cls = _BY_REASON.get(reason) or _BY_CODE.get(code, OutpostError)
-    error = cls(message or code.name, code=code, reason=reason or None, metadata=metadata)
+    cls = BY_REASON.get(reason) if reason else None
+    if cls is None or cls.code != code:
+        cls = _BY_CODE.get(code, OutpostError)
+    error = cls(message or code.name, code=code, reason=reason, metadata=metadata)
     error.__cause__ = err
     return error

@@ -34,7 +34,6 @@ from traitlets import (
 from tornado.log import LogFormatter
 from traitlets.config import Application
 
-from outpost_client.errors import OverrideNotAllowed
 from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
 
 from . import __version__
@@ -42,18 +41,13 @@ from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
 from .forwarder import ForwarderConfigError, SSHForwarder
 from .hosting import DEFAULT_SITE_ENV_KEYS
-from .interceptors import (
-    TOKEN_HASH,
-    OutpostInterceptor,
-    certificate_resolver,
-    hash_token,
-    plaintext_resolver,
-    token_resolver,
-)
-from .manager import LifecycleManager
-from .policy import check_policy, denied_overrides
+from .identity import TOKEN_HASH, auth_mode, hash_token
+from .interceptors import OutpostInterceptor
+from .manager import LifecycleManager, ManagerSettings
+from .policy import OverridePolicy, check_policy
 from .relay import HubAPIRelay, RelayConfigError
 from .servicer import OutpostServicer
+from .spawners import SpawnerFactory
 from .store import Store
 from .tls import TLSConfigError, load_server_tls
 
@@ -154,7 +148,7 @@ class Outpost(Application):
         is fine.
         """,
     )
-    port = Integer(50051, config=True, help="The port the gRPC server listens on (0: any free port).")
+    port = Integer(50051, min=0, max=65535, config=True, help="The port the gRPC server listens on (0: any free port).")
     allow_plaintext = Bool(
         False,
         config=True,
@@ -249,6 +243,7 @@ class Outpost(Application):
 
     db_timeout = Float(
         10.0,
+        min=0.01,
         config=True,
         help="""Seconds a PostgreSQL connection attempt, one statement, or the wait for a
         pooled connection may take. Then the write fails and the RPC answers UNAVAILABLE
@@ -256,18 +251,6 @@ class Outpost(Application):
         Starts and Stops until TCP gives up. Poll, BatchPoll, ListServers and Events never
         wait for the database.""",
     )
-
-    @validate("db_timeout", "poll_interval", "poll_timeout")
-    def _positive_seconds(self, proposal):
-        if proposal.value <= 0:
-            raise TraitError(f"Outpost.{proposal.trait.name} must be more than 0 seconds, not {proposal.value}")
-        return proposal.value
-
-    @validate("poll_concurrency")
-    def _at_least_one(self, proposal):
-        if proposal.value < 1:
-            raise TraitError(f"Outpost.poll_concurrency must be at least 1, not {proposal.value}")
-        return proposal.value
 
     crypt_keys = List(
         Unicode(),
@@ -354,11 +337,14 @@ class Outpost(Application):
 
     poll_interval = Float(
         30.0,
+        min=0.01,
         config=True,
         help="Seconds between two polls of every running Spawner by the lifecycle manager.",
     )
-    poll_timeout = Float(60.0, config=True, help="Seconds one Spawner's poll() may take before it counts as failed.")
-    poll_concurrency = Integer(32, config=True, help="How many Spawner polls run at the same time.")
+    poll_timeout = Float(
+        60.0, min=0.01, config=True, help="Seconds one Spawner's poll() may take before it counts as failed."
+    )
+    poll_concurrency = Integer(32, min=1, config=True, help="How many Spawner polls run at the same time.")
     max_concurrent_starts_per_hub = Integer(
         32,
         min=0,
@@ -373,21 +359,25 @@ class Outpost(Application):
     )
     max_events_per_server = Integer(
         200,
+        min=1,
         config=True,
         help="Progress events kept per server (oldest dropped first; the terminal event is always kept).",
     )
     max_message_bytes = Integer(
         4 * 1024 * 1024,
+        min=64 * 1024,
         config=True,
         help="The largest request the Outpost accepts; larger ones get RESOURCE_EXHAUSTED.",
     )
     max_struct_depth = Integer(
         16,
+        min=1,
         config=True,
         help="How deeply user_options and config_overrides may nest; deeper gets INVALID_ARGUMENT.",
     )
     shutdown_grace = Float(
         10.0,
+        min=0,
         config=True,
         help="""Seconds in-flight RPCs and pending starts get on SIGTERM.
 
@@ -402,12 +392,6 @@ class Outpost(Application):
     @default("log_format")
     def _log_format_default(self):
         return "%(color)s[%(levelname)1.1s %(asctime)s.%(msecs).03d %(name)s]%(end_color)s %(message)s"
-
-    @validate("port")
-    def _check_port(self, proposal):
-        if not 0 <= proposal.value < 65536:
-            raise TraitError(f"port must be 0 to 65535, not {proposal.value}")
-        return proposal.value
 
     @validate("hub_tokens")
     def _check_hub_tokens(self, proposal):
@@ -549,21 +533,6 @@ class Outpost(Application):
             raise one_line_exit(e) from None
         self.forwarder = forwarder
 
-    async def override_policy(self, hub: str, overrides: dict) -> None:
-        try:
-            denied = await denied_overrides(self.allow_override, hub, overrides)
-        except Exception as e:
-            # a site's policy callable raising is a refusal; its message is the reason
-            self.log.warning("allow_override refused %s for hub %r: %s", sorted(overrides), hub, e)
-            raise OverrideNotAllowed(
-                f"This Outpost does not allow these overrides: {e}", metadata={"keys": ",".join(sorted(overrides))}
-            ) from None
-        if denied:
-            raise OverrideNotAllowed(
-                f"This Outpost does not allow your hub to override {', '.join(denied)}.",
-                metadata={"keys": ",".join(denied)},
-            )
-
     async def init_store(self):
         if self.crypt is None:  # not checked by initialize() (an Outpost made in-process)
             self.crypt = self.make_crypt()
@@ -586,21 +555,15 @@ class Outpost(Application):
 
     async def init_manager(self):
         relay = self.make_relay()
-        self.manager = LifecycleManager(
-            store=self.store,
-            spawner_class=self.spawner_class,
-            config=self.config,
+        spawners = SpawnerFactory(
+            self.spawner_class,
+            self.config,
             site_env_keys=frozenset(self.site_env_keys),
-            poll_interval=self.poll_interval,
-            poll_timeout=self.poll_timeout,
-            poll_concurrency=self.poll_concurrency,
-            max_events_per_server=self.max_events_per_server,
-            override_policy=self.override_policy,
-            start_message=self.start_message,
-            max_concurrent_starts_per_hub=self.max_concurrent_starts_per_hub,
-            spawner_created=None if relay is None else (lambda rec, sp: relay.attach(sp, rec.hub, rec.name)),
+            on_created=None if relay is None else (lambda rec, spawner: relay.attach(spawner, rec.hub, rec.name)),
         )
-        self.manager.certs_base = self.certs_dir or None
+        self.manager = LifecycleManager(
+            self.store, spawners, ManagerSettings.from_traits(self), OverridePolicy(self.allow_override)
+        )
 
     async def init_relay(self):
         # before the servers are restored: a start the manager restores or accepts may
@@ -627,20 +590,15 @@ class Outpost(Application):
             tls = self.load_tls()
             for warning in tls.warnings:
                 self.log.warning(warning)
-        if self.tls_enabled and self.tls_client_ca:
-            resolver = certificate_resolver(self.hub_identity_from.lower(), self.hub_identity_map, self.allowed_hubs)
-            mode = f"mTLS, identity from {self.hub_identity_from.upper()}"
-        elif self.tls_enabled:
-            resolver, mode = None, "TLS"  # only with hub_tokens (load_tls checked)
-        else:
-            resolver = plaintext_resolver(self.default_hub)
-            mode = f"plaintext, hub {self.default_hub!r}"
-        if self.hub_tokens:
-            # the token names the hub; with mTLS the certificate must name the same one
-            resolver = token_resolver(self.hub_tokens, resolver if self.tls_client_ca else None)
-            mode = f"{mode.split(',')[0]}, bearer tokens of {len(self.hub_tokens)} hubs"
-            if self.tls_client_ca:
-                mode += f" and identity from {self.hub_identity_from.upper()}"
+        resolver, mode = auth_mode(
+            tls=self.tls_enabled,
+            client_ca=bool(self.tls_client_ca),
+            hub_tokens=self.hub_tokens,
+            identity_from=self.hub_identity_from,
+            identity_map=self.hub_identity_map,
+            allowed_hubs=self.allowed_hubs,
+            default_hub=self.default_hub,
+        )
         self.server = grpc.aio.server(
             interceptors=[OutpostInterceptor(resolver)],
             options=[

@@ -160,7 +160,7 @@ class GenerateCerts(Application):
         config=True,
         help="The hubs to make a client certificate for (--hub, repeatable); the CN is the hub's name.",
     )
-    years = Integer(5, config=True, help="How many years the certificates are valid.")
+    years = Integer(5, min=1, config=True, help="How many years the certificates are valid.")
 
     @validate("years")
     def _check_years(self, proposal):

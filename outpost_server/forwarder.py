@@ -124,7 +124,7 @@ class SSHForwarder(Configurable):
         authenticated by the hubs' keys).
         """,
     )
-    port = Integer(2222, config=True, help="The port the SSH forwarder listens on (0: any free port).")
+    port = Integer(2222, min=0, max=65535, config=True, help="The port the SSH forwarder listens on (0: any free port).")
     host_key_file = Unicode(
         "outpost_ssh_host_key",
         config=True,
@@ -159,12 +159,6 @@ class SSHForwarder(Configurable):
         addresses are accepted; by default no hub may listen anywhere.
         """,
     )
-
-    @validate("port")
-    def _check_port(self, proposal):
-        if not 0 <= proposal.value < 65536:
-            raise TraitError(f"SSHForwarder.port must be 0 to 65535, not {proposal.value}")
-        return proposal.value
 
     @validate("reverse_listen")
     def _check_reverse_listen(self, proposal):

@@ -1,10 +1,16 @@
-"""Which config_overrides a hub may send (c.Outpost.allow_override), as a pure function."""
+"""Which config_overrides a hub may send (c.Outpost.allow_override): the rule checked as
+pure functions, and :class:`OverridePolicy`, which enforces it for the manager."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
+
+from outpost_client.errors import OverrideNotAllowed
+
+log = logging.getLogger("outpost.policy")
 
 Policy = bool | Collection[str] | Mapping[str, Any] | Callable[[str, dict], Any]
 
@@ -49,3 +55,26 @@ async def denied_overrides(policy: Policy, hub: str, overrides: dict[str, Any]) 
     if policy is False or policy is None:
         return sorted(overrides)
     return sorted(set(overrides) - set(policy))
+
+
+class OverridePolicy:
+    """c.Outpost.allow_override, enforced: check() refuses what a hub may not override."""
+
+    def __init__(self, rule: Policy):
+        self.rule = check_policy(rule)
+
+    async def check(self, hub: str, overrides: dict[str, Any]) -> None:
+        """Raise OverrideNotAllowed (PERMISSION_DENIED) naming the keys hub may not send."""
+        try:
+            denied = await denied_overrides(self.rule, hub, overrides)
+        except Exception as e:
+            # a site's policy callable raising is a refusal; its message is the reason
+            log.warning("allow_override refused %s for hub %r: %s", sorted(overrides), hub, e)
+            raise OverrideNotAllowed(
+                f"This Outpost does not allow these overrides: {e}", metadata={"keys": ",".join(sorted(overrides))}
+            ) from None
+        if denied:
+            raise OverrideNotAllowed(
+                f"This Outpost does not allow your hub to override {', '.join(denied)}.",
+                metadata={"keys": ",".join(denied)},
+            )

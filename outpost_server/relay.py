@@ -154,7 +154,7 @@ class HubAPIRelay(Configurable):
         (the hub still checks every request's token).
         """,
     )
-    port = Integer(8082, config=True, help="The port the relay listens on (0: any free port).")
+    port = Integer(8082, min=0, max=65535, config=True, help="The port the relay listens on (0: any free port).")
     url = Unicode(
         "",
         config=True,
@@ -174,16 +174,11 @@ class HubAPIRelay(Configurable):
     )
     upstream_timeout = Float(
         30.0,
+        min=0.01,
         config=True,
         help="""Seconds a relayed request may take at the hub (connecting included) before the
         notebook gets 504.""",
     )
-
-    @validate("port")
-    def _check_port(self, proposal):
-        if not 0 <= proposal.value < 65536:
-            raise TraitError(f"HubAPIRelay.port must be 0 to 65535, not {proposal.value}")
-        return proposal.value
 
     @validate("url")
     def _check_url(self, proposal):

@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from outpost_client.errors import Unavailable
+from outpost_client.errors import PersistenceUnavailable
 
 from .crypto import Crypt, DecryptionError
 
@@ -143,22 +143,21 @@ def unreachable(error: BaseException) -> bool:
 class Store:
     """The database, opened once per Outpost process."""
 
-    #: seconds a PostgreSQL connection attempt, one statement, or the wait for a pooled
-    #: connection may take before the write fails (Unavailable); a frozen server or a
-    #: black-holed network must not hang Starts and Stops until TCP gives up (hours)
-    timeout: float = 10.0
-
     def __init__(
         self,
         url: str,
         *,
-        max_events_per_server: int = 200,
+        max_events_per_server: int | None = None,
         crypt: Crypt | None = None,
         timeout: float | None = None,
     ):
         self.url = async_url(url)
-        if timeout is not None:
-            self.timeout = timeout
+        #: seconds a PostgreSQL connection attempt, one statement, or the wait for a pooled
+        #: connection may take before the write fails (Unavailable); a frozen server or a
+        #: black-holed network must not hang Starts and Stops until TCP gives up (hours).
+        #: None: the drivers' own (the Outpost always sets c.Outpost.db_timeout)
+        self.timeout = timeout
+        #: events kept per server (None: all; the Outpost always sets one)
         self.max_events = max_events_per_server
         # None stores the secret columns in plain text (the Outpost application always
         # passes one; it refuses to start without a key)
@@ -177,13 +176,12 @@ class Store:
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(
-                pool_pre_ping=True,
-                pool_size=5,
-                max_overflow=5,
-                pool_timeout=self.timeout,
-                connect_args={"timeout": self.timeout, "command_timeout": self.timeout},
-            )
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
+            if self.timeout is not None:
+                kwargs.update(
+                    pool_timeout=self.timeout,
+                    connect_args={"timeout": self.timeout, "command_timeout": self.timeout},
+                )
         self.engine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
 
@@ -278,7 +276,7 @@ class Store:
         log.error("Database write failed: %s: %s", type(error).__name__, error)
         if not future.done():
             future.set_exception(
-                Unavailable(
+                PersistenceUnavailable(
                     "The Outpost could not write to its database; try again shortly.",
                     metadata={"error_class": type(error).__name__},
                 )
@@ -333,9 +331,10 @@ class Store:
         return op
 
     def op_add_events(self, hub: str, server_name: str, rows: list[dict[str, Any]]) -> Op:
-        """Insert events and drop the oldest beyond the per-server limit."""
+        """Insert events and drop the oldest beyond the per-server limit (the last one,
+        which may be the start's terminal event, is always kept)."""
         last = max(r["sequence"] for r in rows)
-        keep_from = last - self.max_events + 1
+        keep_from = 0 if self.max_events is None else last - max(1, self.max_events) + 1
         values = [dict(r, hub=hub, server_name=server_name) for r in rows]
 
         async def op(conn: AsyncConnection) -> None:

@@ -20,7 +20,6 @@ MAX_USER_NAME = 255
 MAX_GROUPS = 1000
 MAX_ENV_KEY = 1024
 MAX_BATCH = 10000
-DEFAULT_MAX_DEPTH = 16
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 control characters
 
 
@@ -124,7 +123,7 @@ def has_non_finite(value) -> bool:
     return False
 
 
-def check_struct(value: struct_pb2.Struct, field: str, max_depth: int = DEFAULT_MAX_DEPTH):
+def check_struct(value: struct_pb2.Struct, field: str, max_depth: int):
     depth = struct_depth(value)
     if depth > max_depth:
         raise invalid(field, f"is nested {depth} levels deep; at most {max_depth} are allowed")

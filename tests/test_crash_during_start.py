@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from outpost_client import OutpostClient, ServerNotFound, Unavailable, pb
-from outpost_server.manager import RESTART_DURING_START
+from outpost_server.restore import RESTART_DURING_START
 
 from .conftest import process_alive, wait_for
 

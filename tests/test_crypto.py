@@ -183,7 +183,7 @@ async def test_wrong_key_marks_the_server_unknown_and_keeps_its_row(tmp_path, db
             status = await op.client.poll("amy")
             assert status.state == pb.SERVER_STATE_UNKNOWN
             assert op.manager.records[("default", "amy")].spawner is None
-            await op.manager.poll_all()  # the poller leaves it alone
+            await op.manager.poller.poll_all()  # the poller leaves it alone
             # the Outpost serves the others
             await start(op, "ben", token())
     finally:

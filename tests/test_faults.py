@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from outpost_client import DeadlineExceeded, OutpostClient, ServerNotFound, Unavailable, pb
-from outpost_server.interceptors import hash_token
+from outpost_server.identity import hash_token
 from outpost_server.store import async_url
 from outpost_server.testing import HangingStartSpawner, RecordingSpawner, SlowPollSpawner
 

@@ -555,9 +555,8 @@ async def quiescent(op) -> None:
         for rec in op.manager.records.values():
             if rec.accepted is not None or rec.state not in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_STOPPED):
                 return False
-            for task in (rec.start_task, rec.stop_task):
-                if task is not None and not task.done():
-                    return False
+            if rec.run is not None or (rec.stop_task is not None and not rec.stop_task.done()):
+                return False
         return not op.app.store._queue
 
     await wait_for(settled, timeout=15, message="the Outpost did not settle")

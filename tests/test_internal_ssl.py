@@ -161,7 +161,7 @@ async def test_certificates_written_moved_and_removed(start_outpost, tmp_path, a
 
         # never persisted, never kept in memory once on disk
         rec = op.manager.records[("default", "alice")]
-        assert "BEGIN" not in json.dumps(rec.row(), default=str)
+        assert "BEGIN" not in json.dumps(rec.to_row(), default=str)
         assert not rec.spec.certificates
         assert "BEGIN" not in await _stored_text(op)
         db_file = Path(op.app.db_url.split("sqlite:///", 1)[1])

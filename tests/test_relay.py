@@ -26,7 +26,7 @@ from traitlets import TraitError
 from traitlets.config import Config
 
 from outpost_client import OutpostClient, pb
-from outpost_server.interceptors import hash_token
+from outpost_server.identity import hash_token
 from outpost_server.relay import HubAPIRelay, RelayConfigError, relay_prefix, relayed_env, token_from
 
 from .conftest import wait_for

@@ -25,7 +25,7 @@ from outpost_client import OutpostClient, ServerNotFound, TLSConfig, Unauthentic
 from outpost_client.errors import UNAUTHENTICATED_HUB
 from outpost_server.app import Outpost
 from outpost_server.certs import CertsError, Pair, generate_certs
-from outpost_server.interceptors import certificate_resolver
+from outpost_server.identity import certificate_resolver
 from outpost_server.tls import TLSConfigError, load_server_tls
 
 from .conftest import BIN

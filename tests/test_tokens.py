@@ -18,11 +18,11 @@ from traitlets import TraitError
 from outpost_client import OutpostClient, ServerNotFound, TLSConfig, Unauthenticated, pb
 from outpost_client.errors import UNAUTHENTICATED_HUB
 from outpost_client.spawner import OutpostConfig, OutpostSpawner, client_for
-from outpost_server import interceptors
+from outpost_server import identity
 from outpost_server.app import Outpost
 from outpost_server.certs import generate_certs
 from outpost_server.hosting import StandInHub, StandInUser
-from outpost_server.interceptors import certificate_resolver, hash_token, token_resolver
+from outpost_server.identity import certificate_resolver, hash_token, token_resolver
 
 from .conftest import BIN
 
@@ -143,7 +143,7 @@ def test_token_resolver_compares_every_hash_in_constant_time(monkeypatch):
         calls.append((a, b))
         return compare(a, b)
 
-    monkeypatch.setattr(interceptors.hmac, "compare_digest", spy)
+    monkeypatch.setattr(identity.hmac, "compare_digest", spy)
     hub_tokens = {f"hub-{i}": hash_token(secrets.token_urlsafe(32)) for i in range(5)}
     hub_tokens["hub-a"] = hash_token(TOKEN_A)
     resolve = token_resolver(hub_tokens)

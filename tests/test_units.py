@@ -173,28 +173,6 @@ def test_bad_policy(bad):
         check_policy(bad)
 
 
-def test_records_index_per_hub():
-    """The per-hub index and name order follow every insert, replace and delete."""
-    import random
-
-    from outpost_server.manager import Records
-
-    records, truth = Records(), {}
-    rnd = random.Random(7)
-    for i in range(2000):
-        key = (rnd.choice(["a", "b", "c"]), f"s{rnd.randrange(300)}")
-        if key in truth and rnd.random() < 0.5:
-            del records[key], truth[key]
-        else:
-            records[key] = truth[key] = i  # a stand-in for a Record
-    assert dict(records) == truth
-    for hub in ("a", "b", "c"):
-        mine = {name: v for (h, name), v in truth.items() if h == hub}
-        assert records.of_hub(hub) == mine
-        assert records.sorted_names.get(hub, []) == sorted(mine)
-    assert records.of_hub("nobody") == {}
-
-
 def test_start_marker_is_stable_and_distinct():
     from outpost_server.orphans import find_marked, start_marker
 
@@ -245,7 +223,18 @@ def test_hosted_spawner_log_hides_the_servers_secrets(caplog):
 
 @pytest.mark.parametrize(
     "trait, value",
-    [("poll_concurrency", 0), ("db_timeout", 0), ("poll_interval", -1), ("poll_timeout", 0)],
+    [
+        ("poll_concurrency", 0),
+        ("db_timeout", 0),
+        ("poll_interval", -1),
+        ("poll_timeout", 0),
+        ("max_events_per_server", 0),  # trimmed the terminal event: Events never ended
+        ("max_struct_depth", 0),
+        ("max_message_bytes", 100),
+        ("shutdown_grace", -1),
+        ("port", 65536),
+        ("max_concurrent_starts_per_hub", -1),
+    ],
 )
 def test_outpost_refuses_settings_that_would_stall_it(trait, value):
     from traitlets import TraitError

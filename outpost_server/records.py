@@ -1,0 +1,266 @@
+"""What the Outpost knows of every server, in memory: one :class:`Record` per (hub,
+server_name), its :class:`EventLog`, and the :class:`Records` table of them all.
+
+RPCs read records (Poll, ListServers and Events never touch a Spawner or the database);
+the lifecycle manager and its helpers change them. A record's database row is
+:meth:`Record.to_row` and :meth:`Record.from_row` reads it back: the two stay side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from jupyterhub.spawner import Spawner
+
+from outpost_client.v1 import outpost_pb2 as pb
+
+from . import convert
+from .aio import wait_event
+
+if TYPE_CHECKING:
+    from .starts import StartRun
+
+#: states of a server that holds resources at the site
+ACTIVE = (pb.SERVER_STATE_STARTING, pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_STOPPING)
+#: event kinds that end a start's event stream
+TERMINAL_KINDS = (pb.EVENT_KIND_READY, pb.EVENT_KIND_FAILED)
+
+Key = tuple[str, str]  # (hub, server_name)
+
+
+class EventLog:
+    """The progress events of one start, oldest first, at most ``limit`` of them.
+
+    The oldest events are dropped first; the last one is never dropped, so the terminal
+    event (the last a start emits) always stays and an Events stream always ends.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.items: deque[tuple[int, dict[str, Any]]] = deque()
+        self.last_sequence = 0
+        self.terminal = False
+
+    def next_sequence(self) -> int:
+        self.last_sequence += 1
+        return self.last_sequence
+
+    def append(self, sequence: int, data: dict[str, Any]) -> None:
+        """Add an event (a sequence from next_sequence(), or a stored one on restore)."""
+        self.items.append((sequence, data))
+        self.last_sequence = max(self.last_sequence, sequence)
+        while len(self.items) > self.limit:
+            self.items.popleft()
+        if data.get("kind") in TERMINAL_KINDS:
+            self.terminal = True
+
+    def after(self, sequence: int) -> list[tuple[int, dict[str, Any]]]:
+        """The kept events with a sequence above ``sequence``, oldest first."""
+        return [item for item in self.items if item[0] > sequence]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass(eq=False)
+class Record:
+    """One server of one hub, as the Outpost knows it."""
+
+    hub: str
+    spec: convert.StartSpec
+    state: int
+    start_time: datetime
+    events: EventLog
+    address: dict[str, Any] | None = None
+    exit_code: int | None = None
+    failure_message: str = ""
+    error_class: str = ""
+    spawner: Spawner | None = None
+    spawner_state: dict | None = None
+    #: the start while it runs (its tasks: start, checkpoint, progress); see starts.py
+    run: StartRun | None = None
+    #: set while the start is being persisted (Start returns when it is done)
+    accepted: asyncio.Future | None = None
+    stop_task: asyncio.Task | None = None
+    poll_task: asyncio.Task | None = None
+    #: held while an event is written, so a cancel never lands in the middle of one
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _status: pb.ServerStatus | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.hub, self.spec.server_name)
+
+    @property
+    def name(self) -> str:
+        return self.spec.server_name
+
+    @property
+    def start_id(self) -> str:
+        return self.spec.start_id
+
+    @property
+    def last_sequence(self) -> int:
+        return self.events.last_sequence
+
+    @property
+    def terminal(self) -> bool:
+        return self.events.terminal
+
+    def changed(self) -> None:
+        """Wake everyone waiting on this record and drop the cached status."""
+        self._status = None
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout: float | None = None) -> None:
+        waiter = self._changed
+        if timeout is None:
+            await waiter.wait()
+        else:
+            await wait_event(waiter, timeout)
+
+    def status(self) -> pb.ServerStatus:
+        if self._status is None:
+            status = pb.ServerStatus(
+                server_name=self.name,
+                start_id=self.start_id,
+                state=self.state,
+                failure_message=self.failure_message,
+                user_name=self.spec.user["name"],
+                start_time=convert.timestamp(self.start_time),
+            )
+            if self.address and self.state == pb.SERVER_STATE_RUNNING:
+                status.address.CopyFrom(pb.ServerAddress(**self.address))
+            if self.exit_code is not None and self.state == pb.SERVER_STATE_STOPPED:
+                status.exit_code = self.exit_code
+            self._status = status
+        return self._status
+
+    # --- the database row, both ways ----------------------------------------------------
+
+    def to_row(self) -> dict[str, Any]:
+        spec = self.spec
+        address = self.address or {}
+        return {
+            "hub": self.hub,
+            "server_name": spec.server_name,
+            "start_id": spec.start_id,
+            "state": convert.STATE_NAMES[self.state],
+            "user_info": spec.user,
+            "spawner_name": spec.spawner_name,
+            "env": spec.env,
+            "user_options": spec.user_options,
+            "config_overrides": spec.config_overrides,
+            "spawner_state": self.spawner_state,
+            "scheme": address.get("scheme"),
+            "host": address.get("host"),
+            "port": address.get("port"),
+            "exit_code": self.exit_code,
+            "failure_message": self.failure_message,
+            "error_class": self.error_class,
+            "start_time": self.start_time,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], events: list[dict[str, Any]], *, max_events: int) -> Record:
+        """The record of a stored row and its stored events (ordered by sequence)."""
+        spec = convert.StartSpec(
+            server_name=row["server_name"],
+            start_id=row["start_id"],
+            user=row["user_info"],
+            env=row["env"] or {},
+            user_options=row["user_options"] or {},
+            config_overrides=row["config_overrides"] or {},
+            spawner_name=row["spawner_name"] or "",
+        )
+        rec = cls(
+            hub=row["hub"],
+            spec=spec,
+            state=convert.STATE_VALUES.get(row["state"], pb.SERVER_STATE_UNKNOWN),
+            start_time=row["start_time"],
+            events=EventLog(max_events),
+            exit_code=row["exit_code"],
+            failure_message=row["failure_message"] or "",
+            error_class=row["error_class"] or "",
+            spawner_state=row["spawner_state"],
+        )
+        if row["host"]:
+            rec.address = {"scheme": row["scheme"], "host": row["host"], "port": row["port"]}
+        for ev in events:
+            rec.events.append(ev["sequence"], ev["data"])
+        return rec
+
+
+class Records(Mapping):
+    """Every Record by (hub, server_name), with an index per hub.
+
+    A read-only mapping (what RPCs read on their hot path); :meth:`put` and
+    :meth:`remove` are the only ways to change it, and they keep the per hub index (its
+    records, and its server names in order) in step: ListServers pages and the SSH
+    forwarder's checks cost the size of one hub's share, not of every server.
+    """
+
+    def __init__(self) -> None:
+        self._all: dict[Key, Record] = {}
+        self._by_hub: dict[str, dict[str, Record]] = {}
+        self._sorted_names: dict[str, list[str]] = {}
+
+    def __getitem__(self, key: Key) -> Record:
+        return self._all[key]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._all
+
+    def get(self, key: Key, default: Any = None) -> Any:  # the hot path: no Mapping detour
+        return self._all.get(key, default)
+
+    def current(self, rec: Record) -> bool:
+        """Whether rec is still the record of its server (not stopped, not replaced)."""
+        return self._all.get(rec.key) is rec
+
+    def put(self, rec: Record) -> None:
+        """Make rec the record of its server (replacing any other)."""
+        key = rec.key
+        if key not in self._all:
+            bisect.insort(self._sorted_names.setdefault(rec.hub, []), rec.name)
+        self._all[key] = rec
+        self._by_hub.setdefault(rec.hub, {})[rec.name] = rec
+
+    def remove(self, rec: Record) -> bool:
+        """Forget rec if it is still its server's record; True if it was."""
+        if not self.current(rec):
+            return False
+        hub, name = rec.key
+        del self._all[rec.key]
+        del self._by_hub[hub][name]
+        names = self._sorted_names[hub]
+        del names[bisect.bisect_left(names, name)]
+        if not names:
+            del self._by_hub[hub], self._sorted_names[hub]
+        return True
+
+    def of_hub(self, hub: str) -> Mapping[str, Record]:
+        return self._by_hub.get(hub, {})
+
+    def page(self, hub: str, after_name: str, size: int) -> tuple[list[Record], bool]:
+        """Up to size of hub's records with names after after_name, in name order, and
+        whether more follow."""
+        names = self._sorted_names.get(hub, [])
+        first = bisect.bisect_right(names, after_name)
+        page = names[first : first + size]
+        of_hub = self._by_hub.get(hub, {})
+        return [of_hub[name] for name in page], len(names) > first + size
