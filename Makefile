@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: help setup system-packages demo test test-fast bench soak proto lint lint-proto postgres clean
+.PHONY: help setup system-packages demo test test-fast bench soak proto docs lint lint-proto postgres clean
 
 help:
 	@echo "make demo        JupyterHub on http://127.0.0.1:8000 spawning through an Outpost (gRPC 50051, SSH 2222)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench       benchmarks against a real Outpost (table + bench-results/bench.json)"
 	@echo "make soak        10 minutes of start/poll/stop with real processes (bench-results/soak.json)"
 	@echo "make proto       regenerate outpost_client/v1 from protos/"
+	@echo "make docs        regenerate docs/config-reference.md from the options' help texts"
 	@echo "make lint-proto  buf lint"
 
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +35,9 @@ setup: $(VENV)/.installed node_modules/.installed system-packages
 
 proto: $(VENV)/.installed
 	$(PY) scripts/gen_protos.py
+
+docs: $(VENV)/.installed
+	$(PY) scripts/gen_config_docs.py
 
 lint-proto: node_modules/.installed
 	$(BUF) lint

@@ -154,8 +154,9 @@ class Outpost(Application):
         config=True,
         help="""Serve plaintext gRPC on a non-loopback address.
 
-        Without TLS anyone who can reach the port can start servers as the default hub;
-        only set this behind a network you trust.
+        Without it, the Outpost refuses to start with plaintext on any other address, with
+        a one-line reason. Without TLS anyone who can reach the port can start servers as
+        the default hub; only set this behind a network you trust.
         """,
     )
     default_hub = Unicode(
@@ -164,7 +165,9 @@ class Outpost(Application):
         help="""The hub identity of plaintext connections.
 
         A server is identified by (hub, server_name); with mTLS the hub identity comes
-        from the client certificate, on plaintext loopback connections it is this name.
+        from the client certificate, with hub_tokens from the token, and on plaintext
+        connections without hub_tokens it is this name. The identity always comes from the
+        connection, never from a request.
         """,
     )
 
@@ -177,24 +180,36 @@ class Outpost(Application):
         present a certificate signed by tls_client_ca, and that certificate names its hub
         (see hub_identity_from). `jupyterhub-outpost generate-certs` creates all three.
         With hub_tokens, tls_cert and tls_key alone serve TLS without client certificates.
+        The certificate's subjectAltNames must include the name or address hubs use in
+        c.OutpostSpawner.outpost_address.
         """,
     )
     tls_key = Unicode(
-        "", config=True, help="The private key of tls_cert (PEM file, unencrypted; keep it mode 0600)."
+        "",
+        config=True,
+        help="""The private key of tls_cert (PEM file, unencrypted; keep it mode 0600).
+        A key readable by group or others is served, with a warning in the log.""",
     )
     tls_client_ca = Unicode(
         "",
         config=True,
         help="""The CA certificate(s) (PEM file, several may be concatenated) a hub's client
         certificate must be signed by. A client without a certificate, or with an unknown,
-        expired or not yet valid one, is refused by the TLS handshake.""",
+        expired or not yet valid one, is refused by the TLS handshake (the client sees
+        UNAVAILABLE).
+
+        Set tls_cert, tls_key and tls_client_ca together (with hub_tokens, tls_client_ca
+        may be left out): one missing stops the Outpost at start-up with a one-line
+        reason, as does an unreadable file or a key that does not belong to the
+        certificate.""",
     )
     hub_identity_from = CaselessStrEnum(
         ["cn", "san"],
         default_value="cn",
         config=True,
         help="""Which name of a hub's client certificate is its hub identity (with mTLS):
-        "cn", the subject's common name, or "san", its first DNS subjectAltName.""",
+        "cn", the subject's common name, or "san", its first DNS subjectAltName. A
+        certificate without that name gets UNAUTHENTICATED.""",
     )
     hub_identity_map = Dict(
         value_trait=Unicode(),
@@ -210,7 +225,7 @@ class Outpost(Application):
         config=True,
         help="""The hub names (after hub_identity_map) that may use this Outpost with mTLS.
         Empty (default): any hub whose certificate is signed by tls_client_ca. Others get
-        UNAUTHENTICATED (reason UNAUTHENTICATED_HUB).""",
+        UNAUTHENTICATED (reason UNAUTHENTICATED_HUB), with a message naming the hub.""",
     )
     hub_tokens = Dict(
         value_trait=Unicode(),
@@ -221,10 +236,15 @@ class Outpost(Application):
 
         When set, every call must carry `authorization: Bearer <token>` metadata
         (c.OutpostSpawner.outpost_token) with one of these tokens, and the token names the
-        hub; a missing or unknown token gets UNAUTHENTICATED (reason UNAUTHENTICATED_HUB).
-        With mTLS as well, the call needs both, and they must name the same hub.
-        Tokens need TLS: tls_cert and tls_key (tls_client_ca is then optional), unless
-        the Outpost listens on loopback (or allow_plaintext is set).
+        hub; a missing, malformed or unknown token gets UNAUTHENTICATED (reason
+        UNAUTHENTICATED_HUB). The token is never logged or echoed, and hashes are
+        compared in constant time. With mTLS as well, the call needs both, and they must
+        name the same hub. Tokens need TLS: tls_cert and tls_key (tls_client_ca is then
+        optional), unless the Outpost listens on loopback or allow_plaintext is set (then
+        a warning is logged). Over plaintext, default_hub is not used.
+
+        A value that is not a hash, or the same token for two hubs, stops the Outpost at
+        start-up with a one-line reason.
 
         Only hashes are stored. Make a random token and its hash with
             python -c "import secrets; print(secrets.token_urlsafe(32))" > hub-a.token
@@ -238,7 +258,9 @@ class Outpost(Application):
         "sqlite:///outpost.sqlite",
         config=True,
         help="""The database URL (SQLAlchemy): sqlite:///path/file.sqlite (default, relative
-        to the working directory) or postgresql://user@host:5432/dbname.""",
+        to the working directory), sqlite:////absolute/path/file.sqlite, or
+        postgresql://user@host:5432/dbname. The asyncio drivers (aiosqlite, asyncpg) are
+        picked for you.""",
     )
 
     db_timeout = Float(
@@ -262,8 +284,13 @@ class Outpost(Application):
         start-up rewrites older rows under the first key).
 
         Default: the OUTPOST_CRYPT_KEY environment variable (keys separated by ";", like
-        JUPYTERHUB_CRYPT_KEY). The Outpost does not start without a key. Make one with
-        python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"
+        JUPYTERHUB_CRYPT_KEY). Required: without a key, or with one that is not a Fernet
+        key, the Outpost stops at start-up with a one-line reason (the key is never
+        printed). Make one with
+            python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"
+
+        Encrypted values are stored in their JSON columns as {"fernet": "<token>"};
+        progress events, user names, options and addresses are not encrypted.
         """,
     )
 
@@ -275,8 +302,9 @@ class Outpost(Application):
         "",
         config=True,
         help="""A file with the crypt keys (one per line or ";"-separated, first key first;
-        lines starting with # are ignored), used instead of crypt_keys and OUTPOST_CRYPT_KEY.
-        Keep it mode 0600 (the Outpost warns otherwise).""",
+        lines starting with # are ignored), used instead of crypt_keys and OUTPOST_CRYPT_KEY;
+        setting both this and crypt_keys is an error. Keep it mode 0600: a file readable
+        by group or others is used, with a warning.""",
     )
 
     spawner_class = EntryPointType(
@@ -289,7 +317,8 @@ class Outpost(Application):
         A name registered under the jupyterhub.spawners entry point ("simple",
         "localprocess", "kubespawner", ...) or an import string
         ("batchspawner.SlurmSpawner"). Configure it exactly as in jupyterhub_config.py,
-        e.g. c.LocalProcessSpawner.cmd = [...].
+        e.g. c.LocalProcessSpawner.cmd = [...]. An unknown name stops the Outpost at
+        start-up with one line naming it.
         """,
     )
 
@@ -314,7 +343,9 @@ class Outpost(Application):
         (reason OVERRIDE_NOT_ALLOWED), and the hub's user sees why. True: any
         configurable trait of the Spawner. A list of trait names: only those. A dict:
         hub name -> one of these (hubs it does not name may override nothing). A
-        callable (hub, overrides) -> one of these, sync or async.
+        callable (hub, overrides) -> one of these, sync or async (raising refuses, with
+        its message as the reason). An unknown trait or a value of the wrong type is
+        INVALID_ARGUMENT.
         """,
     )
 
@@ -330,7 +361,8 @@ class Outpost(Application):
         "",
         config=True,
         help="""Where the Outpost writes the internal_ssl certificates hubs send with Start
-        (a private directory, mode 0700; one subdirectory per start, removed at stop).
+        (a private directory, mode 0700; one subdirectory per start, removed at stop or
+        failed start).
         Empty: <tmp>/jupyterhub-outpost-certs-<uid>. The certificates never go to the
         database.""",
     )
@@ -339,10 +371,20 @@ class Outpost(Application):
         30.0,
         min=0.01,
         config=True,
-        help="Seconds between two polls of every running Spawner by the lifecycle manager.",
+        help="""Seconds between two polls of every running Spawner by the lifecycle manager.
+        The Poll RPC answers from what the last poll saw.""",
     )
     poll_timeout = Float(
-        60.0, min=0.01, config=True, help="Seconds one Spawner's poll() may take before it counts as failed."
+        60.0,
+        min=0.01,
+        config=True,
+        help="""Seconds one Spawner's poll() may take before the server shows UNKNOWN (not
+        stopped); a raising poll() makes it UNKNOWN at once.
+
+        A poll() is never cancelled (batchspawner would read a cancelled squeue as "job
+        gone"): it goes on, its answer still counts, and that server is not polled again
+        until it answers. A round of polls never waits for a slow one.
+        """,
     )
     poll_concurrency = Integer(32, min=1, config=True, help="How many Spawner polls run at the same time.")
     max_concurrent_starts_per_hub = Integer(
@@ -351,8 +393,10 @@ class Outpost(Application):
         config=True,
         help="""How many servers of one hub may be starting at the same time (0: no limit).
 
-        A Start beyond it gets RESOURCE_EXHAUSTED (reason TOO_MANY_STARTS) and leaves
-        nothing behind; the hub's user may try again when one of those starts finishes.
+        A Start beyond it is answered at once with RESOURCE_EXHAUSTED (reason
+        TOO_MANY_STARTS, metadata limit) and leaves nothing behind: nothing is started or
+        stored. A slot frees when a start becomes RUNNING, fails or is stopped; the hub's
+        user may then try again.
         Retrying a start already accepted (same start_id) is never refused. The limit
         is per hub, so one hub flooding Starts does not keep the others from starting.
         """,
@@ -367,19 +411,22 @@ class Outpost(Application):
         4 * 1024 * 1024,
         min=64 * 1024,
         config=True,
-        help="The largest request the Outpost accepts; larger ones get RESOURCE_EXHAUSTED.",
+        help="""The largest request the Outpost accepts, in bytes; larger ones get
+        RESOURCE_EXHAUSTED and nothing else is affected.""",
     )
     max_struct_depth = Integer(
         16,
         min=1,
         config=True,
-        help="How deeply user_options and config_overrides may nest; deeper gets INVALID_ARGUMENT.",
+        help="""How deeply user_options and config_overrides may nest; deeper gets
+        INVALID_ARGUMENT. Protobuf itself refuses more than 100 levels of message nesting;
+        the Outpost answers that with INVALID_ARGUMENT (field request) too.""",
     )
     shutdown_grace = Float(
         10.0,
         min=0,
         config=True,
-        help="""Seconds in-flight RPCs and pending starts get on SIGTERM.
+        help="""Seconds in-flight RPCs and pending starts get on SIGTERM or SIGINT.
 
         Running notebooks are never stopped by a shutdown; their state is persisted.
         """,

@@ -151,14 +151,15 @@ class HubAPIRelay(Configurable):
         Notebooks must reach it: on a batch cluster, an address of the Outpost host the
         compute nodes can reach (or "0.0.0.0"), not 127.0.0.1. Anyone who can reach it
         can reach the hub API of every hub with a server here, exactly as notebooks can
-        (the hub still checks every request's token).
+        (the hub still checks every request's token): keep it to the cluster's network.
         """,
     )
     port = Integer(8082, min=0, max=65535, config=True, help="The port the relay listens on (0: any free port).")
     url = Unicode(
         "",
         config=True,
-        help="""The base URL notebooks reach the relay at, e.g. "http://login1.cluster:8082".
+        help="""The base URL notebooks reach the relay at, e.g. "http://login1.cluster:8082"
+        (a name the compute nodes resolve).
 
         Empty (default): http://<ip>:<port> with the port actually bound; for a wildcard
         ip ("0.0.0.0", "::", "") the host's fully qualified name instead of the ip.
@@ -177,7 +178,7 @@ class HubAPIRelay(Configurable):
         min=0.01,
         config=True,
         help="""Seconds a relayed request may take at the hub (connecting included) before the
-        notebook gets 504.""",
+        notebook gets 504. An unreachable hub (its reverse forward down) is 502.""",
     )
 
     @validate("url")
