@@ -8,7 +8,8 @@ its trait, and its text from the trait's `help=`: to change the reference, chang
 code and run `make docs`. `--check` writes nothing and exits 1, with a diff, when the
 committed file differs from what the code generates (tests/test_docs.py does the same).
 
-Only each class's own traits are listed. The Outpost's inherited traitlets Application
+Only each class's own traits are listed (the Outpost's include those of its option
+mixins, outpost_server/options.py). The Outpost's inherited traitlets Application
 options (log_level, log_format, ...) are named in one line, not described: they work as
 in every traitlets application, and the two of them with command-line options
 (`--log-level`, `--debug`) are in the command-line table.
@@ -238,16 +239,29 @@ def render_help(help_text: str) -> list[str]:
 # --- the document --------------------------------------------------------------------
 
 
+def option_groups(cls: type) -> list[type]:
+    """cls and the option mixins it is made of (outpost_server/options.py: traits of
+    plain HasTraits classes, configured as cls's own), in the order of its bases."""
+    from traitlets.config import Configurable
+
+    mixins = [k for k in cls.__mro__[1:] if not issubclass(k, Configurable) and "class_own_traits" in dir(k)]
+    return [cls, *(k for k in mixins if k.__module__.startswith("outpost_server"))]
+
+
 def own_config_traits(cls: type) -> list[tuple[str, object]]:
-    """cls's own config traits in the order its class body defines them."""
-    own = cls.class_own_traits(config=True)
-    return [(name, own[name]) for name in vars(cls) if name in own]
+    """cls's own config traits (its option mixins' included) in the order their class
+    bodies define them."""
+    out = []
+    for group in option_groups(cls):
+        own = group.class_own_traits(config=True)
+        out += [(name, own[name]) for name in vars(group) if name in own]
+    return out
 
 
 def inherited_note(cls: type, cli_options: dict[str, list[str]]) -> list[str]:
     """One paragraph naming the config traits cls inherits (the Outpost's from traitlets'
     Application): they are not described, and a command-line option that sets one is named."""
-    inherited = sorted(set(cls.class_traits(config=True)) - set(cls.class_own_traits(config=True)))
+    inherited = sorted(set(cls.class_traits(config=True)) - {name for name, _ in own_config_traits(cls)})
     if not inherited:
         return []
     by_owner: dict[str, list[str]] = {}

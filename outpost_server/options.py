@@ -1,0 +1,414 @@
+"""The options of the `jupyterhub-outpost` application, by concern.
+
+Each group is a traits mixin of :class:`outpost_server.app.Outpost` (plain ``HasTraits``,
+not a Configurable): every option is still ``c.Outpost.<name>``, and ``--generate-config``
+and docs/config-reference.md list them under ``Outpost``. What follows from the options
+alone (the TLS files, the database keys) is worked out here too; the application
+decides when.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+from jupyterhub.spawner import LocalProcessSpawner, Spawner
+from jupyterhub.traitlets import EntryPointType
+from traitlets import (
+    Any,
+    Bool,
+    CaselessStrEnum,
+    Dict,
+    Float,
+    HasTraits,
+    Integer,
+    List,
+    TraitError,
+    Unicode,
+    default,
+    validate,
+)
+
+from .crypto import ENV_VAR as CRYPT_KEY_ENV
+from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
+from .hosting import DEFAULT_SITE_ENV_KEYS
+from .identity import TOKEN_HASH
+from .policy import check_policy
+from .tls import TLSConfigError, load_server_tls
+
+
+class ConnectionOptions(HasTraits):
+    """Where the gRPC server listens, and how a connection names its hub (mTLS, tokens,
+    plaintext loopback)."""
+
+    ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""The address the gRPC server listens on.
+
+        Plaintext is served only on a loopback address unless allow_plaintext is set;
+        with mTLS (tls_cert, tls_key, tls_client_ca), or TLS with hub_tokens, any address
+        is fine.
+        """,
+    )
+    port = Integer(50051, min=0, max=65535, config=True, help="The port the gRPC server listens on (0: any free port).")
+    allow_plaintext = Bool(
+        False,
+        config=True,
+        help="""Serve plaintext gRPC on a non-loopback address.
+
+        Without it, the Outpost refuses to start with plaintext on any other address, with
+        a one-line reason. Without TLS anyone who can reach the port can start servers as
+        the default hub; only set this behind a network you trust.
+        """,
+    )
+    default_hub = Unicode(
+        "default",
+        config=True,
+        help="""The hub identity of plaintext connections.
+
+        A server is identified by (hub, server_name); with mTLS the hub identity comes
+        from the client certificate, with hub_tokens from the token, and on plaintext
+        connections without hub_tokens it is this name. The identity always comes from the
+        connection, never from a request.
+        """,
+    )
+
+    tls_cert = Unicode(
+        "",
+        config=True,
+        help="""The Outpost's TLS certificate (PEM file; the chain may follow it).
+
+        Setting tls_cert, tls_key and tls_client_ca turns on mTLS: every client must
+        present a certificate signed by tls_client_ca, and that certificate names its hub
+        (see hub_identity_from). `jupyterhub-outpost generate-certs` creates all three.
+        With hub_tokens, tls_cert and tls_key alone serve TLS without client certificates.
+        The certificate's subjectAltNames must include the name or address hubs use in
+        c.OutpostSpawner.outpost_address.
+        """,
+    )
+    tls_key = Unicode(
+        "",
+        config=True,
+        help="""The private key of tls_cert (PEM file, unencrypted; keep it mode 0600).
+        A key readable by group or others is served, with a warning in the log.""",
+    )
+    tls_client_ca = Unicode(
+        "",
+        config=True,
+        help="""The CA certificate(s) (PEM file, several may be concatenated) a hub's client
+        certificate must be signed by. A client without a certificate, or with an unknown,
+        expired or not yet valid one, is refused by the TLS handshake (the client sees
+        UNAVAILABLE).
+
+        Set tls_cert, tls_key and tls_client_ca together (with hub_tokens, tls_client_ca
+        may be left out): one missing stops the Outpost at start-up with a one-line
+        reason, as does an unreadable file or a key that does not belong to the
+        certificate.""",
+    )
+    hub_identity_from = CaselessStrEnum(
+        ["cn", "san"],
+        default_value="cn",
+        config=True,
+        help="""Which name of a hub's client certificate is its hub identity (with mTLS):
+        "cn", the subject's common name, or "san", its first DNS subjectAltName. A
+        certificate without that name gets UNAUTHENTICATED.""",
+    )
+    hub_identity_map = Dict(
+        value_trait=Unicode(),
+        key_trait=Unicode(),
+        config=True,
+        help="""Certificate name -> hub name, for certificates whose CN (or SAN) is not the
+        hub name to use, e.g. {"jupyterhub.example.org": "main"}. Names not in the map are
+        the hub name as they are. A hub's servers are keyed by this name: changing it hides
+        them from that hub.""",
+    )
+    allowed_hubs = List(
+        Unicode(),
+        config=True,
+        help="""The hub names (after hub_identity_map) that may use this Outpost with mTLS.
+        Empty (default): any hub whose certificate is signed by tls_client_ca. Others get
+        UNAUTHENTICATED (reason UNAUTHENTICATED_HUB), with a message naming the hub.""",
+    )
+    hub_tokens = Dict(
+        value_trait=Unicode(),
+        key_trait=Unicode(),
+        config=True,
+        help="""Bearer tokens instead of (or on top of) client certificates, for sites without
+        a PKI: hub name -> the SHA-256 hash of that hub's token, "sha256:<64 hex digits>".
+
+        When set, every call must carry `authorization: Bearer <token>` metadata
+        (c.OutpostSpawner.outpost_token) with one of these tokens, and the token names the
+        hub; a missing, malformed or unknown token gets UNAUTHENTICATED (reason
+        UNAUTHENTICATED_HUB). The token is never logged or echoed, and hashes are
+        compared in constant time. With mTLS as well, the call needs both, and they must
+        name the same hub. Tokens need TLS: tls_cert and tls_key (tls_client_ca is then
+        optional), unless the Outpost listens on loopback or allow_plaintext is set (then
+        a warning is logged). Over plaintext, default_hub is not used.
+
+        A value that is not a hash, or the same token for two hubs, stops the Outpost at
+        start-up with a one-line reason.
+
+        Only hashes are stored. Make a random token and its hash with
+            python -c "import secrets; print(secrets.token_urlsafe(32))" > hub-a.token
+            jupyterhub-outpost hash-token < hub-a.token
+        An unsalted SHA-256 is fine here because tokens are long random strings, not
+        passwords (hash-token refuses tokens shorter than 32 characters).
+        """,
+    )
+
+    @validate("hub_tokens")
+    def _check_hub_tokens(self, proposal):
+        # never put a value in the message: it may be a raw token pasted by mistake
+        seen: dict[str, str] = {}
+        for hub, value in proposal.value.items():
+            if not hub:
+                raise TraitError("hub_tokens: a hub name must not be empty")
+            value = value.strip().lower()
+            if not TOKEN_HASH.match(value):
+                raise TraitError(
+                    f"hub_tokens[{hub!r}] is not a token hash (\"sha256:<64 hex digits>\"); store "
+                    "the hash, never the token: `jupyterhub-outpost hash-token < token-file` prints it"
+                )
+            if value in seen:
+                raise TraitError(f"hub_tokens: hubs {seen[value]!r} and {hub!r} have the same token")
+            seen[value] = hub
+        return {hub: value for value, hub in seen.items()}
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert or self.tls_key or self.tls_client_ca)
+
+    def load_tls(self):
+        """The server's TLS files, checked (TLSConfigError with a one-line message)."""
+        missing = [name for name in ("tls_cert", "tls_key", "tls_client_ca") if not getattr(self, name)]
+        if self.hub_tokens and "tls_client_ca" in missing:
+            # TLS without client certificates: hubs authenticate with bearer tokens
+            missing.remove("tls_client_ca")
+            if missing:
+                raise TLSConfigError(
+                    f"TLS needs tls_cert and tls_key (and tls_client_ca for mTLS); {', '.join(missing)} not set"
+                )
+        if missing:
+            hint = " (TLS without client certificates needs hub_tokens)" if missing == ["tls_client_ca"] else ""
+            raise TLSConfigError(
+                f"mTLS needs tls_cert, tls_key and tls_client_ca; {', '.join(missing)} not set{hint}"
+            )
+        # without tls_client_ca (token mode) tls_cert stands in for it, so that load_server_tls's
+        # checks run unchanged; server_credentials() then asks for no client certificate
+        return load_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca or self.tls_cert)
+
+    def server_credentials(self, tls) -> grpc.ServerCredentials:
+        if self.tls_client_ca:
+            return tls.credentials()  # mTLS: the handshake requires a client certificate
+        return grpc.ssl_server_credentials([(tls.key, tls.cert)])
+
+
+class StorageOptions(HasTraits):
+    """The database, and the keys that encrypt its secret columns."""
+
+    db_url = Unicode(
+        "sqlite:///outpost.sqlite",
+        config=True,
+        help="""The database URL (SQLAlchemy): sqlite:///path/file.sqlite (default, relative
+        to the working directory), sqlite:////absolute/path/file.sqlite, or
+        postgresql://user@host:5432/dbname. The asyncio drivers (aiosqlite, asyncpg) are
+        picked for you.""",
+    )
+
+    db_timeout = Float(
+        10.0,
+        min=0.01,
+        config=True,
+        help="""Seconds a PostgreSQL connection attempt, one statement, or the wait for a
+        pooled connection may take. Then the write fails and the RPC answers UNAVAILABLE
+        (PERSISTENCE_UNAVAILABLE): a database host that stops answering must not hang
+        Starts and Stops until TCP gives up. Poll, BatchPoll, ListServers and Events never
+        wait for the database.""",
+    )
+
+    crypt_keys = List(
+        Unicode(),
+        config=True,
+        help="""Fernet keys (32 url-safe base64-encoded bytes each) that encrypt each server's
+        env (it holds the notebook's JUPYTERHUB_API_TOKEN) and Spawner state in the
+        database. The first key encrypts, all of them decrypt: to rotate, put a new key
+        first and keep the old ones until the Outpost has restarted once with them (each
+        start-up rewrites older rows under the first key).
+
+        Default: the OUTPOST_CRYPT_KEY environment variable (keys separated by ";", like
+        JUPYTERHUB_CRYPT_KEY). Required: without a key, or with one that is not a Fernet
+        key, the Outpost stops at start-up with a one-line reason (the key is never
+        printed). Make one with
+            python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"
+
+        Encrypted values are stored in their JSON columns as {"fernet": "<token>"};
+        progress events, user names, options and addresses are not encrypted.
+        """,
+    )
+
+    @default("crypt_keys")
+    def _crypt_keys_default(self):
+        return parse_keys(os.environ.get(CRYPT_KEY_ENV, ""))
+
+    crypt_key_file = Unicode(
+        "",
+        config=True,
+        help="""A file with the crypt keys (one per line or ";"-separated, first key first;
+        lines starting with # are ignored), used instead of crypt_keys and OUTPOST_CRYPT_KEY;
+        setting both this and crypt_keys is an error. Keep it mode 0600: a file readable
+        by group or others is used, with a warning.""",
+    )
+
+    def make_crypt(self) -> Crypt:
+        """The database's keys, checked (CryptConfigError with a one-line message).
+
+        Reads which of the options the site set from the application's config, and
+        warns in its log about a key file others can read."""
+        if self.crypt_key_file:
+            if "crypt_keys" in self.config.Outpost:
+                raise CryptConfigError("set c.Outpost.crypt_keys or c.Outpost.crypt_key_file, not both")
+            path = self.crypt_key_file
+            crypt = Crypt(read_key_file(path), source=f"crypt_key_file {path}")
+            warning = key_file_warning(path)
+            if warning:
+                self.log.warning(warning)
+            return crypt
+        configured = "crypt_keys" in self.config.Outpost
+        return Crypt(self.crypt_keys, source="c.Outpost.crypt_keys" if configured else CRYPT_KEY_ENV)
+
+
+class HostingOptions(HasTraits):
+    """The hosted Spawner, what a hub may change of it, and the lifecycle's limits."""
+
+    spawner_class = EntryPointType(
+        default_value=LocalProcessSpawner,
+        klass=Spawner,
+        entry_point_group="jupyterhub.spawners",
+        config=True,
+        help="""The JupyterHub Spawner class the Outpost hosts.
+
+        A name registered under the jupyterhub.spawners entry point ("simple",
+        "localprocess", "kubespawner", ...) or an import string
+        ("batchspawner.SlurmSpawner"). Configure it exactly as in jupyterhub_config.py,
+        e.g. c.LocalProcessSpawner.cmd = [...]. An unknown name stops the Outpost at
+        start-up with one line naming it.
+        """,
+    )
+
+    site_env_keys = List(
+        Unicode(),
+        default_value=list(DEFAULT_SITE_ENV_KEYS),
+        config=True,
+        help="""Environment keys the site keeps when the hub also sends them.
+
+        The notebook's environment is the hosted Spawner's get_env() with the hub's env laid
+        over it, except for these keys and the keys of the Spawner's own `environment`
+        config: those keep the site's value.
+        """,
+    )
+
+    allow_override = Any(
+        False,
+        config=True,
+        help="""Which config_overrides a hub may send with Start (applied to that start only).
+
+        False (default): none; a Start with overrides fails with PERMISSION_DENIED
+        (reason OVERRIDE_NOT_ALLOWED), and the hub's user sees why. True: any
+        configurable trait of the Spawner. A list of trait names: only those. A dict:
+        hub name -> one of these (hubs it does not name may override nothing). A
+        callable (hub, overrides) -> one of these, sync or async (raising refuses, with
+        its message as the reason). An unknown trait or a value of the wrong type is
+        INVALID_ARGUMENT.
+        """,
+    )
+
+    start_message = Unicode(
+        "",
+        config=True,
+        help="""A first progress message of every start, shown on the user's spawn page
+        before the Spawner's own, e.g. "HPC Outpost: starting your server with
+        {spawner_class}". {spawner_class} and {user} are filled in. Empty: none.""",
+    )
+
+    certs_dir = Unicode(
+        "",
+        config=True,
+        help="""Where the Outpost writes the internal_ssl certificates hubs send with Start
+        (a private directory, mode 0700; one subdirectory per start, removed at stop or
+        failed start).
+        Empty: <tmp>/jupyterhub-outpost-certs-<uid>. The certificates never go to the
+        database.""",
+    )
+
+    poll_interval = Float(
+        30.0,
+        min=0.01,
+        config=True,
+        help="""Seconds between two polls of every running Spawner by the lifecycle manager.
+        The Poll RPC answers from what the last poll saw.""",
+    )
+    poll_timeout = Float(
+        60.0,
+        min=0.01,
+        config=True,
+        help="""Seconds one Spawner's poll() may take before the server shows UNKNOWN (not
+        stopped); a raising poll() makes it UNKNOWN at once.
+
+        A poll() is never cancelled (batchspawner would read a cancelled squeue as "job
+        gone"): it goes on, its answer still counts, and that server is not polled again
+        until it answers. A round of polls never waits for a slow one.
+        """,
+    )
+    poll_concurrency = Integer(32, min=1, config=True, help="How many Spawner polls run at the same time.")
+    max_concurrent_starts_per_hub = Integer(
+        32,
+        min=0,
+        config=True,
+        help="""How many servers of one hub may be starting at the same time (0: no limit).
+
+        A Start beyond it is answered at once with RESOURCE_EXHAUSTED (reason
+        TOO_MANY_STARTS, metadata limit) and leaves nothing behind: nothing is started or
+        stored. A slot frees when a start becomes RUNNING, fails or is stopped; the hub's
+        user may then try again.
+        Retrying a start already accepted (same start_id) is never refused. The limit
+        is per hub, so one hub flooding Starts does not keep the others from starting.
+        """,
+    )
+    max_events_per_server = Integer(
+        200,
+        min=1,
+        config=True,
+        help="Progress events kept per server (oldest dropped first; the terminal event is always kept).",
+    )
+    max_message_bytes = Integer(
+        4 * 1024 * 1024,
+        min=64 * 1024,
+        config=True,
+        help="""The largest request the Outpost accepts, in bytes; larger ones get
+        RESOURCE_EXHAUSTED and nothing else is affected.""",
+    )
+    max_struct_depth = Integer(
+        16,
+        min=1,
+        config=True,
+        help="""How deeply user_options and config_overrides may nest; deeper gets
+        INVALID_ARGUMENT. Protobuf itself refuses more than 100 levels of message nesting;
+        the Outpost answers that with INVALID_ARGUMENT (field request) too.""",
+    )
+    shutdown_grace = Float(
+        10.0,
+        min=0,
+        config=True,
+        help="""Seconds in-flight RPCs and pending starts get on SIGTERM or SIGINT.
+
+        Running notebooks are never stopped by a shutdown; their state is persisted.
+        """,
+    )
+
+    @validate("allow_override")
+    def _check_allow_override(self, proposal):
+        try:
+            return check_policy(proposal.value)
+        except ValueError as e:
+            raise TraitError(str(e)) from None
