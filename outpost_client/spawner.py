@@ -34,6 +34,7 @@ from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Float, Integer, Unicode, default, observe
 
+from .batch import BatchPoller
 from .client import OutpostClient, TLSConfig
 from .errors import DeadlineExceeded, OutpostError, ServerNotFound, Unavailable
 from .v1 import outpost_pb2 as pb
@@ -116,55 +117,6 @@ def adopt_hub_logging(hub_log) -> None:
     logger.setLevel(hub_log.getEffectiveLevel())
     logger.propagate = False
     logger._outpost_adopted = True
-
-
-class BatchPoller:
-    """Coalesces the polls of every spawner using one Outpost into BatchPoll calls.
-
-    JupyterHub polls each server on its own timer; a poll waits at most ``window`` seconds
-    for others to join it, then one BatchPoll answers them all (and at hub start-up,
-    when every server is polled at once, one call answers hundreds).
-    """
-
-    def __init__(self, client: OutpostClient, window: float):
-        self.client = client
-        self.window = window
-        self._pending: dict[str, list[asyncio.Future]] = {}
-        self._flush: asyncio.TimerHandle | None = None
-        self.calls = 0  # BatchPoll calls made (for tests and logs)
-
-    async def status(self, name: str) -> pb.ServerStatus:
-        """The server's status, or ServerNotFound / the call's error."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(name, []).append(future)
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(self.window, self._start_flush)
-        return await future
-
-    def _start_flush(self) -> None:
-        self._flush = None
-        pending, self._pending = self._pending, {}
-        asyncio.ensure_future(self._send(pending))
-
-    async def _send(self, pending: dict[str, list[asyncio.Future]]) -> None:
-        self.calls += 1
-        try:
-            statuses, _ = await self.client.batch_poll(list(pending))
-        except Exception as e:
-            for futures in pending.values():
-                for f in futures:
-                    if not f.done():
-                        f.set_exception(e)
-            return
-        found = {st.server_name: st for st in statuses}
-        for name, futures in pending.items():
-            for f in futures:
-                if f.done():
-                    continue
-                if name in found:
-                    f.set_result(found[name])
-                else:
-                    f.set_exception(ServerNotFound(f"No server {name!r} at this Outpost."))
 
 
 _pollers: dict[tuple, BatchPoller] = {}
