@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from .client import OutpostClient
-from .errors import ServerNotFound
+from .errors import ServerNotFound, Unavailable
 from .v1 import outpost_pb2 as pb
 
 
@@ -32,6 +32,18 @@ class BatchPoller:
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(self.window, self._start_flush)
         return await future
+
+    def close(self) -> None:
+        """Answer the polls still waiting for their window with Unavailable (the hub is
+        closing its client to this Outpost); a BatchPoll already sent ends with the client."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        pending, self._pending = self._pending, {}
+        for futures in pending.values():
+            for f in futures:
+                if not f.done():
+                    f.set_exception(Unavailable("The hub closed its connection to this Outpost."))
 
     def _start_flush(self) -> None:
         self._flush = None

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlparse
 
 from traitlets import Bool, HasTraits, Integer, TraitType, Unicode
 from traitlets.traitlets import MetaHasTraits
 
 from .client import TLSConfig
+
+if TYPE_CHECKING:
+    from .tunnel import SSHTarget
 
 
 def option(trait_name: str, trait: TraitType, *, required: bool = False, secret: bool = False) -> Any:
@@ -137,6 +141,25 @@ class OutpostConfig:
         if self.ca or self.cert:
             return TLSConfig(ca=self.ca, cert=self.cert, key=self.key)
         return None
+
+    def ssh_target(self, hub_api_url: str) -> SSHTarget:
+        """The SSH server to tunnel through, with the reverse forward to ``hub_api_url``
+        (the hub's API) if ``hub_api_forward``."""
+        from .tunnel import SSHTarget  # asyncssh only for hubs that tunnel
+
+        reverse = ()
+        if self.hub_api_forward:
+            hub = urlparse(hub_api_url)
+            hub_port = hub.port or (443 if hub.scheme == "https" else 80)
+            reverse = ((self.hub_api_site_host, self.hub_api_site_port, hub.hostname or "127.0.0.1", hub_port),)
+        return SSHTarget(
+            host=self.ssh_host,
+            port=self.ssh_port,
+            username=self.ssh_user,
+            client_keys=(self.ssh_key,) if self.ssh_key else (),
+            known_hosts=self.ssh_known_hosts,
+            reverse_forwards=reverse,
+        )
 
 
 class Option(NamedTuple):

@@ -17,6 +17,9 @@ are this Spawner's ``progress()``, so the spawn page shows the remote Spawner's 
 messages), opens an SSH forward to the notebook when it is ready and returns the local
 URL. ``poll()`` and ``stop()`` call the Outpost; ``get_state()`` keeps what a restarted
 hub needs to find the same notebook again through a tunnel on the same local port.
+
+An Outpost's options are :mod:`outpost_client.outposts`' (one table); the client, poller
+and tunnel the hub holds open to it are :mod:`outpost_client.registry`'s.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Float, Integer, Unicode, default, observe
 
-from .batch import BatchPoller
 from .client import OutpostClient
 from .errors import DeadlineExceeded, OutpostError, ServerNotFound, Unavailable
 from .outposts import TRAIT_NAMES, DefaultOutpostTraits, OutpostConfig, default_config, outposts_help
+from .registry import REGISTRY, OutpostResources
 from .v1 import outpost_pb2 as pb
 
 SERVER_NAME_ALLOWED = re.compile(r"[^A-Za-z0-9._@+-]")
@@ -59,18 +62,6 @@ def remote_server_name(template: str, username: str, servername: str) -> str:
     return name[:255]
 
 
-# one client (one gRPC channel) per Outpost for the whole hub process
-_clients: dict[tuple, OutpostClient] = {}
-
-
-def client_for(config: OutpostConfig, timeout: float) -> OutpostClient:
-    key = (config.address, config.ca, config.cert, config.key, config.token)
-    client = _clients.get(key)
-    if client is None:
-        client = _clients[key] = OutpostClient(config.address, tls=config.tls, token=config.token, timeout=timeout)
-    return client
-
-
 def adopt_hub_logging(hub_log) -> None:
     """Send the client's own loggers ("outpost.*", e.g. the tunnel's) to the hub's log."""
     import logging
@@ -82,39 +73,6 @@ def adopt_hub_logging(hub_log) -> None:
     logger.setLevel(hub_log.getEffectiveLevel())
     logger.propagate = False
     logger._outpost_adopted = True
-
-
-_pollers: dict[tuple, BatchPoller] = {}
-
-
-def poller_for(config: OutpostConfig, timeout: float, window: float) -> BatchPoller:
-    key = (config.address, config.ca, config.cert, config.key, config.token)
-    poller = _pollers.get(key)
-    if poller is None:
-        poller = _pollers[key] = BatchPoller(client_for(config, timeout), window)
-    return poller
-
-
-def tunnel_for(config: OutpostConfig, hub_api_url: str):
-    """The hub's shared tunnel to this Outpost's SSH server."""
-    from urllib.parse import urlparse
-
-    from .tunnel import SSHTarget, Tunnel
-
-    reverse = ()
-    if config.hub_api_forward:
-        hub = urlparse(hub_api_url)
-        hub_port = hub.port or (443 if hub.scheme == "https" else 80)
-        reverse = ((config.hub_api_site_host, config.hub_api_site_port, hub.hostname or "127.0.0.1", hub_port),)
-    target = SSHTarget(
-        host=config.ssh_host,
-        port=config.ssh_port,
-        username=config.ssh_user,
-        client_keys=(config.ssh_key,) if config.ssh_key else (),
-        known_hosts=config.ssh_known_hosts,
-        reverse_forwards=reverse,
-    )
-    return Tunnel.for_target(target)
 
 
 async def _maybe_await(value):
@@ -302,12 +260,17 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         return self._outpost_configs()[self.outpost_name or "default"]
 
     @property
+    def _resources(self) -> OutpostResources:
+        """What the hub holds open to this server's Outpost, shared (registry.py)."""
+        return REGISTRY.get(self.outpost)
+
+    @property
     def client(self) -> OutpostClient:
-        return client_for(self.outpost, self.outpost_timeout)
+        return self._resources.client(self.outpost_timeout)
 
     def _tunnel(self):
         adopt_hub_logging(self.log)
-        return tunnel_for(self.outpost, self.hub.api_url) if self.outpost.ssh_host else None
+        return self._resources.tunnel(self.hub.api_url)
 
     async def _retry(self, what: str, call, timeout: float = 60):
         """Call an idempotent RPC, retrying while the Outpost is unavailable."""
@@ -525,7 +488,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
             return 0
         try:
             if self.poll_batch_window > 0:
-                poller = poller_for(self.outpost, self.outpost_timeout, self.poll_batch_window)
+                poller = self._resources.poller(self.outpost_timeout, self.poll_batch_window)
                 status = await poller.status(self.remote_name)
             else:
                 status = await self.client.poll(self.remote_name)

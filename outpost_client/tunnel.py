@@ -489,6 +489,11 @@ class Tunnel:
     def connected(self) -> bool:
         return self._conn is not None
 
+    @property
+    def closed(self) -> bool:
+        """close() was called: the tunnel cannot be used any more."""
+        return self._closed
+
     def local_port(self, key: str) -> int | None:
         fwd = self._forwards.get(key)
         return fwd.local_port if fwd is not None else None

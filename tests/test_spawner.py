@@ -171,8 +171,6 @@ async def test_poll_when_outpost_unreachable_assumes_running(start_outpost):
 
 async def test_polls_of_many_spawners_share_one_batch_call(start_outpost):
     """One shared poller per Outpost: concurrent polls become one BatchPoll."""
-    from outpost_client.spawner import poller_for
-
     async with start_outpost("outpost_server.testing.InstantSpawner") as op:
         spawners = []
         for i in range(40):
@@ -180,7 +178,7 @@ async def test_polls_of_many_spawners_share_one_batch_call(start_outpost):
             await sp.start()
             spawners.append(sp)
         await spawners[5].stop()  # one of them is gone
-        poller = poller_for(spawners[0].outpost, spawners[0].outpost_timeout, spawners[0].poll_batch_window)
+        poller = spawners[0]._resources.poller(spawners[0].outpost_timeout, spawners[0].poll_batch_window)
         before = poller.calls
         results = await asyncio.gather(*(sp.poll() for sp in spawners))
         assert poller.calls - before == 1
