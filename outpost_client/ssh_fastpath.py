@@ -18,9 +18,10 @@ only for AES-GCM (the tunnel prefers it). With any other asyncssh, or when a req
 internal is missing, it is off and asyncssh's own path does everything.
 
 The switch: on by default. A site turns it off for the whole hub process with
-``OUTPOST_TUNNEL_FAST_PATH=0`` in the hub's environment, or for one tunnel with
-``SSHTarget.fast_path = False``. The tunnel asks :func:`install` on every new
-connection; off, the connection is not touched.
+``OUTPOST_TUNNEL_FAST_PATH=0`` in the hub's environment, or for one Outpost with
+``c.OutpostSpawner.ssh_fast_path = False`` (``ssh_fast_path`` in an ``outposts`` entry),
+which reaches its tunnel as ``SSHTarget.fast_path``. The tunnel asks :func:`install` on
+every new connection; off, the connection is not touched.
 """
 
 from __future__ import annotations

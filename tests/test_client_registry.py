@@ -46,6 +46,20 @@ async def test_equal_configs_share_one_client_poller_and_tunnel(registry):
     assert len(registry) == 3
 
 
+async def test_the_tunnel_follows_the_config(registry):
+    """What the SSH target of an Outpost's tunnel is made of, ssh_fast_path included."""
+    config = OutpostConfig(
+        "127.0.0.1:1", ssh_host="site", ssh_port=22, ssh_user="hub", ssh_key="/k", ssh_known_hosts="/kh",
+        ssh_fast_path=False, hub_api_forward=True, hub_api_site_port=18081,
+    )
+    target = registry.get(config).tunnel(HUB_API).target
+    assert (target.host, target.port, target.username) == ("site", 22, "hub")
+    assert (target.client_keys, target.known_hosts) == (("/k",), "/kh")
+    assert target.reverse_forwards == (("127.0.0.1", 18081, "127.0.0.1", 8081),)
+    assert target.fast_path is False
+    assert registry.get(OutpostConfig("127.0.0.1:1", ssh_host="site")).tunnel(HUB_API).target.fast_path
+
+
 async def test_closing_an_outpost_closes_its_tunnel_poller_and_channel(registry):
     config = OutpostConfig("127.0.0.1:1", **SSH)
     resources = registry.get(config)
