@@ -44,7 +44,7 @@ from pathlib import Path
 # before outpost_client/__init__.py existed maps outpost_client as a namespace package.
 from outpost_client.client import OutpostClient, ServerState, StopOutcome
 from outpost_client.errors import ServerNotFound
-from outpost_client.spawner import BatchPoller
+from outpost_client.batch import BatchPoller
 from outpost_client.v1 import outpost_pb2 as pb
 
 from bench_spawners import stamp_of  # benchmarks/ is sys.path[0]

@@ -17,6 +17,9 @@ are this Spawner's ``progress()``, so the spawn page shows the remote Spawner's 
 messages), opens an SSH forward to the notebook when it is ready and returns the local
 URL. ``poll()`` and ``stop()`` call the Outpost; ``get_state()`` keeps what a restarted
 hub needs to find the same notebook again through a tunnel on the same local port.
+
+An Outpost's options are :mod:`outpost_client.outposts`' (one table); the client, poller
+and tunnel the hub holds open to it are :mod:`outpost_client.registry`'s.
 """
 
 from __future__ import annotations
@@ -25,17 +28,18 @@ import asyncio
 import inspect
 import re
 import uuid
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import exponential_backoff
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Bool, Dict, Float, Integer, Unicode, default, observe
+from traitlets import Dict, Float, Integer, Unicode, default, observe
 
-from .client import OutpostClient, TLSConfig
+from .client import OutpostClient
 from .errors import DeadlineExceeded, OutpostError, ServerNotFound, Unavailable
+from .outposts import TRAIT_NAMES, DefaultOutpostTraits, OutpostConfig, default_config, outposts_help
+from .registry import REGISTRY, OutpostResources
 from .v1 import outpost_pb2 as pb
 
 SERVER_NAME_ALLOWED = re.compile(r"[^A-Za-z0-9._@+-]")
@@ -58,53 +62,6 @@ def remote_server_name(template: str, username: str, servername: str) -> str:
     return name[:255]
 
 
-@dataclass(frozen=True)
-class OutpostConfig:
-    """How to reach one Outpost (one entry of OutpostSpawner.outposts)."""
-
-    address: str
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    ssh_host: str = ""
-    ssh_port: int = 2222
-    ssh_user: str = "outpost"
-    ssh_key: str | None = None
-    ssh_known_hosts: str | None = None
-    hub_api_forward: bool = False
-    hub_api_site_host: str = "127.0.0.1"
-    hub_api_site_port: int = 0
-    token: str | None = field(default=None, repr=False)  # bearer token; never in repr or logs
-
-    @classmethod
-    def from_dict(cls, name: str, data: dict[str, Any]) -> OutpostConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"OutpostSpawner.outposts[{name!r}]: unknown keys {sorted(unknown)}")
-        if "address" not in data:
-            raise ValueError(f"OutpostSpawner.outposts[{name!r}]: 'address' is required")
-        return cls(**data)
-
-    @property
-    def tls(self) -> TLSConfig | None:
-        if self.ca or self.cert:
-            return TLSConfig(ca=self.ca, cert=self.cert, key=self.key)
-        return None
-
-
-# one client (one gRPC channel) per Outpost for the whole hub process
-_clients: dict[tuple, OutpostClient] = {}
-
-
-def client_for(config: OutpostConfig, timeout: float) -> OutpostClient:
-    key = (config.address, config.ca, config.cert, config.key, config.token)
-    client = _clients.get(key)
-    if client is None:
-        client = _clients[key] = OutpostClient(config.address, tls=config.tls, token=config.token, timeout=timeout)
-    return client
-
-
 def adopt_hub_logging(hub_log) -> None:
     """Send the client's own loggers ("outpost.*", e.g. the tunnel's) to the hub's log."""
     import logging
@@ -116,88 +73,6 @@ def adopt_hub_logging(hub_log) -> None:
     logger.setLevel(hub_log.getEffectiveLevel())
     logger.propagate = False
     logger._outpost_adopted = True
-
-
-class BatchPoller:
-    """Coalesces the polls of every spawner using one Outpost into BatchPoll calls.
-
-    JupyterHub polls each server on its own timer; a poll waits at most ``window`` seconds
-    for others to join it, then one BatchPoll answers them all (and at hub start-up,
-    when every server is polled at once, one call answers hundreds).
-    """
-
-    def __init__(self, client: OutpostClient, window: float):
-        self.client = client
-        self.window = window
-        self._pending: dict[str, list[asyncio.Future]] = {}
-        self._flush: asyncio.TimerHandle | None = None
-        self.calls = 0  # BatchPoll calls made (for tests and logs)
-
-    async def status(self, name: str) -> pb.ServerStatus:
-        """The server's status, or ServerNotFound / the call's error."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(name, []).append(future)
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(self.window, self._start_flush)
-        return await future
-
-    def _start_flush(self) -> None:
-        self._flush = None
-        pending, self._pending = self._pending, {}
-        asyncio.ensure_future(self._send(pending))
-
-    async def _send(self, pending: dict[str, list[asyncio.Future]]) -> None:
-        self.calls += 1
-        try:
-            statuses, _ = await self.client.batch_poll(list(pending))
-        except Exception as e:
-            for futures in pending.values():
-                for f in futures:
-                    if not f.done():
-                        f.set_exception(e)
-            return
-        found = {st.server_name: st for st in statuses}
-        for name, futures in pending.items():
-            for f in futures:
-                if f.done():
-                    continue
-                if name in found:
-                    f.set_result(found[name])
-                else:
-                    f.set_exception(ServerNotFound(f"No server {name!r} at this Outpost."))
-
-
-_pollers: dict[tuple, BatchPoller] = {}
-
-
-def poller_for(config: OutpostConfig, timeout: float, window: float) -> BatchPoller:
-    key = (config.address, config.ca, config.cert, config.key, config.token)
-    poller = _pollers.get(key)
-    if poller is None:
-        poller = _pollers[key] = BatchPoller(client_for(config, timeout), window)
-    return poller
-
-
-def tunnel_for(config: OutpostConfig, hub_api_url: str):
-    """The hub's shared tunnel to this Outpost's SSH server."""
-    from urllib.parse import urlparse
-
-    from .tunnel import SSHTarget, Tunnel
-
-    reverse = ()
-    if config.hub_api_forward:
-        hub = urlparse(hub_api_url)
-        hub_port = hub.port or (443 if hub.scheme == "https" else 80)
-        reverse = ((config.hub_api_site_host, config.hub_api_site_port, hub.hostname or "127.0.0.1", hub_port),)
-    target = SSHTarget(
-        host=config.ssh_host,
-        port=config.ssh_port,
-        username=config.ssh_user,
-        client_keys=(config.ssh_key,) if config.ssh_key else (),
-        known_hosts=config.ssh_known_hosts,
-        reverse_forwards=reverse,
-    )
-    return Tunnel.for_target(target)
 
 
 async def _maybe_await(value):
@@ -229,28 +104,13 @@ class _Progress:
         self.changed.set()
 
 
-class OutpostSpawner(Spawner):
+class OutpostSpawner(Spawner, DefaultOutpostTraits):
     """Start single-user servers on a remote system, through a JupyterHub Outpost."""
 
     # --- where the Outpost is ---------------------------------------------------------
+    # The default Outpost's options (outpost_address, outpost_ca, ..., ssh_host, ...) are
+    # inherited from DefaultOutpostTraits: one per OutpostConfig field (outposts.py).
 
-    outpost_address = Unicode(
-        "127.0.0.1:50051",
-        config=True,
-        help="host:port of the Outpost's gRPC service (the default Outpost).",
-    )
-    outpost_ca = Unicode(None, allow_none=True, config=True, help="CA (PEM file) that signed the Outpost's TLS certificate. None: plaintext (loopback only).")
-    outpost_cert = Unicode(None, allow_none=True, config=True, help="This hub's client certificate (PEM file) for mTLS.")
-    outpost_key = Unicode(None, allow_none=True, config=True, help="This hub's client key (PEM file) for mTLS.")
-    outpost_token = Unicode(
-        None,
-        allow_none=True,
-        config=True,
-        help="""This hub's bearer token for an Outpost with c.Outpost.hub_tokens (instead of,
-        or with, a client certificate): sent as `authorization: Bearer <token>` with every
-        call, never logged. Use TLS (outpost_ca) unless the Outpost is on loopback. Keep it
-        out of the config file, e.g. open("/srv/jupyterhub/outpost.token").read().strip().""",
-    )
     outpost_timeout = Float(30.0, config=True, help="Deadline in seconds of each call to the Outpost (not of the whole start).")
     poll_batch_window = Float(
         0.2,
@@ -260,31 +120,6 @@ class OutpostSpawner(Spawner):
         0: every poll is its own call.""",
     )
 
-    ssh_host = Unicode(
-        "",
-        config=True,
-        help="""SSH server the hub tunnels through to reach notebooks (the Outpost's embedded
-        forwarder or a site OpenSSH). Empty: no tunnel, the hub connects to the notebook's
-        address as the Outpost reports it.""",
-    )
-    ssh_port = Integer(2222, config=True, help="Port of the SSH server.")
-    ssh_user = Unicode("outpost", config=True, help="SSH user name.")
-    ssh_key = Unicode(None, allow_none=True, config=True, help="Private key file the hub authenticates with.")
-    ssh_known_hosts = Unicode(
-        None,
-        allow_none=True,
-        config=True,
-        help="known_hosts file with the SSH server's host key. None: the host key is not checked (not for production).",
-    )
-    hub_api_forward = Bool(
-        False,
-        config=True,
-        help="""Open a reverse forward so notebooks reach the hub API through the tunnel, for
-        sites that cannot open connections to the hub. The notebook's JUPYTERHUB_API_URL
-        (and the URLs derived from it) then point at the site-side end of that forward.""",
-    )
-    hub_api_site_host = Unicode("127.0.0.1", config=True, help="Site-side listen address of the reverse forward.")
-    hub_api_site_port = Integer(0, config=True, help="Site-side listen port of the reverse forward (must be allowed for this hub at the SSH server).")
     tunnel_listen_host = Unicode(
         "127.0.0.1",
         config=True,
@@ -304,13 +139,7 @@ class OutpostSpawner(Spawner):
         or localhost goes in c.Spawner.ssl_alt_names.""",
     )
 
-    outposts = Dict(
-        config=True,
-        help="""Several Outposts: name -> options, with the keys address, ca, cert, key,
-        ssh_host, ssh_port, ssh_user, ssh_key, ssh_known_hosts, hub_api_forward,
-        hub_api_site_host, hub_api_site_port, token. The single-Outpost options above are the
-        Outpost named "default". Which one a server uses is decided by `outpost_chooser`.""",
-    )
+    outposts = Dict(config=True, help=outposts_help())
     outpost_chooser = AnyTrait(
         None,
         allow_none=True,
@@ -396,11 +225,7 @@ class OutpostSpawner(Spawner):
 
     _configs_cache: dict[str, OutpostConfig] | None = None
 
-    @observe(
-        "outpost_address", "outpost_ca", "outpost_cert", "outpost_key", "outpost_token", "ssh_host",
-        "ssh_port", "ssh_user", "ssh_key", "ssh_known_hosts", "hub_api_forward", "hub_api_site_host",
-        "hub_api_site_port", "outposts",
-    )
+    @observe("outposts", *TRAIT_NAMES)
     def _forget_configs(self, change) -> None:
         self._configs_cache = None
 
@@ -411,23 +236,7 @@ class OutpostSpawner(Spawner):
         return self._configs_cache
 
     def _build_outpost_configs(self) -> dict[str, OutpostConfig]:
-        configs = {
-            "default": OutpostConfig(
-                address=self.outpost_address,
-                ca=self.outpost_ca,
-                cert=self.outpost_cert,
-                key=self.outpost_key,
-                ssh_host=self.ssh_host,
-                ssh_port=self.ssh_port,
-                ssh_user=self.ssh_user,
-                ssh_key=self.ssh_key,
-                ssh_known_hosts=self.ssh_known_hosts,
-                hub_api_forward=self.hub_api_forward,
-                hub_api_site_host=self.hub_api_site_host,
-                hub_api_site_port=self.hub_api_site_port,
-                token=self.outpost_token,
-            )
-        }
+        configs = {"default": default_config(self)}
         for name, data in self.outposts.items():
             configs[name] = OutpostConfig.from_dict(name, dict(data))
         return configs
@@ -451,12 +260,17 @@ class OutpostSpawner(Spawner):
         return self._outpost_configs()[self.outpost_name or "default"]
 
     @property
+    def _resources(self) -> OutpostResources:
+        """What the hub holds open to this server's Outpost, shared (registry.py)."""
+        return REGISTRY.get(self.outpost)
+
+    @property
     def client(self) -> OutpostClient:
-        return client_for(self.outpost, self.outpost_timeout)
+        return self._resources.client(self.outpost_timeout)
 
     def _tunnel(self):
         adopt_hub_logging(self.log)
-        return tunnel_for(self.outpost, self.hub.api_url) if self.outpost.ssh_host else None
+        return self._resources.tunnel(self.hub.api_url)
 
     async def _retry(self, what: str, call, timeout: float = 60):
         """Call an idempotent RPC, retrying while the Outpost is unavailable."""
@@ -674,7 +488,7 @@ class OutpostSpawner(Spawner):
             return 0
         try:
             if self.poll_batch_window > 0:
-                poller = poller_for(self.outpost, self.outpost_timeout, self.poll_batch_window)
+                poller = self._resources.poller(self.outpost_timeout, self.poll_batch_window)
                 status = await poller.status(self.remote_name)
             else:
                 status = await self.client.poll(self.remote_name)

@@ -23,8 +23,9 @@ OpenSSH server, or the Outpost's embedded forwarder), and the bytes are piped bo
   (:class:`asyncssh.SSHTCPSession`) on one side, :class:`asyncio.Protocol` on the other,
   ``transport.write`` straight through and back-pressure with ``pause_reading`` /
   ``resume_reading``. AES-GCM is preferred and its channel data is decrypted by a fast
-  path (:class:`_FastReceive`) instead of asyncssh's generic packet handling: about
-  0.6 s of hub CPU per GB downloaded instead of 1.1-1.3 s, on a par with ``ssh -L``
+  path (:mod:`outpost_client.ssh_fastpath`, which reaches into asyncssh's internals; a
+  site can turn it off) instead of asyncssh's generic packet handling: about 0.6 s of
+  hub CPU per GB downloaded instead of 1.1-1.3 s, on a par with ``ssh -L``
   (``benchmarks/tunnel_bench.py``; the constants below say what was measured).
 
 Everything is logged on the ``outpost.tunnel`` logger.
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -43,13 +43,7 @@ from typing import ClassVar
 import asyncssh
 from asyncssh.misc import ChannelListenError
 
-try:  # the receive fast path's building blocks (see _FastReceive)
-    from asyncssh.channel import SSHTCPChannel
-    from asyncssh.encryption import GCMEncryption
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-except ImportError:  # pragma: no cover - another asyncssh layout: no fast path
-    GCMEncryption = None
+from . import ssh_fastpath
 
 log = logging.getLogger("outpost.tunnel")
 
@@ -65,7 +59,7 @@ REVERSE_RETRY_MAX = 30.0  # seconds between retries of a refused reverse forward
 
 # Ciphers, cheapest for the hub first. Measured with benchmarks/tunnel_bench.py --cipher
 # (hub CPU seconds per GB downloaded through OpenSSH's sshd, x86-64 with AES-NI): AES-GCM
-# 0.63 (with the fast path below; 1.05 without), aes128-ctr + MAC 1.35,
+# 0.63 (with the receive fast path, ssh_fastpath.py; 1.05 without), aes128-ctr + MAC 1.35,
 # chacha20-poly1305 1.96 (several Python-level crypto calls per packet). asyncssh's own
 # default puts chacha20 first. Every one of asyncssh's defaults stays in the list, so any
 # server still finds a common cipher.
@@ -88,11 +82,6 @@ CHANNEL_MAX_PKTSIZE = 32768
 # default; 1 MiB measured no faster). Writing each packet at once beats gathering the
 # packets of one read into one write (measured: 20 % more CPU).
 LOCAL_WRITE_HIGH = 64 * 1024
-# Decrypt and deliver AES-GCM channel data ourselves (see _FastReceive): about 40 % less
-# hub CPU per byte than asyncssh's generic packet path. Only for the asyncssh versions it
-# was checked against; anything unusual is left to asyncssh.
-FAST_PATH = os.environ.get("OUTPOST_TUNNEL_FAST_PATH", "1") != "0"  # 0 turns it off
-FAST_PATH_ASYNCSSH = ((2, 24), (2, 24))  # (oldest, newest) major.minor, inclusive
 
 
 class TunnelError(Exception):
@@ -110,6 +99,7 @@ class SSHTarget:
     known_hosts: str | None = None  # path; None => host key NOT checked (a warning is logged)
     # (site_listen_host, site_listen_port, hub_dest_host, hub_dest_port)
     reverse_forwards: tuple[tuple[str, int, str, int], ...] = ()
+    fast_path: bool = True  # False: never the receive fast path (ssh_fastpath.py) on this connection
 
     def __str__(self) -> str:
         return f"{self.username}@{self.host}:{self.port}"
@@ -311,149 +301,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason or exc}"
 
 
-_MSG_IGNORE = 2
-_MSG_CHANNEL_DATA = 94
-_GCM_TAG = 16
-
-
-def _asyncssh_version() -> tuple[int, int]:
-    try:
-        major, minor = asyncssh.__version__.split(".")[:2]
-        return int(major), int(minor)
-    except (AttributeError, ValueError):  # pragma: no cover
-        return (0, 0)
-
-
-class _FastReceive:
-    """A faster ``data_received`` for one asyncssh client connection (AES-GCM only).
-
-    asyncssh handles every SSH packet generically: several copies of the data, a packet
-    object, logging calls, handler lookups. On a download that is most of the hub's CPU
-    per byte (profiled: ``benchmarks/tunnel_bench.py``). This wrapper decrypts whole
-    ``CHANNEL_DATA`` packets of TCP channels itself (one ``AESGCM`` object per key, the
-    ciphertext as a memoryview) and hands the data to asyncssh's own channel
-    (``_accept_data``: windows, pausing and delivery stay asyncssh's). Everything else,
-    and every packet that is not exactly as expected (other types, a tag that does not
-    verify, an unknown or closed channel, a window overrun, a key exchange in progress,
-    compression), goes to asyncssh's ``data_received`` unchanged, from that packet on.
-
-    It uses asyncssh internals (``_inpbuf``, ``_recv_handler``, ``_recv_encryption``,
-    ``_recv_seq``, ``_channels``), hence the version range in ``FAST_PATH_ASYNCSSH`` and a
-    test that fails when an upgrade turns it off.
-    """
-
-    REQUIRED = ("_inpbuf", "_recv_handler", "_recv_pkthdr", "_recv_encryption", "_recv_seq", "_channels",
-                "_transport", "_decompressor", "_auth_complete", "_max_recv_pktlen",
-                "_reset_keepalive_timer", "internal_error")
-
-    @classmethod
-    def install(cls, conn: asyncssh.SSHClientConnection) -> bool:
-        """Wrap conn's data_received if this asyncssh is one the fast path knows."""
-        oldest, newest = FAST_PATH_ASYNCSSH
-        if not FAST_PATH or GCMEncryption is None or not oldest <= _asyncssh_version() <= newest:
-            return False
-        if not all(hasattr(conn, name) for name in cls.REQUIRED) or conn._transport is None:
-            return False
-        fast = cls(conn)
-        conn.data_received = fast.data_received
-        # asyncio's transports look data_received up on every read; uvloop's cache it when
-        # the protocol is set: setting the same protocol again makes them see the wrapper
-        conn._transport.set_protocol(conn)
-        return True
-
-    def __init__(self, conn: asyncssh.SSHClientConnection):
-        self._conn = conn
-        self._stock = conn.data_received
-        self._pkthdr = conn._recv_pkthdr
-        self._enc = None
-        self._aead = None
-        self._loop = asyncio.get_running_loop()
-        self._keepalive_reset = 0.0
-        self.packets = 0  # data packets delivered by the fast path (for tests and benchmarks)
-        self.keys = 0  # receive keys it has used (more than one: key exchanges happened)
-
-    def data_received(self, data: bytes, datatype=None) -> None:
-        conn = self._conn
-        enc = conn._recv_encryption
-        if (
-            type(enc) is not GCMEncryption
-            or conn._recv_handler != self._pkthdr  # mid-packet, or an async handler runs
-            or conn._decompressor
-            or not conn._auth_complete
-            or conn._transport is None
-        ):
-            self._stock(data, datatype)
-            return
-        if conn._inpbuf:  # the start of a packet kept from the previous call
-            data = conn._inpbuf + data
-            conn._inpbuf = b""
-        try:
-            pos = self._deliver(conn, enc, data)
-        except Exception:  # as asyncssh's _recv_data does
-            conn.internal_error()
-            return
-        if pos is None:  # the connection closed meanwhile
-            return
-        if pos:
-            # asyncssh re-arms its keepalive timer (cancel + call_later) on every read; once a
-            # second is enough (a keepalive may go out up to 1 s early on an idle link)
-            now = self._loop.time()
-            if now - self._keepalive_reset >= 1.0:
-                self._keepalive_reset = now
-                conn._reset_keepalive_timer()
-        rest = len(data) - pos
-        if not rest:
-            return
-        pktlen = int.from_bytes(data[pos:pos + 4], "big") if rest >= 4 else 0
-        if rest < 4 or (pktlen <= conn._max_recv_pktlen and 4 + pktlen + _GCM_TAG > rest):
-            conn._inpbuf = data[pos:] if pos else data  # an incomplete packet: wait for the rest
-        else:
-            self._stock(data[pos:] if pos else data, datatype)  # a packet for asyncssh
-
-    def _deliver(self, conn, enc, data: bytes) -> int | None:
-        """Deliver the leading CHANNEL_DATA packets of data; the offset of the first one left."""
-        if enc is not self._enc:  # new keys (first call, or after a key exchange)
-            self._enc, self._aead = enc, AESGCM(enc._cipher._key)
-            self.keys += 1
-        cipher, aead, channels = enc._cipher, self._aead, conn._channels
-        view = memoryview(data)
-        n, pos = len(data), 0
-        while n - pos >= 4 + _GCM_TAG:
-            header = data[pos:pos + 4]
-            pktlen = int.from_bytes(header, "big")
-            end = pos + 4 + pktlen + _GCM_TAG
-            if end > n or pktlen > conn._max_recv_pktlen:
-                break
-            try:
-                plain = aead.decrypt(cipher._iv, view[pos + 4:end], header)
-            except InvalidTag:
-                break  # asyncssh reports it
-            if plain[1] != _MSG_CHANNEL_DATA:
-                if plain[1] == _MSG_IGNORE:  # asyncssh peers send one before every packet
-                    cipher._update_iv()
-                    conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
-                    pos = end
-                    continue
-                break
-            chan = channels.get(int.from_bytes(plain[2:6], "big"))
-            datalen = int.from_bytes(plain[6:10], "big")
-            if (
-                type(chan) is not SSHTCPChannel
-                or chan._recv_state != "open"
-                or datalen > chan._recv_window
-                or 10 + datalen != len(plain) - plain[0]  # padding length
-            ):
-                break
-            cipher._update_iv()
-            conn._recv_seq = (conn._recv_seq + 1) & 0xFFFFFFFF
-            pos = end
-            self.packets += 1
-            chan._accept_data(plain[10:10 + datalen])
-            if conn._transport is None:
-                return None
-        return pos
-
-
 class Tunnel:
     """One SSH connection to one target, shared; local forwards keyed by a name."""
 
@@ -488,6 +335,11 @@ class Tunnel:
     @property
     def connected(self) -> bool:
         return self._conn is not None
+
+    @property
+    def closed(self) -> bool:
+        """close() was called: the tunnel cannot be used any more."""
+        return self._closed
 
     def local_port(self, key: str) -> int | None:
         fwd = self._forwards.get(key)
@@ -654,7 +506,7 @@ class Tunnel:
         if self._closed:
             conn.close()
             raise TunnelError(f"the tunnel to {t} is closed")
-        self._fast_path = _FastReceive.install(conn)
+        self._fast_path = ssh_fastpath.install(conn, enabled=t.fast_path)
         self._conn = conn
         self._connected.set()
         self._last_error = ""

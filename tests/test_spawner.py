@@ -171,8 +171,6 @@ async def test_poll_when_outpost_unreachable_assumes_running(start_outpost):
 
 async def test_polls_of_many_spawners_share_one_batch_call(start_outpost):
     """One shared poller per Outpost: concurrent polls become one BatchPoll."""
-    from outpost_client.spawner import poller_for
-
     async with start_outpost("outpost_server.testing.InstantSpawner") as op:
         spawners = []
         for i in range(40):
@@ -180,7 +178,7 @@ async def test_polls_of_many_spawners_share_one_batch_call(start_outpost):
             await sp.start()
             spawners.append(sp)
         await spawners[5].stop()  # one of them is gone
-        poller = poller_for(spawners[0].outpost, spawners[0].outpost_timeout, spawners[0].poll_batch_window)
+        poller = spawners[0]._resources.poller(spawners[0].outpost_timeout, spawners[0].poll_batch_window)
         before = poller.calls
         results = await asyncio.gather(*(sp.poll() for sp in spawners))
         assert poller.calls - before == 1
@@ -192,3 +190,70 @@ async def test_polls_of_many_spawners_share_one_batch_call(start_outpost):
         assert await solo.poll() is None
         for sp in spawners:
             await sp.stop()
+
+
+# --- the option table (outpost_client.outposts) ------------------------------------------
+
+
+def bare_spawner(**traits) -> OutpostSpawner:
+    """An OutpostSpawner without an Outpost behind it (nothing here makes a call)."""
+    user = StandInUser(name="alice", id=7, admin=False, url="/user/alice/")
+    hub = StandInHub(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
+    return OutpostSpawner(user=user, hub=hub, orm_spawner=None, **traits)
+
+
+def test_every_option_is_a_trait_and_setting_it_changes_the_default_outpost():
+    """Each OutpostConfig field is an OutpostSpawner trait of the same type; setting the
+    trait drops the cached configs, so the "default" Outpost has the new value."""
+    from dataclasses import fields
+
+    from traitlets import Bool, Integer, Unicode
+
+    from outpost_client.outposts import OPTIONS, TRAIT_NAMES, OutpostConfig
+
+    assert [o.key for o in OPTIONS] == [f.name for f in fields(OutpostConfig)]
+    assert len(set(TRAIT_NAMES)) == len(OPTIONS)
+    traits = OutpostSpawner.class_traits(config=True)
+    spawner = bare_spawner()
+    for opt in OPTIONS:
+        trait = traits.get(opt.trait_name)
+        assert trait is not None, f"{opt.key}: no OutpostSpawner.{opt.trait_name}"
+        assert spawner.outpost.address == "127.0.0.1:50051"  # built and cached
+        if isinstance(trait, Bool):
+            value = not trait.default_value
+        elif isinstance(trait, Integer):
+            value = trait.default_value + 1
+        else:
+            assert isinstance(trait, Unicode), opt
+            value = f"changed-{opt.key}"
+        setattr(spawner, opt.trait_name, value)
+        assert getattr(spawner.outpost, opt.key) == value, f"{opt.trait_name} did not reach the config"
+        spawner.outpost_address = "127.0.0.1:50051"
+    # every key the default Outpost has is one an `outposts` entry may have
+    entry = {o.key: getattr(spawner.outpost, o.key) for o in OPTIONS}
+    assert OutpostConfig.from_dict("site", entry) == spawner.outpost
+
+
+def test_an_outposts_entry_defaults_as_the_default_outpost():
+    """An `outposts` entry with only an address is what the traits' defaults make."""
+    from outpost_client.outposts import OutpostConfig, default_config
+
+    assert OutpostConfig.from_dict("site", {"address": "127.0.0.1:50051"}) == default_config(bare_spawner())
+    spawner = bare_spawner(outposts={"site": {"address": "127.0.0.1:1", "ssh_port": 22}})
+    assert spawner._outpost_configs()["site"] == OutpostConfig("127.0.0.1:1", ssh_port=22)
+    spawner.outposts = {"site": {"address": "127.0.0.1:2"}}  # a change drops the cache too
+    assert spawner._outpost_configs()["site"].address == "127.0.0.1:2"
+
+
+def test_the_outposts_help_and_docs_name_every_key():
+    import re
+
+    from outpost_client.outposts import OPTIONS
+
+    from .conftest import ROOT
+
+    help_text = OutpostSpawner.class_traits()["outposts"].help
+    row = next(line for line in (ROOT / "docs" / "hub.md").read_text().splitlines() if line.startswith("| `outposts`"))
+    for opt in OPTIONS:
+        assert re.search(rf"\b{opt.key}\b", help_text), f"the outposts help does not name {opt.key!r}"
+        assert f"`{opt.key}`" in row, f"docs/hub.md's outposts row does not name {opt.key!r}"

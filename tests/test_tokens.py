@@ -17,7 +17,9 @@ from traitlets import TraitError
 
 from outpost_client import OutpostClient, ServerNotFound, TLSConfig, Unauthenticated, pb
 from outpost_client.errors import UNAUTHENTICATED_HUB
-from outpost_client.spawner import OutpostConfig, OutpostSpawner, client_for
+from outpost_client.outposts import OutpostConfig
+from outpost_client.registry import REGISTRY
+from outpost_client.spawner import OutpostSpawner
 from outpost_server import identity
 from outpost_server.app import Outpost
 from outpost_server.certs import generate_certs
@@ -242,7 +244,8 @@ async def test_the_spawner_sends_its_token(start_outpost, pki):
     # an `outposts` entry takes the same token
     config = OutpostConfig.from_dict("site", {"address": "127.0.0.1:1", "ca": pki.ca.cert, "token": TOKEN_A})
     assert config.token == TOKEN_A and TOKEN_A not in repr(config)
-    assert client_for(config, 5) is not client_for(OutpostConfig("127.0.0.1:1", ca=pki.ca.cert, token=TOKEN_B), 5)
+    other = OutpostConfig("127.0.0.1:1", ca=pki.ca.cert, token=TOKEN_B)
+    assert REGISTRY.get(config).client(5) is not REGISTRY.get(other).client(5)
 
 
 def test_client_refuses_a_token_it_cannot_send():

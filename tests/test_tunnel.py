@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from outpost_client import ssh_fastpath
 from outpost_client import tunnel as tunnel_mod
 from outpost_client.tunnel import SSHTarget, Tunnel, TunnelError
 
@@ -172,7 +173,7 @@ async def test_bulk_data_both_ways_with_rekeying(sshd_server, tunnels):  # noqa:
     async with EchoServer() as echo:
         tunnel = tunnels(target_for(sshd, key))
         port = await tunnel.forward("bulk", "127.0.0.1", echo.port)
-        assert tunnel._fast_path, "the receive fast path is off: check FAST_PATH_ASYNCSSH for this asyncssh"
+        assert tunnel._fast_path, "the receive fast path is off: check CHECKED_ASYNCSSH for this asyncssh"
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
         async def send():
@@ -458,11 +459,38 @@ async def test_no_known_hosts_warns_once(sshd_server, tunnels, caplog):  # noqa:
 
 def test_fast_path_covers_this_asyncssh():
     """Fails when asyncssh is upgraded past the versions the receive fast path was checked
-    against: re-check _FastReceive against asyncssh's connection.py, then widen the range."""
+    against: re-check FastReceive against asyncssh's connection.py, then widen the range."""
     import asyncssh
 
-    oldest, newest = tunnel_mod.FAST_PATH_ASYNCSSH
-    assert oldest <= tunnel_mod._asyncssh_version() <= newest, asyncssh.__version__
+    oldest, newest = ssh_fastpath.CHECKED_ASYNCSSH
+    assert oldest <= ssh_fastpath.asyncssh_version() <= newest, asyncssh.__version__
+
+
+@pytest.mark.parametrize("switch", ["target", "environment"])
+async def test_the_fast_path_can_be_turned_off(sshd_server, tunnels, monkeypatch, switch):  # noqa: F811
+    """SSHTarget.fast_path=False or OUTPOST_TUNNEL_FAST_PATH=0: asyncssh's own receive
+    path carries the data (key exchanges included), the connection is not touched."""
+    sshd = sshd_server(extra_config="RekeyLimit 1M\n")
+    key = sshd.add_client_key("hub")
+    sshd.start()
+    if switch == "environment":
+        monkeypatch.setenv(ssh_fastpath.ENV_SWITCH, "0")
+        target = target_for(sshd, key)
+    else:
+        target = target_for(sshd, key, fast_path=False)
+    payload = os.urandom(4 << 20)
+    async with EchoServer() as echo:
+        tunnel = tunnels(target)
+        port = await tunnel.forward("bulk", "127.0.0.1", echo.port)
+        assert not tunnel._fast_path
+        assert "data_received" not in vars(tunnel._conn)  # asyncssh's own method, not wrapped
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(payload)
+        writer.write_eof()
+        received = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert sshd.log.read_text().count("Accepted publickey") == 1  # no reconnect happened
 
 
 async def test_forward_listens_where_the_proxy_can_reach_it(sshd_server, tunnels):  # noqa: F811
