@@ -81,7 +81,7 @@ class OutpostConfig:
         address as the Outpost reports it.""",
         ),
     )
-    ssh_port: int = option("ssh_port", Integer(2222, help="Port of the SSH server."))
+    ssh_port: int = option("ssh_port", Integer(2222, min=1, max=65535, help="Port of the SSH server."))
     ssh_user: str = option("ssh_user", Unicode("outpost", help="SSH user name."))
     ssh_key: str | None = option(
         "ssh_key", Unicode(None, allow_none=True, help="Private key file the hub authenticates with.")
@@ -121,6 +121,8 @@ class OutpostConfig:
         "hub_api_site_port",
         Integer(
             0,
+            min=0,
+            max=65535,
             help="Site-side listen port of the reverse forward (must be allowed for this hub at the SSH server).",
         ),
     )

@@ -111,9 +111,10 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
     # The default Outpost's options (outpost_address, outpost_ca, ..., ssh_host, ...) are
     # inherited from DefaultOutpostTraits: one per OutpostConfig field (outposts.py).
 
-    outpost_timeout = Float(30.0, config=True, help="Deadline in seconds of each call to the Outpost (not of the whole start).")
+    outpost_timeout = Float(30.0, min=0.01, config=True, help="Deadline in seconds of each call to the Outpost (not of the whole start).")
     poll_batch_window = Float(
         0.2,
+        min=0,
         config=True,
         help="""Seconds a poll waits for the polls of other servers on the same Outpost,
         so that one BatchPoll call answers them all (one shared poller per Outpost).

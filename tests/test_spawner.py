@@ -257,3 +257,14 @@ def test_the_outposts_help_and_docs_name_every_key():
     for opt in OPTIONS:
         assert re.search(rf"\b{opt.key}\b", help_text), f"the outposts help does not name {opt.key!r}"
         assert f"`{opt.key}`" in row, f"docs/hub.md's outposts row does not name {opt.key!r}"
+
+
+@pytest.mark.parametrize(
+    "trait, value",
+    [("outpost_timeout", 0), ("poll_batch_window", -0.1), ("ssh_port", 0), ("hub_api_site_port", 70000)],
+)
+def test_outpost_spawner_refuses_numbers_out_of_bounds(trait, value):
+    from traitlets import TraitError
+
+    with pytest.raises(TraitError, match=trait):
+        OutpostSpawner(**{trait: value})
