@@ -94,6 +94,11 @@ class InternalError(OutpostError):
 
     code = grpc.StatusCode.INTERNAL
 
+    @property
+    def error_class(self) -> str:
+        """The class name of the exception behind it (metadata "error_class"), if any."""
+        return self.metadata.get("error_class", "")
+
 
 class Unavailable(OutpostError):
     """UNAVAILABLE: the Outpost, or its database, cannot answer now; safe to retry."""
@@ -140,19 +145,11 @@ class SpawnerError(InternalError):
 
     reason = SPAWNER_ERROR
 
-    @property
-    def error_class(self) -> str:
-        return self.metadata.get("error_class", "")
-
 
 class OutpostBug(InternalError):
     """The Outpost itself raised where it should not (a bug: its log has the traceback)."""
 
     reason = INTERNAL_ERROR
-
-    @property
-    def error_class(self) -> str:
-        return self.metadata.get("error_class", "")
 
 
 class PersistenceUnavailable(Unavailable):

@@ -6,7 +6,7 @@ Outpost dies after that process started and before the start finished, in two wa
   itself synchronously right after Popen, so only the start marker in the process's
   environment can find it (outpost_server/orphans.py);
 - while start() still runs but after the manager stored the state mid-start
-  (``_checkpoint_state``): the restarted Outpost stops it through the Spawner.
+  (``StartRun._checkpoint``, outpost_server/starts.py): the restarted Outpost stops it through the Spawner.
 Either way the restarted Outpost reports the start as failed, the process is gone, and
 the server can be started again.
 """
