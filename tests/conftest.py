@@ -19,6 +19,9 @@ Index:
   root), all under one temp dir; ``slurm.conf`` is its config file (``slurm.env`` has
   ``SLURM_CONF``); ``occupy()``/``free()``, ``squeue()``,
   ``stop_controller()``/``start_controller()``; see tests/slurm.py.
+- ``_reset_spawner_class_state`` (autouse): puts the class-level state of the test
+  Spawners (``outpost_server.testing.class_state``: counters, lists of calls) back as
+  defined, before each test.
 - ``TEST_CRYPT_KEY``: the database encryption key of the whole session. This module sets
   ``OUTPOST_CRYPT_KEY`` to it in ``os.environ`` when imported, so every Outpost (in
   process, ``outpost_process``, any console script a test runs) has a key;
@@ -53,10 +56,16 @@ from traitlets.config import Config
 
 from outpost_client import OutpostClient
 from outpost_server.app import Outpost
+from outpost_server.testing import reset_class_state
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PG_ADMIN_URL = os.environ.get("OUTPOST_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(autouse=True)
+def _reset_spawner_class_state():
+    reset_class_state()
 
 
 def free_port() -> int:

@@ -325,7 +325,6 @@ async def test_exit_seen_during_an_outage_is_persisted_after_it(tmp_path, privat
 async def test_a_failed_write_never_makes_polls_of_one_spawner_overlap(start_outpost, monkeypatch):
     """One poll's write fails (the database refuses it) while another server's slow poll is
     in flight: the next rounds must not poll that Spawner a second time at once."""
-    SlowPollSpawner.polls_in_flight = SlowPollSpawner.polls_done = SlowPollSpawner.overlaps = 0
     async with start_outpost(
         "outpost_server.testing.SlowPollSpawner", poll_interval=0.1, allow_override=["poll_delay"]
     ) as op:
@@ -369,7 +368,6 @@ async def test_slow_polls_never_delay_other_calls(start_outpost):
     """Four servers whose poll() takes 5 s, polled by the Outpost's own loop: while those
     polls are in flight every other call, of this hub and another, answers at once."""
     n_slow, delay = 4, 5.0
-    SlowPollSpawner.polls_in_flight = SlowPollSpawner.polls_done = SlowPollSpawner.overlaps = 0
     async with start_outpost(
         "outpost_server.testing.SlowPollSpawner",
         poll_interval=0.1,
@@ -439,8 +437,6 @@ async def test_slow_polls_never_delay_other_calls(start_outpost):
 async def test_hanging_start_is_cut_off_and_cleaned_up(start_outpost):
     """c.Spawner.start_timeout (the Spawner's own trait) ends a start() that hangs: stop()
     runs, the child process it started is gone, and the stream ends with FAILED."""
-    HangingStartSpawner.children.clear()
-    HangingStartSpawner.stopped_users.clear()
     async with start_outpost("outpost_server.testing.HangingStartSpawner", **{"Spawner.start_timeout": 1}) as op:
         c = op.client
         start_id = sid()
@@ -566,7 +562,6 @@ async def test_storm_of_starts_and_stops_agrees_with_the_database(tmp_path, db_u
     from outpost_server.store import events as events_table
     from outpost_server.store import servers as servers_table
 
-    RecordingSpawner.started.clear()
     rng = random.Random(20240605)
     hubs = sorted(TOKENS)
     keys = [(hub, f"s{i:02d}") for hub in hubs for i in range(20)]  # the same names in every hub

@@ -17,13 +17,14 @@ import asyncssh
 import pytest
 
 from outpost_server.forwarder import ForwarderConfigError
-from outpost_server.testing import InstantSpawner
+from outpost_server.testing import InstantSpawner, class_state
 
 from .conftest import BIN, free_port, wait_for
 
 ECHO_SPAWNER = "tests.test_forwarder.EchoAddressSpawner"
 
 
+@class_state("port")
 class EchoAddressSpawner(InstantSpawner):
     """Starts at once and reports 127.0.0.1:<port>, where a test's echo server listens."""
 

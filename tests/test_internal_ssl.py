@@ -22,6 +22,7 @@ from traitlets import Bool
 
 from outpost_client import OutpostClient, pb
 from outpost_server.hosting import CERT_FILES, certs_location
+from outpost_server.testing import class_state
 
 from .conftest import outpost_config, running_outpost, wait_for
 from .test_e2e_hub import hub_factory, make_site, remote_servers  # noqa: F401  (fixtures)
@@ -43,6 +44,7 @@ def mode(path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
+@class_state("calls", "block_users")
 class CertSpawner(Spawner):
     """Records what it gets: move_certs() paths (and the files' modes and contents),
     cert_paths, internal_ssl and the env at start()."""
@@ -96,12 +98,6 @@ class CertSpawner(Spawner):
 
     async def stop(self, now=False):
         return None
-
-
-@pytest.fixture(autouse=True)
-def _reset_calls():
-    CertSpawner.calls = []
-    CertSpawner.block_users = set()
 
 
 def _start_call() -> dict:
