@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from outpost_server.app import Outpost
 
-from .conftest import ROOT
+from .harness.outpost import ROOT
 
 INHERITED = {"log_datefmt", "log_format", "log_level", "logging_config", "show_config", "show_config_json"}
 

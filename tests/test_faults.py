@@ -28,17 +28,12 @@ from outpost_server.interceptors import hash_token
 from outpost_server.store import async_url
 from outpost_server.testing import HangingStartSpawner, RecordingSpawner, SlowPollSpawner
 
-from .conftest import children_of, free_port, outpost_config, process_alive, running_outpost, wait_for
+from .harness.hub import hub_client
+from .harness.outpost import outpost_config, running_outpost
+from .harness.procs import children_of, process_alive
+from .harness.util import collect, free_port, sid, wait_for
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def sid() -> str:
-    return uuid.uuid4().hex
-
-
-async def collect(client, name, **kw):
-    return [e async for e in client.events(name, timeout=30, **kw)]
 
 
 async def timed(call, bound: float, log: list[tuple[str, float]], what: str):
@@ -357,10 +352,6 @@ TOKENS = {f"hub-{x}": f"faults-{x}-" + uuid.uuid4().hex for x in "abc"}
 HUB_TOKENS = {hub: hash_token(token) for hub, token in TOKENS.items()}
 
 
-def hub_client(op, hub: str) -> OutpostClient:
-    return OutpostClient(op.address, token=TOKENS[hub], timeout=20)
-
-
 # --- 2. slow polls ------------------------------------------------------------------------------
 
 
@@ -374,7 +365,9 @@ async def test_slow_polls_never_delay_other_calls(start_outpost):
         hub_tokens=HUB_TOKENS,
         **{"SlowPollSpawner.poll_delay": delay},
     ) as op:
-        async with hub_client(op, "hub-a") as a, hub_client(op, "hub-b") as b:
+        a = hub_client(op.address, token=TOKENS["hub-a"], timeout=20)
+        b = hub_client(op.address, token=TOKENS["hub-b"], timeout=20)
+        async with a, b:
             slow = {f"slow{i}": sid() for i in range(n_slow)}
             for name, start_id in slow.items():
                 await a.start(name, start_id, user_name=name, wait_until_ready=True)
@@ -576,7 +569,7 @@ async def test_storm_of_starts_and_stops_agrees_with_the_database(tmp_path, db_u
     bound = 5.0
     latencies: list[tuple[str, float]] = []
     async with running_outpost(cfg) as op:
-        clients = {hub: hub_client(op, hub) for hub in hubs}
+        clients = {hub: hub_client(op.address, token=TOKENS[hub], timeout=20) for hub in hubs}
         try:
             final: dict[tuple[str, str], str | None] = {}  # start_id of the running start, None: stopped
 

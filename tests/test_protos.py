@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .harness.outpost import ROOT
+
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gen_protos  # noqa: E402

@@ -29,7 +29,7 @@ from outpost_client import OutpostClient, pb
 from outpost_server.interceptors import hash_token
 from outpost_server.relay import HubAPIRelay, RelayConfigError, relay_prefix, relayed_env, token_from
 
-from .conftest import wait_for
+from .harness.util import wait_for
 
 LATE = "outpost_server.testing.LatePortSpawner"
 RELAY = {"HubAPIRelay.enabled": True, "HubAPIRelay.port": 0}
