@@ -53,8 +53,10 @@ test: setup postgres
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
-	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
+# the unit and rpc layers (tests/conftest.py) without the slow ones: no sshd, hub, Slurm,
+# network namespace or PostgreSQL server, so no system packages either (about a minute)
+test-fast: $(VENV)/.installed node_modules/.installed
+	$(PY) -m pytest -m "(unit or rpc) and not slow and not postgres and not slurm" $(PYTEST_ARGS)
 
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test,demo]"

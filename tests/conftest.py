@@ -43,6 +43,14 @@ Index:
 this module sets ``OUTPOST_CRYPT_KEY`` to it in ``os.environ`` when imported, so every
 Outpost (in process, ``outpost_process``, any console script a test runs) has a key;
 tests/test_crypto.py removes or replaces it where it needs to.
+
+Every test belongs to exactly one layer, a marker its module sets (``pytestmark``):
+``unit`` (pure functions, no sockets), ``rpc`` (a real Outpost, in process or as the
+console script, and real clients; no sshd, hub, Slurm or network namespace) or ``e2e``
+(real JupyterHub and proxy, sshd, Slurm, network namespaces). A module's layer is the
+heaviest its tests need (a few pure-function tests sit in rpc modules, beside what they
+check). Collection fails for a test with none or several of them. ``make test-fast``
+runs ``(unit or rpc) and not slow and not postgres and not slurm``.
 """
 
 from __future__ import annotations
@@ -67,6 +75,24 @@ from .harness.sshd import PrivateSSHD
 os.environ["OUTPOST_CRYPT_KEY"] = TEST_CRYPT_KEY
 
 PG_ADMIN_URL = os.environ.get("OUTPOST_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+LAYERS = ("unit", "rpc", "e2e")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every collected test has exactly one layer marker (before ``-m`` deselects any)."""
+    wrong = []
+    for item in items:
+        layers = {mark.name for mark in item.iter_markers() if mark.name in LAYERS}
+        if len(layers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(sorted(layers)) or 'no layer'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"each test needs exactly one of the markers {', '.join(LAYERS)} "
+            "(a module's pytestmark; see tests/conftest.py):\n  " + "\n  ".join(wrong)
+        )
+
 
 @pytest.fixture(autouse=True)
 def _reset_spawner_class_state():

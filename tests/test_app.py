@@ -16,6 +16,8 @@ from .harness.outpost import grpcurl, one_line, run_outpost, stored_rows
 from .harness.procs import children_of, process_alive
 from .harness.util import wait_for
 
+pytestmark = pytest.mark.rpc
+
 
 def test_unknown_spawner_class_exits_with_one_line(tmp_path):
     out = run_outpost("--spawner-class", "nosuchmodule.NoSpawner", "--port", "0", cwd=tmp_path)

@@ -24,6 +24,8 @@ from outpost_server.manager import RESTART_DURING_START
 from .harness.procs import process_alive, processes_with_argv
 from .harness.util import wait_for
 
+pytestmark = pytest.mark.rpc
+
 # the Spawner class is defined in outpost_config.py, as a site may do
 CONFIG = """
 import asyncio

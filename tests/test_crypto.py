@@ -32,6 +32,8 @@ from .harness.outpost import (
     sqlite_bytes,
 )
 
+pytestmark = pytest.mark.rpc
+
 
 class StatefulSpawner(Spawner):
     """Keeps a secret in its state (as a real Spawner may: a pid, a job id, a token)."""

@@ -14,7 +14,7 @@ import pytest
 from .harness.outpost import BIN, ROOT, run_outpost
 from .harness.util import free_port, port_open, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def printed_commands() -> list[str]:

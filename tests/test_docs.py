@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from outpost_server.app import Outpost
 
 from .harness.outpost import ROOT
+
+pytestmark = pytest.mark.unit
 
 INHERITED = {"log_datefmt", "log_format", "log_level", "logging_config", "show_config", "show_config_json"}
 

@@ -27,7 +27,7 @@ from .harness.procs import children_of
 from .harness.site import Site
 from .harness.util import free_port, port_open, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 async def test_spawn_progress_proxy_and_stop(site, hub_factory):

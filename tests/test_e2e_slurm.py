@@ -31,7 +31,7 @@ from .harness.outpost import BIN
 from .harness.slurm import JOB_NAME, our_jobs, queue_reason_recipe
 from .harness.util import free_port, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.slurm]
 
 USER = "root"
 

@@ -33,6 +33,8 @@ from .harness.outpost import outpost_config, running_outpost
 from .harness.procs import children_of, process_alive
 from .harness.util import collect, free_port, sid, wait_for
 
+pytestmark = pytest.mark.rpc
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 

@@ -21,6 +21,8 @@ from outpost_server.testing import InstantSpawner, class_state
 from .harness.outpost import one_line, run_outpost
 from .harness.util import free_port, wait_for
 
+pytestmark = pytest.mark.rpc
+
 ECHO_SPAWNER = "tests.test_forwarder.EchoAddressSpawner"
 
 

@@ -49,6 +49,8 @@ from outpost_server.convert import STATE_NAMES
 from .harness.outpost import outpost_config, running_outpost
 from .harness.util import sid, wait_for
 
+pytestmark = pytest.mark.rpc
+
 INSTANT = "outpost_server.testing.InstantSpawner"
 HUB = "default"  # plaintext on loopback: every connection is the default hub
 LIMIT = 256 * 1024  # max_message_bytes of the Outpost under attack

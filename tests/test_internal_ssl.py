@@ -28,6 +28,8 @@ from .harness.hub import make_spawner
 from .harness.outpost import outpost_config, running_outpost, sqlite_bytes
 from .harness.util import wait_for
 
+pytestmark = pytest.mark.rpc
+
 KEY = "-----BEGIN PRIVATE KEY-----\nkey-of-the-notebook\n-----END PRIVATE KEY-----\n"
 CERT = "-----BEGIN CERTIFICATE-----\ncert-of-the-notebook\n-----END CERTIFICATE-----\n"
 CA = "-----BEGIN CERTIFICATE-----\nnotebooks-ca-trust-bundle\n-----END CERTIFICATE-----\n"

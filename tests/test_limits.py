@@ -16,6 +16,8 @@ from outpost_client.errors import TOO_MANY_STARTS
 from .harness.hub import hub_client
 from .harness.util import sid
 
+pytestmark = pytest.mark.rpc
+
 NEVER_READY = "outpost_server.testing.NeverReadySpawner"
 
 

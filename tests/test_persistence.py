@@ -14,6 +14,8 @@ from .harness.outpost import outpost_config, running_outpost
 from .harness.procs import children_of, process_alive
 from .harness.util import wait_for
 
+pytestmark = pytest.mark.rpc
+
 
 async def test_restore_after_restart(tmp_path, db_url):
     cfg = outpost_config(tmp_path, "outpost_server.testing.SlowSpawner", db_url, **{"SlowSpawner.delay": 0.1})

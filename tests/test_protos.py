@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import gen_protos  # noqa: E402
 
+pytestmark = pytest.mark.unit
+
 
 def test_generated_stubs_do_not_drift(tmp_path):
     written = gen_protos.generate(tmp_path)

@@ -31,6 +31,8 @@ from outpost_server.relay import HubAPIRelay, RelayConfigError, relay_prefix, re
 
 from .harness.util import wait_for
 
+pytestmark = pytest.mark.rpc
+
 LATE = "outpost_server.testing.LatePortSpawner"
 RELAY = {"HubAPIRelay.enabled": True, "HubAPIRelay.port": 0}
 HUB_A_TOKEN = "hub-a-grpc-token-0123456789abcdefghijklmnop"

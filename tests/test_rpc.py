@@ -23,6 +23,8 @@ from outpost_server.testing import SlowSpawner
 
 from .harness.util import collect, sid, wait_for
 
+pytestmark = pytest.mark.rpc
+
 ENV = {"JUPYTERHUB_API_TOKEN": "secret-token", "JUPYTERHUB_API_URL": "http://hub:8081/hub/api"}
 
 

@@ -43,7 +43,7 @@ from .harness.site import Site
 from .harness.slurm import JOB_NAME, our_jobs, queue_reason_recipe
 from .harness.util import collect, free_port, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.slurm]
 
 CONFIG = """\
 import batchspawner

@@ -12,6 +12,8 @@ from outpost_client.spawner import OutpostStartFailed, remote_server_name
 
 from .harness.hub import make_spawner
 
+pytestmark = pytest.mark.rpc
+
 
 @pytest.mark.parametrize(
     "template, user, server, expected",

@@ -30,6 +30,8 @@ from outpost_server.tls import TLSConfigError, load_server_tls
 from .harness.hub import hub_client
 from .harness.outpost import grpcurl, run_outpost
 
+pytestmark = pytest.mark.rpc
+
 SERVICE = "jupyterhub.outpost.v1.OutpostService"
 
 

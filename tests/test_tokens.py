@@ -24,6 +24,8 @@ from outpost_server.interceptors import certificate_resolver, hash_token, token_
 from .harness.hub import hub_client, make_spawner
 from .harness.outpost import run_outpost
 
+pytestmark = pytest.mark.rpc
+
 TOKEN_A = secrets.token_urlsafe(32)
 TOKEN_B = secrets.token_urlsafe(32)
 WRONG = secrets.token_urlsafe(32)

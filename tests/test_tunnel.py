@@ -19,6 +19,8 @@ from outpost_client.tunnel import SSHTarget, Tunnel, TunnelError
 
 from .harness.util import free_port, wait_for
 
+pytestmark = pytest.mark.e2e
+
 LOGGER = "outpost.tunnel"
 
 
