@@ -65,8 +65,9 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 demo: setup $(VENV)/.demo-installed
 	@bash demo/run.sh
 
-# n=100 and n=2000 (keys with _n2000, and their ratios), event latency, CPU of 2,000 servers
-bench: setup
+# n=100 and n=2000 (keys with _n2000, and their ratios), event latency, CPU of 2,000 servers;
+# spawn_bench runs jupyterhub-singleuser with JupyterLab, as the demo does (the demo extra)
+bench: setup $(VENV)/.demo-installed
 	$(PY) benchmarks/bench.py --n 100 2000 --json bench-results/bench.json
 	$(PY) benchmarks/tunnel_bench.py --json bench-results/tunnel.json
 	$(PY) benchmarks/spawn_bench.py --json bench-results/spawn.json
