@@ -27,6 +27,7 @@ from outpost_server.hosting import StandInHub, StandInUser
 
 from .e2e_driver import read_progress
 from .outpost import BIN, ROOT
+from .procs import stop_process
 from .util import free_port
 
 CHP = ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
@@ -181,13 +182,7 @@ class JupyterHubProcess:
             await asyncio.sleep(0.2)
 
     def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30, sig)
 
     def stop_proxy(self) -> None:
         pid_file = self.workdir / "proxy.pid"

@@ -28,7 +28,7 @@ from traitlets.config import Config
 from outpost_client.client import OutpostClient
 from outpost_server.app import Outpost
 
-from .procs import cpu_seconds, rss_kib
+from .procs import cpu_seconds, rss_kib, stop_process
 from .util import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
@@ -233,16 +233,7 @@ class OutpostProcess:
     def stop(self, timeout: float = 20) -> bool:
         """SIGTERM, then SIGKILL if it has not exited after timeout seconds. True if it
         needed the SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
-            return False
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-            return False
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return True
+        return stop_process(self.proc, timeout)
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the process (all its threads) has used so far."""

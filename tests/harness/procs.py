@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import subprocess
 import threading
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -113,6 +115,21 @@ def cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state): utime and stime are fields 14 and 15, in clock ticks
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float, sig: int = signal.SIGTERM) -> bool:
+    """Send sig to proc if it still runs, wait up to timeout seconds for it to exit, then
+    SIGKILL it. True if it needed the SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return False
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
 
 
 def set_child_subreaper(on: bool = True) -> None:

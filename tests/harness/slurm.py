@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 from .outpost import ROOT
-from .procs import children_of, process_alive, process_name
+from .procs import children_of, process_alive, process_name, stop_process
 from .util import free_port
 
 __all__ = [
@@ -186,7 +186,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                     pass
         finally:
             for proc in (self.slurmd, self.slurmctld, self.munged):
-                _terminate(proc)
+                stop_process(proc, 15)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(process_alive(p) for p in self._stepds()):
             time.sleep(0.1)
@@ -204,7 +204,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def stop_controller(self) -> None:
         """slurmctld down (SIGTERM, by PID): running jobs go on, squeue/scancel fail."""
-        _terminate(self.slurmctld)
+        stop_process(self.slurmctld, 15)
 
     def start_controller(self, timeout: float = 30) -> None:
         """slurmctld up again with its saved state; returns once it answers squeue."""
@@ -292,17 +292,6 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if time.monotonic() > deadline:
                 raise AssertionError(f"{message} within {timeout}s\n{self.log_tail()}")
             time.sleep(0.1)
-
-
-def _terminate(proc: subprocess.Popen | None, timeout: float = 15) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextmanager

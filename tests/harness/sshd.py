@@ -32,7 +32,7 @@ from pathlib import Path
 
 import asyncssh
 
-from .procs import descendants_of, process_alive
+from .procs import descendants_of, process_alive, stop_process
 from .util import free_port
 
 SSHD = "/usr/sbin/sshd"
@@ -165,12 +165,7 @@ class PrivateSSHD:
             return
         if self.proc.poll() is None:
             self.kill_connections()
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 5)
 
     def close(self) -> None:
         """stop() and remove the directory."""
