@@ -109,14 +109,17 @@ async def test_grpcurl_list_health_and_calls(outpost_process):
     assert "jupyterhub.outpost.v1.OutpostService" in services
     assert "grpc.health.v1.Health" in services
 
-    described = await asyncio.to_thread(grpcurl, "-plaintext", addr, "describe", "jupyterhub.outpost.v1.OutpostService")
+    described = await asyncio.to_thread(
+        grpcurl, "-plaintext", addr, "describe", "jupyterhub.outpost.v1.OutpostService"
+    )
     assert "rpc Events" in described.stdout and "stream .jupyterhub.outpost.v1.EventsResponse" in described.stdout
 
     health = await asyncio.to_thread(grpcurl, "-plaintext", addr, "grpc.health.v1.Health/Check")
     assert json.loads(health.stdout)["status"] == "SERVING"
 
     missing = await asyncio.to_thread(
-        grpcurl, "-plaintext", "-d", '{"server_name": "ghost"}', addr, "jupyterhub.outpost.v1.OutpostService/Poll"
+        grpcurl, "-plaintext", "-d", '{"server_name": "ghost"}', addr,
+        "jupyterhub.outpost.v1.OutpostService/Poll",
     )
     assert missing.returncode != 0 and "NotFound" in missing.stderr and "ghost" in missing.stderr
 
@@ -132,7 +135,8 @@ async def test_grpcurl_list_health_and_calls(outpost_process):
     assert json.loads(start.stdout)["status"]["state"] == "SERVER_STATE_RUNNING"
 
     poll = await asyncio.to_thread(
-        grpcurl, "-plaintext", "-d", '{"server_name": "alice"}', addr, "jupyterhub.outpost.v1.OutpostService/Poll"
+        grpcurl, "-plaintext", "-d", '{"server_name": "alice"}', addr,
+        "jupyterhub.outpost.v1.OutpostService/Poll",
     )
     assert poll.returncode == 0, poll.stderr
     status = json.loads(poll.stdout)["status"]

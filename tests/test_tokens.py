@@ -42,7 +42,8 @@ def server_tls(pki, **traits) -> dict:
 
 async def test_two_hubs_by_token_over_tls_are_isolated(start_outpost, pki, capfd):
     async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
-        async with hub_client(op.address, pki, token=TOKEN_A) as a, hub_client(op.address, pki, token=TOKEN_B) as b:
+        a, b = hub_client(op.address, pki, token=TOKEN_A), hub_client(op.address, pki, token=TOKEN_B)
+        async with a, b:
             await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
             assert [s.server_name for s in await a.list_servers()] == ["alice"]
             assert (await a.poll("alice")).state == pb.SERVER_STATE_RUNNING
@@ -236,7 +237,8 @@ async def test_token_never_appears_in_the_log(start_outpost, pki, caplog, capfd)
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="outpost")
     async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
-        async with hub_client(op.address, pki, token=TOKEN_A) as a, hub_client(op.address, pki, token=WRONG) as bad:
+        a, bad = hub_client(op.address, pki, token=TOKEN_A), hub_client(op.address, pki, token=WRONG)
+        async with a, bad:
             await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
             await a.list_servers()
             with pytest.raises(Unauthenticated):

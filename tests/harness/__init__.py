@@ -8,8 +8,9 @@ and by import (``from .harness.util import wait_for``); the benchmarks by import
   ``port_open()``, ``wait_for()``, ``percentile()``.
 - ``procs``: processes from /proc -- ``children_of()``, ``descendants_of()``,
   ``process_state()``, ``process_name()``, ``process_alive()``, ``processes_with_argv()``,
-  ``rss_kib()``, ``cpu_seconds()``, ``threads_of()``, ``open_fds()`` -- and orphan
-  reaping (``set_child_subreaper()``, ``Subreaper``).
+  ``rss_kib()``, ``cpu_seconds()``, ``threads_of()``, ``open_fds()`` --,
+  ``stop_process()`` (SIGTERM, wait, SIGKILL) and orphan reaping
+  (``set_child_subreaper()``, ``Subreaper``).
 - ``outpost``: ``ROOT``, ``BIN``, ``OUTPOST_BIN``; the Outpost in this process
   (``running_outpost()``, ``outpost_config()``, ``stored_rows()``) and as the console
   script (``OutpostProcess``, ``outpost_process_factory()``, ``outpost_env()``,

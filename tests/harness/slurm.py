@@ -42,7 +42,13 @@ from .procs import children_of, process_alive, process_name, stop_process
 from .util import free_port
 
 __all__ = [
-    "JOB_NAME", "Job", "SlurmCluster", "our_jobs", "private_cluster", "queue_reason_recipe", "slurm_available",
+    "JOB_NAME",
+    "Job",
+    "SlurmCluster",
+    "our_jobs",
+    "private_cluster",
+    "queue_reason_recipe",
+    "slurm_available",
 ]
 
 # the job name of the SlurmSpawner's jobs in the tests' batch scripts
