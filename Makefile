@@ -57,8 +57,10 @@ test: setup postgres
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
-	$(PY) -m pytest -m "not slow and not postgres" $(PYTEST_ARGS)
+# the unit and rpc layers (tests/conftest.py) without the slow ones: no sshd, hub, Slurm,
+# network namespace or PostgreSQL server, so no system packages either (about a minute)
+test-fast: $(VENV)/.installed node_modules/.installed
+	$(PY) -m pytest -m "(unit or rpc) and not slow and not postgres and not slurm" $(PYTEST_ARGS)
 
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test,demo]"
@@ -67,8 +69,9 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 demo: setup $(VENV)/.demo-installed
 	@bash demo/run.sh
 
-# n=100 and n=2000 (keys with _n2000, and their ratios), event latency, CPU of 2,000 servers
-bench: setup
+# n=100 and n=2000 (keys with _n2000, and their ratios), event latency, CPU of 2,000 servers;
+# spawn_bench runs jupyterhub-singleuser with JupyterLab, as the demo does (the demo extra)
+bench: setup $(VENV)/.demo-installed
 	$(PY) benchmarks/bench.py --n 100 2000 --json bench-results/bench.json
 	$(PY) benchmarks/tunnel_bench.py --json bench-results/tunnel.json
 	$(PY) benchmarks/spawn_bench.py --json bench-results/spawn.json

@@ -30,33 +30,26 @@ import asyncio
 import math
 import multiprocessing as mp
 import random
-import shutil
-import signal
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+
 # Imported from the modules themselves rather than the package: an editable install made
 # before outpost_client/__init__.py existed maps outpost_client as a namespace package.
-from outpost_client.client import OutpostClient, ServerState, StopOutcome
-from outpost_client.errors import ServerNotFound
-from outpost_client.batch import BatchPoller
-from outpost_client.v1 import outpost_pb2 as pb
+from outpost_client.client import OutpostClient, ServerState, StopOutcome  # noqa: E402
+from outpost_client.errors import ServerNotFound  # noqa: E402
+from outpost_client.batch import BatchPoller  # noqa: E402
+from outpost_client.v1 import outpost_pb2 as pb  # noqa: E402
 
-from bench_spawners import stamp_of  # benchmarks/ is sys.path[0]
-from common import free_port, machine_info, source_info, write_json
+from benchmarks.bench_spawners import stamp_of  # noqa: E402
+from benchmarks.common import BenchOutpost, machine_info, source_info, write_json  # noqa: E402
+from tests.harness.util import percentile  # noqa: E402
 
 RUNNING = ServerState.Value("SERVER_STATE_RUNNING")
 STOPPED = StopOutcome.Value("STOP_OUTCOME_STOPPED")
-
-# Where the outpost console script lives: next to the Python running this file (the venv).
-OUTPOST_BIN = Path(sys.executable).parent / "jupyterhub-outpost"
-# The repository root: the Outpost imports benchmarks.bench_spawners from there.
-ROOT = Path(__file__).resolve().parent.parent
 
 RPC_TIMEOUT = 10.0  # seconds; a call slower than this fails the benchmark
 READY_TIMEOUT = 20.0  # seconds for the Outpost to answer after it was launched
@@ -128,114 +121,8 @@ class BenchmarkError(Exception):
 # --- small helpers ------------------------------------------------------------------
 
 
-def percentile(samples: list[float], q: float) -> float:
-    """The q-th percentile (0..100) of samples, by the nearest-rank method."""
-    if not samples:
-        raise BenchmarkError("no samples")
-    ordered = sorted(samples)
-    rank = math.ceil(q / 100 * len(ordered))  # 1-based
-    return ordered[min(max(rank, 1), len(ordered)) - 1]
-
-
 def ms(seconds: float) -> float:
     return seconds * 1e3
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of a process, from /proc (Linux), in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise BenchmarkError(f"no VmRSS in /proc/{pid}/status")
-
-
-# --- the Outpost under test -----------------------------------------------------------
-
-
-class OutpostProcess:
-    """One ``jupyterhub-outpost`` subprocess with its own temp dir and SQLite file."""
-
-    def __init__(
-        self, spawner_class: str = "outpost_server.testing.InstantSpawner", config: str = ""
-    ):
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="outpost-bench-"))
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log_path = self.tmpdir / "outpost.log"
-        self.spawner_class = spawner_class
-        self.config = config  # text of an outpost_config.py ("" for none)
-        self.proc: subprocess.Popen | None = None
-
-    def launch(self) -> None:
-        cmd = [
-            str(OUTPOST_BIN),
-            "--port", str(self.port),
-            "--ip", "127.0.0.1",
-            "--db-url", f"sqlite:///{self.tmpdir / 'bench.sqlite'}",
-            "--spawner-class", self.spawner_class,
-            # traitlets' Application.log_level knows "WARN", not "WARNING"
-            "--log-level", "WARN",
-        ]  # fmt: skip
-        if self.config:
-            config_file = self.tmpdir / "outpost_config.py"
-            config_file.write_text(self.config)
-            cmd += ["-f", str(config_file)]
-        # a fresh database encryption key (the Outpost refuses to start without one)
-        from cryptography.fernet import Fernet
-
-        env = dict(os.environ, OUTPOST_CRYPT_KEY=Fernet.generate_key().decode())
-        # the benchmark Spawners (benchmarks.bench_spawners) are imported from the repo root
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=self.tmpdir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-
-    async def wait_serving(self, client: OutpostClient) -> None:
-        """Retry a cheap RPC until the Outpost answers (or exits, or READY_TIMEOUT passes)."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchmarkError(f"the Outpost exited with status {self.proc.returncode}")
-            try:
-                await client.list_servers(timeout=1.0)
-                return
-            except Exception as e:  # not listening yet: UNAVAILABLE, deadline exceeded
-                last_error = e
-                await asyncio.sleep(0.1)
-        raise BenchmarkError(
-            f"the Outpost did not answer within {READY_TIMEOUT:g}s (last error: {last_error!r})"
-        )
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the Outpost process (all its threads) has used so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # fields[0] is field 3 (state): utime and stime are fields 14 and 15, in clock ticks
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def terminate(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited after 15 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            print("the Outpost ignored SIGTERM for 15 s; killing it", file=sys.stderr)
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 # --- one client: starts, stops, lists, sequential polls ---------------------------------
@@ -433,13 +320,13 @@ def best_poll_layout(address: str, names: list[str], concurrency: int) -> tuple[
 # --- the benchmark --------------------------------------------------------------------
 
 
-async def run(outpost: OutpostProcess, n: int) -> dict:
+async def run(outpost: BenchOutpost, n: int) -> dict:
     results: dict = {}
     notes: dict = {}
     ids = Ids()
     names = server_names(n)
     async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
-        await outpost.wait_serving(client)
+        await outpost.wait_serving(READY_TIMEOUT)
         if await client.list_servers():
             raise BenchmarkError("the fresh Outpost already has servers")
 
@@ -451,7 +338,7 @@ async def run(outpost: OutpostProcess, n: int) -> dict:
         for name in warm:
             await timed_stop(client, name)
         # memory with no server (warm: imports, caches, the channel), for rss_per_server_kib
-        rss_empty = rss_kib(outpost.proc.pid)
+        rss_empty = outpost.rss_kib()
 
         # N sequential Starts, then N sequential Stops
         starts = [await timed_start(client, name, ids.next()) for name in names]
@@ -472,7 +359,7 @@ async def run(outpost: OutpostProcess, n: int) -> dict:
         notes["start_c16, stop_c16"] = f"1 proc, {n} calls, 16 in flight (asyncio.Semaphore)"
         await wait_running(client, names)
         # memory with N servers running (before the polls below grow the client buffers)
-        rss_running = rss_kib(outpost.proc.pid)
+        rss_running = outpost.rss_kib()
         results["rss_empty_kib"] = rss_empty
         results["rss_running_kib"] = rss_running
         results["rss_per_server_kib"] = (rss_running - rss_empty) / n
@@ -509,7 +396,7 @@ async def run(outpost: OutpostProcess, n: int) -> dict:
             notes[f"poll_c{concurrency}"] = f"best of [{summary}]"
 
         # memory with N servers running, after all of the above (the polls included)
-        results["rss_kib"] = rss_kib(outpost.proc.pid)
+        results["rss_kib"] = outpost.rss_kib()
 
         # stop all N, 16 in flight
         wall, stops = await run_concurrently(
@@ -550,7 +437,7 @@ async def run(outpost: OutpostProcess, n: int) -> dict:
 # --- event latency: a Spawner's progress event to the client's Events stream --------------
 
 
-async def run_event_latency(outpost: OutpostProcess, events: int) -> dict:
+async def run_event_latency(outpost: BenchOutpost, events: int) -> dict:
     """Starts one after the other with benchmarks.bench_spawners.StampedProgressSpawner.
 
     Each event carries the wall clock (time.time()) of the moment the Spawner yielded it;
@@ -562,7 +449,7 @@ async def run_event_latency(outpost: OutpostProcess, events: int) -> dict:
     ids = Ids()
     latencies: list[float] = []
     async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
-        await outpost.wait_serving(client)
+        await outpost.wait_serving(READY_TIMEOUT)
         for name in server_names(starts, prefix="events"):
             await client.start(name, ids.next(), user_name="bench", wait_until_ready=False)
             terminal = None
@@ -603,7 +490,7 @@ def event_latency_config() -> str:
 # --- CPU of many servers under a hub's normal polling ------------------------------------
 
 
-async def run_cpu(outpost: OutpostProcess, servers: int, seconds: float) -> dict:
+async def run_cpu(outpost: BenchOutpost, servers: int, seconds: float) -> dict:
     """The Outpost's CPU with `servers` running servers, polled as a hub polls them.
 
     The Outpost runs its own poll loop at its default poll_interval. The hub side is
@@ -615,7 +502,7 @@ async def run_cpu(outpost: OutpostProcess, servers: int, seconds: float) -> dict
     ids = Ids()
     names = server_names(servers, prefix="cpu")
     async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
-        await outpost.wait_serving(client)
+        await outpost.wait_serving(READY_TIMEOUT)
         await run_concurrently(
             [lambda name=name: timed_start(client, name, ids.next()) for name in names], 16
         )
@@ -663,7 +550,7 @@ async def run_cpu(outpost: OutpostProcess, servers: int, seconds: float) -> dict
             raise BenchmarkError(
                 f"{polls['errors']} polls failed, {polls['not_running']} answered a state other than RUNNING"
             )
-        rss = rss_kib(outpost.proc.pid)
+        rss = outpost.rss_kib()
     wall = wall1 - wall0
     batches = calls1 - calls0
     return {
@@ -819,19 +706,19 @@ def main(argv=None) -> int:
 
     # (label, Outpost factory, coroutine function) of every run, in order
     runs = [
-        (f"n={n}", OutpostProcess, lambda outpost, n=n: run(outpost, n)) for n in args.n
+        (f"n={n}", BenchOutpost, lambda outpost, n=n: run(outpost, n)) for n in args.n
     ]
     if args.events:
         runs.append((
             "events",
-            lambda: OutpostProcess(
+            lambda: BenchOutpost(
                 "benchmarks.bench_spawners.StampedProgressSpawner", event_latency_config()
             ),
             lambda outpost: run_event_latency(outpost, args.events),
         ))  # fmt: skip
     if args.cpu_seconds:
         runs.append(
-            ("cpu", OutpostProcess, lambda outpost: run_cpu(outpost, args.cpu_servers, args.cpu_seconds))
+            ("cpu", BenchOutpost, lambda outpost: run_cpu(outpost, args.cpu_servers, args.cpu_seconds))
         )
 
     source = source_info()  # before the runs: the code the Outposts below import
@@ -847,7 +734,7 @@ def main(argv=None) -> int:
         except Exception as e:
             print(f"benchmark failed ({label}): {type(e).__name__}: {e}", file=sys.stderr)
             if outpost.proc is not None:
-                print(f"--- Outpost log (tail) ---\n{outpost.log_tail()}", file=sys.stderr)
+                print(f"--- Outpost log (tail) ---\n{outpost.tail()}", file=sys.stderr)
             return 1
         finally:
             outpost.terminate()

@@ -1,11 +1,13 @@
-"""Helpers shared by the benchmarks (``bench.py``, ``soak.py``, ``tunnel_bench.py``,
-``spawn_bench.py``) and ``sshd_helper.py``.
+"""What the benchmarks share beyond the test harness: the Outpost process they measure
+(:class:`BenchOutpost`), and the JSON they write (``machine_info()``, ``source_info()``,
+``write_json()``).
 
-The benchmarks run as scripts (``.venv/bin/python benchmarks/X.py``, so ``benchmarks/`` is
-on ``sys.path``): ``bench.py``, ``soak.py`` and ``tunnel_bench.py`` import this as ``common``,
-``spawn_bench.py`` (which puts the repo root first on ``sys.path`` for ``tests.*``) as
-``benchmarks.common``. ``sshd_helper`` tries the relative import first: the tests import it
-as ``benchmarks.sshd_helper``, ``tunnel_bench.py`` as ``sshd_helper``. Standard library only.
+The benchmarks run as scripts (``.venv/bin/python benchmarks/X.py`` from the repository
+root). Each puts the repository root first on ``sys.path`` and imports by package name:
+``benchmarks.common``, ``benchmarks.bench_spawners`` and ``tests.harness.*`` (the harness
+the tests use: the Outpost process, a site, a hub, a private sshd, /proc helpers). One
+name per module: the Outpost process imports ``benchmarks.bench_spawners`` by that name
+too, and a module imported under two names would be two modules.
 """
 
 from __future__ import annotations
@@ -14,18 +16,46 @@ import hashlib
 import json
 import os
 import platform
-import socket
+import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from cryptography.fernet import Fernet
+
+from tests.harness.outpost import ROOT, OutpostProcess
+
+INSTANT = "outpost_server.testing.InstantSpawner"
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class BenchOutpost(OutpostProcess):
+    """The ``jupyterhub-outpost`` process under measurement: the harness's OutpostProcess in
+    a temp dir of its own, with SQLite there (``db_path``), a fresh database encryption key,
+    ``spawner_class``, the outpost_config.py text ``config`` and warnings only in its log.
+    ``launch()``, ``terminate()`` (SIGTERM, SIGKILL after 15 s), ``cleanup()`` (the dir)."""
+
+    def __init__(self, spawner_class: str = INSTANT, config: str = ""):
+        workdir = Path(tempfile.mkdtemp(prefix="outpost-bench-"))
+        super().__init__(workdir, config, env={"OUTPOST_CRYPT_KEY": Fernet.generate_key().decode()})
+        self.spawner_class = spawner_class
+        self.db_path = workdir / "bench.sqlite"
+
+    def launch(self) -> None:
+        self.start(
+            "--ip", "127.0.0.1",
+            "--db-url", f"sqlite:///{self.db_path}",
+            "--spawner-class", self.spawner_class,
+            # traitlets' Application.log_level knows "WARN", not "WARNING"
+            "--log-level", "WARN",
+        )  # fmt: skip
+
+    def terminate(self) -> None:
+        if self.stop(timeout=15):
+            print("the Outpost ignored SIGTERM for 15 s; killed it", file=sys.stderr)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def machine_info(**extra) -> dict:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
 import pwd
 import random
@@ -41,17 +40,26 @@ import time
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before grpc is imported
 
 from outpost_client.client import OutpostClient  # noqa: E402
 from outpost_client.errors import ServerNotFound  # noqa: E402
 from outpost_client.v1 import outpost_pb2 as pb  # noqa: E402
 
-from bench import OutpostProcess, percentile, rss_kib  # noqa: E402  (benchmarks/ is sys.path[0])
-from common import machine_info, source_info, write_json  # noqa: E402
+from benchmarks.common import BenchOutpost, machine_info, source_info, write_json  # noqa: E402
+from tests.harness.procs import (  # noqa: E402
+    children_of,
+    open_fds,
+    process_state,
+    processes_with_argv,
+    set_child_subreaper,
+    threads_of,
+)
+from tests.harness.util import percentile  # noqa: E402
 
-PR_SET_CHILD_SUBREAPER = 36
 RSS_TOLERANCE = 0.10
 RPC_TIMEOUT = 30.0
 SAMPLE_EVERY = 5.0  # seconds between two samples of the Outpost's RSS, fds and CPU
@@ -70,69 +78,16 @@ c.LocalProcessSpawner.interrupt_timeout = 5
 # --- processes ------------------------------------------------------------------------------
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of a process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1])
-
-
-def all_pids() -> list[int]:
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
-
-
-def marked_processes(marker: str) -> list[int]:
-    """Live processes whose argv carries marker (a zombie's argv is empty: see zombies_of)."""
-    found = []
-    for pid in all_pids():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-def children_of(parent: int) -> list[tuple[int, str]]:
+def children_with_state(parent: int) -> list[tuple[int, str]]:
     """(pid, state) of parent's children."""
-    kids = []
-    for pid in all_pids():
-        stat = proc_stat(pid)
-        if stat is not None and stat[1] == parent:
-            kids.append((pid, stat[0]))
-    return kids
-
-
-def open_fds(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return -1
-
-
-def threads_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("Threads:"):
-                return int(line.split()[1])
-    return -1
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    return [(pid, state) for pid in children_of(parent) if (state := process_state(pid)) is not None]
 
 
 def reap_orphans(keep: set[int]) -> list[int]:
     """Reap this process's children that are not in keep (orphans the Outpost left behind:
     as a subreaper they become ours). Returns the pids of those that had exited."""
     reaped = []
-    for pid, _state in children_of(os.getpid()):
+    for pid in children_of(os.getpid()):
         if pid in keep:
             continue
         try:
@@ -156,7 +111,7 @@ def count_rows(db_path) -> dict[str, int]:
 
 
 class Soak:
-    def __init__(self, outpost: OutpostProcess, args, user_name: str):
+    def __init__(self, outpost: BenchOutpost, args, user_name: str):
         self.outpost = outpost
         self.args = args
         self.user_name = user_name
@@ -276,7 +231,7 @@ class Soak:
         pid = self.outpost.proc.pid
         entry = {
             "t_s": round(t, 1),
-            "rss_kib": rss_kib(pid),
+            "rss_kib": self.outpost.rss_kib(),
             "fds": open_fds(pid),
             "threads": threads_of(pid),
             "cpu_s": round(self.outpost.cpu_seconds(), 2),
@@ -316,7 +271,7 @@ class Soak:
         loop = asyncio.get_running_loop()
         async with OutpostClient(self.outpost.address, timeout=RPC_TIMEOUT) as client:
             self.client = client
-            await self.outpost.wait_serving(client)
+            await self.outpost.wait_serving()
             await asyncio.gather(*(self.start_one(name) for name in self.pool[: args.servers]))
             if len(self.running) != args.servers:
                 raise RuntimeError(f"only {len(self.running)} of {args.servers} servers started")
@@ -367,9 +322,9 @@ class Soak:
             await asyncio.sleep(1.0)
             after_stop = {
                 "listed": len(listed),
-                "marked_processes": marked_processes(args.marker),
-                "outpost_children": children_of(self.outpost.proc.pid),
-                "db_rows": count_rows(self.outpost.tmpdir / "bench.sqlite"),
+                "marked_processes": processes_with_argv(args.marker),
+                "outpost_children": children_with_state(self.outpost.proc.pid),
+                "db_rows": count_rows(self.outpost.db_path),
             }
             self.orphans_reaped += reap_orphans(keep)
         return {
@@ -482,10 +437,10 @@ def main(argv=None) -> int:
     args.marker = f"outpost-soak-{uuid.uuid4().hex[:12]}"
 
     source = source_info()  # before the run: the code the Outpost imports
-    become_subreaper()
+    set_child_subreaper()
     random.seed(0)
     cmd = [sys.executable, "-c", "import time; time.sleep(1e9)", args.marker]
-    outpost = OutpostProcess(
+    outpost = BenchOutpost(
         spawner_class="localprocess",
         config=OUTPOST_CONFIG.format(poll_interval=args.outpost_poll_interval, cmd=cmd),
     )
@@ -497,23 +452,23 @@ def main(argv=None) -> int:
             found = asyncio.run(soak.run())
         finally:
             outpost.terminate()
-        log_text = outpost.log_path.read_text(errors="replace")
+        log_text = outpost.log.read_text(errors="replace")
         after_exit = {
-            "marked_processes": marked_processes(args.marker),
-            "db_rows": count_rows(outpost.tmpdir / "bench.sqlite"),
+            "marked_processes": processes_with_argv(args.marker),
+            "db_rows": count_rows(outpost.db_path),
             "log_errors": sum(1 for line in log_text.splitlines() if line.startswith("[E ")),
         }
         soak.orphans_reaped += reap_orphans(set())
     except Exception as e:
         print(f"soak failed: {type(e).__name__}: {e}", file=sys.stderr)
-        print(f"--- Outpost log (tail) ---\n{outpost.log_tail()}", file=sys.stderr)
-        for pid in marked_processes(args.marker):  # do not leave the sleepers behind
+        print(f"--- Outpost log (tail) ---\n{outpost.tail()}", file=sys.stderr)
+        for pid in processes_with_argv(args.marker):  # do not leave the sleepers behind
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         return 1
     finally:
         if args.keep:
-            print(f"kept {outpost.tmpdir}")
+            print(f"kept {outpost.workdir}")
         else:
             outpost.cleanup()
 

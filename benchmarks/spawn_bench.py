@@ -6,8 +6,8 @@ Two JupyterHub 6 processes (with the real configurable-http-proxy), both on 127.
            ``jupyterhub-singleuser --allow-root`` in the hub's own machine;
   outpost  ``OutpostSpawner`` against a ``jupyterhub-outpost`` process that runs the same
            command with SimpleLocalProcessSpawner, its embedded SSH forwarder and the hub
-           API reverse forward (``tests.test_e2e_hub.Site``), configured by
-           ``Site.hub_config()``.
+           API reverse forward (``tests.harness.site.Site``, as the end-to-end tests
+           use it), configured by ``Site.hub_config()``.
 
 For each hub: one warm-up spawn (not counted, reported as ``spawn_first_*``; for the
 Outpost it includes the hub's first SSH connect), then N spawns of different users. The
@@ -40,16 +40,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before grpc is imported
 
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as tests/conftest.py
-
-from tests.conftest import BIN, OutpostProcess, outpost_process_factory  # noqa: E402
-from tests.hub import JupyterHubProcess  # noqa: E402
-from tests.test_e2e_hub import Site  # noqa: E402
+from cryptography.fernet import Fernet  # noqa: E402
 
 from benchmarks.common import machine_info, write_json  # noqa: E402
+from tests.harness.hub import JupyterHubProcess  # noqa: E402
+from tests.harness.outpost import BIN, OutpostProcess, outpost_process_factory  # noqa: E402
+from tests.harness.site import Site  # noqa: E402
+from tests.harness.util import percentile  # noqa: E402
 
 TARGET_RATIO = 1.3
 SPAWN_TIMEOUT = 90.0  # seconds for one spawn's progress stream
@@ -101,13 +101,6 @@ def versions() -> dict:
     except Exception:  # pragma: no cover
         js = "?"
     return {"jupyterhub": jupyterhub.__version__, "jupyter_server": js}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # ceil
-    return ordered[int(rank) - 1]
 
 
 def our_processes(root: Path) -> list[tuple[int, str]]:
@@ -341,6 +334,8 @@ def main() -> int:
     if args.n < 1:
         parser.error("--n must be >= 1")
 
+    # the Outpost's database encryption key: a fresh one for the run
+    os.environ["OUTPOST_CRYPT_KEY"] = Fernet.generate_key().decode()
     root = Path(tempfile.mkdtemp(prefix="spawn-bench-"))
     started = time.perf_counter()
     try:

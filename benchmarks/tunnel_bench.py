@@ -1,6 +1,6 @@
 """Download throughput through the hub's SSH tunnel, against OpenSSH's ``ssh -L``.
 
-A private OpenSSH ``sshd`` (``benchmarks/sshd_helper.py``) stands for the Outpost's SSH
+A private OpenSSH ``sshd`` (``tests/harness/sshd.py``) stands for the Outpost's SSH
 server; a source process stands for the notebook (it sends N MB to whoever connects); a
 downloader process stands for the browser/proxy (a raw ``recv_into`` loop). Both are
 separate processes, as in production, where only the tunnel runs in the hub process:
@@ -38,10 +38,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
-from common import free_port, machine_info, write_json  # noqa: E402
-from sshd_helper import PrivateSSHD  # noqa: E402
+from benchmarks.common import machine_info, write_json  # noqa: E402
+from tests.harness.procs import cpu_seconds  # noqa: E402
+from tests.harness.sshd import PrivateSSHD  # noqa: E402
+from tests.harness.util import free_port, port_open  # noqa: E402
 
 from outpost_client import tunnel as tunnel_mod  # noqa: E402
 from outpost_client.tunnel import SSHTarget, Tunnel  # noqa: E402
@@ -99,22 +101,12 @@ def downloader_main(pipe) -> None:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s") from None
-            time.sleep(0.05)
+    while not port_open(port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        time.sleep(0.05)
 
 
 def versions() -> dict:
@@ -206,7 +198,7 @@ async def measure(args) -> dict:
             return n / seconds / 1e6, (cpu() - cpu0) / (n / 1e9)
 
         def ssh_cpu() -> float:
-            return proc_cpu_seconds(ssh.pid)
+            return cpu_seconds(ssh.pid)
 
         runs: dict[str, list[tuple[float, float]]] = {"tunnel": [], "openssh": []}
         await download(tunnel_port, time.process_time)  # warm-up

@@ -1,14 +1,40 @@
 """Spawners for tests, benchmarks and fault injection. Not for production.
 
 Use them by import string, e.g. ``c.Outpost.spawner_class = "outpost_server.testing.InstantSpawner"``.
+
+Some keep state in class attributes, over all their instances (counters, lists of calls):
+those are registered with :func:`class_state`, and :func:`reset_class_state` puts them
+back as they were defined (the test suite does so before each test).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 
 from jupyterhub.spawner import Spawner
 from traitlets import Float, Integer, Unicode
+
+_CLASS_STATE: dict[type, dict[str, object]] = {}
+
+
+def class_state(*names: str):
+    """Class decorator: the class attributes ``names`` (defined in the class itself) are
+    state shared by its instances; :func:`reset_class_state` restores them."""
+
+    def register(cls):
+        _CLASS_STATE[cls] = {name: copy.deepcopy(cls.__dict__[name]) for name in names}
+        return cls
+
+    return register
+
+
+def reset_class_state() -> None:
+    """Put every attribute registered with :func:`class_state` back to (a fresh copy of)
+    the value it had when its class was defined."""
+    for cls, initial in _CLASS_STATE.items():
+        for name, value in initial.items():
+            setattr(cls, name, copy.deepcopy(value))
 
 
 class InstantSpawner(Spawner):
@@ -29,6 +55,7 @@ class InstantSpawner(Spawner):
             yield {}
 
 
+@class_state("stopped")
 class SlowSpawner(Spawner):
     """Takes `delay` seconds to start, yielding progress events on the way."""
 
@@ -95,6 +122,7 @@ class FailingPollSpawner(InstantSpawner):
         raise RuntimeError("scheduler unreachable")
 
 
+@class_state("polls_in_flight", "polls_done", "overlaps", "exit_code")
 class SlowPollSpawner(InstantSpawner):
     """Starts at once; every poll() takes `poll_delay` seconds (a slow batch scheduler), then
     answers ``exit_code`` (None: running; a test sets it to make the server "exit").
@@ -126,6 +154,7 @@ class SlowPollSpawner(InstantSpawner):
         return self.exit_code
 
 
+@class_state("children", "stopped_users")
 class HangingStartSpawner(Spawner):
     """start() starts a real child process (``sleep``), then never returns.
 
@@ -157,6 +186,7 @@ class HangingStartSpawner(Spawner):
             await self._proc.wait()
 
 
+@class_state("started")
 class RecordingSpawner(SlowSpawner):
     """A SlowSpawner that keeps every instance whose start() ran, in ``started`` (over all
     instances, in order): for comparing the Outpost's view with the Spawners' own."""

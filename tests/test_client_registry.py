@@ -13,7 +13,9 @@ from outpost_client.outposts import OutpostConfig
 from outpost_client.registry import REGISTRY, Registry
 from outpost_client.tunnel import TunnelError
 
-from .test_spawner import make_spawner
+from .harness.hub import make_spawner
+
+pytestmark = pytest.mark.rpc
 
 HUB_API = "http://127.0.0.1:8081/hub/api"
 SSH = {"ssh_host": "127.0.0.1", "ssh_port": 1}  # nothing listens there: nothing here connects

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import signal
 import uuid
-from pathlib import Path
 
 import pytest
 
 from outpost_client import OutpostClient, ServerNotFound, Unavailable, pb
 from outpost_server.restore import RESTART_DURING_START
 
-from .conftest import process_alive, wait_for
+from .harness.procs import process_alive, processes_with_argv
+from .harness.util import wait_for
+
+pytestmark = pytest.mark.rpc
 
 # the Spawner class is defined in outpost_config.py, as a site may do
 CONFIG = """
@@ -53,20 +55,6 @@ c.LocalProcessSpawner.cmd = ["/bin/sleep", {sleep_arg!r}]
 c.LocalProcessSpawner.interrupt_timeout = 2
 c.LocalProcessSpawner.term_timeout = 2
 """
-
-
-def processes_with_argv(arg: str) -> list[int]:
-    """pids of live processes whose command line holds arg."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if arg.encode() in argv and process_alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.slow

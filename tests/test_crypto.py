@@ -9,10 +9,8 @@ import logging
 import os
 import sqlite3
 import stat
-import subprocess
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -24,7 +22,17 @@ from outpost_server.app import Outpost
 from outpost_server.crypto import MAKE_KEY, Crypt, CryptConfigError, DecryptionError
 from outpost_server.store import Store
 
-from .conftest import BIN, ROOT, TEST_CRYPT_KEY, outpost_config, running_outpost
+from .harness.outpost import (
+    ROOT,
+    TEST_CRYPT_KEY,
+    one_line,
+    outpost_config,
+    run_outpost,
+    running_outpost,
+    sqlite_bytes,
+)
+
+pytestmark = pytest.mark.rpc
 
 
 class StatefulSpawner(Spawner):
@@ -76,8 +84,7 @@ async def raw_dump(db_url: str) -> bytes:
     """Everything stored, as bytes: the SQLite files (main file and WAL), or every
     PostgreSQL row of the Outpost's tables as text."""
     if db_url.startswith("sqlite:///"):
-        path = Path(db_url[len("sqlite:///"):])
-        return b"".join(p.read_bytes() for p in sorted(path.parent.glob(path.name + "*")))
+        return sqlite_bytes(db_url[len("sqlite:///"):])
     import asyncpg
 
     conn = await asyncpg.connect(db_url)
@@ -235,32 +242,23 @@ async def test_plain_rows_from_before_encryption_are_read_and_encrypted(tmp_path
 # --- configuration ------------------------------------------------------------------------
 
 
-def run_outpost(tmp_path, *args, env_key=None):
+def run_with_key(tmp_path, *args, env_key=None):
+    """The console script on port 0 with OUTPOST_CRYPT_KEY left out of its env, or set to env_key."""
     env = {k: v for k, v in os.environ.items() if k != "OUTPOST_CRYPT_KEY"}
     if env_key is not None:
         env["OUTPOST_CRYPT_KEY"] = env_key
-    return subprocess.run(
-        [str(BIN / "jupyterhub-outpost"), "--port", "0", *args],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=30,
-    )  # fmt: skip
-
-
-def one_line(out: subprocess.CompletedProcess) -> str:
-    assert out.returncode == 1, (out.returncode, out.stderr)
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, out.stderr
-    return lines[0]
+    return run_outpost("--port", "0", *args, cwd=tmp_path, env=env)
 
 
 def test_no_key_refuses_to_start_with_one_line(tmp_path):
-    line = one_line(run_outpost(tmp_path))
+    line = one_line(run_with_key(tmp_path))
     assert line.startswith("jupyterhub-outpost: no encryption key for the database")
     assert "OUTPOST_CRYPT_KEY" in line and MAKE_KEY in line
     assert not (tmp_path / "outpost.sqlite").exists()
 
 
 def test_bad_key_refuses_to_start_without_echoing_it(tmp_path):
-    line = one_line(run_outpost(tmp_path, env_key=f"{new_key()};not-a-key-at-all"))
+    line = one_line(run_with_key(tmp_path, env_key=f"{new_key()};not-a-key-at-all"))
     assert "OUTPOST_CRYPT_KEY: key 2 is not a Fernet key" in line and "not-a-key-at-all" not in line
     assert not (tmp_path / "outpost.sqlite").exists()
 

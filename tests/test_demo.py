@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BIN, ROOT, free_port, wait_for
+from .harness.outpost import BIN, ROOT, run_outpost
+from .harness.util import free_port, port_open, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def printed_commands() -> list[str]:
@@ -35,10 +36,9 @@ def grpcurl_as_demo_hub(certs: Path) -> str:
 def generate_demo_certs(data: Path) -> Path:
     """The certificates demo/run.sh makes, made the same way."""
     certs = data / "certs"
-    subprocess.run(
-        [str(BIN / "jupyterhub-outpost"), "generate-certs", "--out", str(certs),
-         "--host", "127.0.0.1", "--host", "localhost", "--hub", "default"],
-        check=True, capture_output=True, timeout=60,
+    run_outpost(
+        "generate-certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost", "--hub", "default",
+        check=True, timeout=60,
     )
     return certs
 
@@ -98,13 +98,6 @@ async def test_demo_commands_work_as_printed(tmp_path):
         log.close()
 
 
-def _port_in_use(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 async def test_make_demo_hub_spawns_through_outpost(tmp_path):
     """demo/run.sh (what `make demo` runs): log in with any name at 127.0.0.1:8000, the
     server starts through the Outpost, its progress shows the Outpost's message, and the
@@ -116,7 +109,7 @@ async def test_make_demo_hub_spawns_through_outpost(tmp_path):
 
     from outpost_client import OutpostClient, TLSConfig
 
-    busy = [p for p in (8000, 8081, 50051, 2222, 18081) if _port_in_use(p)]
+    busy = [p for p in (8000, 8081, 50051, 2222, 18081) if port_open(p)]
     if busy:
         pytest.skip(f"the demo's fixed ports are in use: {busy}")
     env = dict(os.environ, OUTPOST_DEMO_DATA=str(tmp_path))

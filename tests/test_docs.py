@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 import sys
 
+import pytest
 from traitlets import Float, Integer
 
-from .conftest import ROOT
+from .harness.outpost import ROOT
+
+pytestmark = pytest.mark.unit
 
 sys.path.insert(0, str(ROOT / "scripts"))
 

@@ -6,185 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
-import sqlite3
+import stat
 import subprocess
-import socket
 import time
 from pathlib import Path
 
 import asyncssh
 import pytest
+import requests
 
 from outpost_client import OutpostClient, pb
+from outpost_server.hosting import CERT_FILES, certs_location
 
-from outpost_server.crypto import Crypt
+from .harness.hub import TOKEN, JupyterHubProcess
+from .harness.netns import HUB_IP, SITE_IP, hub_and_site, netns_unavailable
+from .harness.outpost import BIN, ROOT, sqlite_bytes
+from .harness.procs import children_of
+from .harness.site import Site
+from .harness.util import free_port, port_open, wait_for
 
-from .conftest import BIN, TEST_CRYPT_KEY, children_of, free_port, wait_for
-from .hub import TOKEN, JupyterHubProcess
-from .netns import HUB_IP, SITE_IP, hub_and_site, netns_unavailable
-from .sshd import sshd_server  # noqa: F401  (fixture)
-
-pytestmark = pytest.mark.slow
-
-OUTPOST_CONFIG = """
-from jupyterhub.spawner import SimpleLocalProcessSpawner
-
-c = get_config()  # noqa
-
-
-class SiteSpawner(SimpleLocalProcessSpawner):
-    \"\"\"The site's own Spawner, with its own progress messages.\"\"\"
-
-    async def progress(self):
-        yield {{"progress": 30, "message": "{site}: preparing a notebook for " + self.user.name}}
-        yield {{"progress": 60, "message": "{site}: starting jupyterhub-singleuser"}}
-
-
-c.Outpost.spawner_class = SiteSpawner
-c.Outpost.ip = "{ip}"
-c.Outpost.allow_plaintext = {allow_plaintext}
-c.Outpost.db_url = "sqlite:///{workdir}/outpost.sqlite"
-c.Outpost.poll_interval = 2
-c.SimpleLocalProcessSpawner.home_dir_template = "{workdir}/home/{{username}}"
-c.Spawner.cmd = ["{bin}/jupyterhub-singleuser"]
-c.Spawner.args = ["--allow-root"]
-c.Spawner.environment = {{"OUTPOST_SITE": "{site}"}}
-c.SSHForwarder.enabled = True
-c.SSHForwarder.ip = "{ip}"
-c.SSHForwarder.port = {ssh_port}
-c.SSHForwarder.host_key_file = "{workdir}/ssh_host_key"
-c.SSHForwarder.authorized_keys = {{"default": ["{hub_pub}"]}}
-c.SSHForwarder.reverse_listen = {{"default": ["127.0.0.1:{rport}"]}}
-"""
-
-
-class Site:
-    """An Outpost process with its SSH forwarder, and what a hub needs to use it."""
-
-    def __init__(self, outpost_process, tmp_path: Path, name: str, *, ip="127.0.0.1", netns=None, extra=""):
-        self.name = name
-        self.ip = ip
-        self.ssh_port = free_port()
-        self.rport = free_port()
-        keydir = tmp_path / f"{name}-hubkey"
-        keydir.mkdir()
-        key = asyncssh.generate_private_key("ssh-ed25519")
-        self.hub_key = keydir / "id_ed25519"
-        self.hub_key.write_bytes(key.export_private_key())
-        self.hub_key.chmod(0o600)
-        self.known_hosts = keydir / "known_hosts"
-        self.op = outpost_process("", name=name)
-        self.op.config.write_text(
-            OUTPOST_CONFIG.format(
-                site=name,
-                ip=ip,
-                allow_plaintext=ip != "127.0.0.1",
-                workdir=self.op.workdir,
-                bin=BIN,
-                ssh_port=self.ssh_port,
-                hub_pub=key.export_public_key().decode().strip(),
-                rport=self.rport,
-            )
-            + extra
-        )
-        self.netns = netns
-
-    @property
-    def grpc_address(self) -> str:
-        return f"{self.ip}:{self.op.port}"
-
-    async def start(self) -> None:
-        self.op.start(*(["--ip", self.ip] if self.ip != "127.0.0.1" else []))
-        if self.netns is None:
-            await self.op.wait_serving()
-        host_pub = self.op.workdir / "ssh_host_key.pub"
-        await wait_for(host_pub.exists, timeout=30, message=f"no SSH host key:\n{self.op.log.read_text()[-2000:]}")
-        self.known_hosts.write_text(f"[{self.ip}]:{self.ssh_port} {host_pub.read_text().strip()}\n")
-
-    def hub_config(self, prefix: str = "c.OutpostSpawner.") -> str:
-        return "\n".join(
-            [
-                f'{prefix}outpost_address = "{self.grpc_address}"',
-                f'{prefix}ssh_host = "{self.ip}"',
-                f"{prefix}ssh_port = {self.ssh_port}",
-                f'{prefix}ssh_key = "{self.hub_key}"',
-                f'{prefix}ssh_known_hosts = "{self.known_hosts}"',
-                f"{prefix}hub_api_forward = True",
-                f"{prefix}hub_api_site_port = {self.rport}",
-                "",
-            ]
-        )
-
-    def outposts_entry(self) -> dict:
-        return {
-            "address": self.grpc_address,
-            "ssh_host": self.ip,
-            "ssh_port": self.ssh_port,
-            "ssh_key": str(self.hub_key),
-            "ssh_known_hosts": str(self.known_hosts),
-            "hub_api_forward": True,
-            "hub_api_site_port": self.rport,
-        }
-
-    async def stop_all(self) -> None:
-        """Stop every notebook this Outpost runs (tests must not leave processes behind)."""
-        if self.op.proc is None or self.op.proc.poll() is not None:
-            return
-        try:
-            async with OutpostClient(self.grpc_address, timeout=30) as client:
-                for server in await client.list_servers():
-                    await client.stop(server.server_name)
-        except Exception as e:  # the test's own failure is the interesting one
-            print(f"cleanup of {self.name} failed: {e}")
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((host, port)) == 0
-
-
-async def remote_servers(site: Site) -> dict[str, pb.ServerStatus]:
-    async with OutpostClient(site.grpc_address) as client:
-        return {s.server_name: s for s in await client.list_servers()}
-
-
-@pytest.fixture
-async def make_site(outpost_process, tmp_path):
-    made: list[Site] = []
-
-    async def factory(name: str, **kw) -> Site:
-        s = Site(outpost_process, tmp_path, name, **kw)
-        made.append(s)
-        await s.start()
-        return s
-
-    yield factory
-    for s in made:
-        await s.stop_all()
-
-
-@pytest.fixture
-async def site(make_site):
-    return await make_site("site-a")
-
-
-@pytest.fixture
-def hub_factory(tmp_path):
-    hubs: list[JupyterHubProcess] = []
-
-    def factory(extra_config: str, name: str = "hub", **kw) -> JupyterHubProcess:
-        workdir = tmp_path / name
-        workdir.mkdir(exist_ok=True)
-        hub = JupyterHubProcess(workdir, extra_config, **kw)
-        hubs.append(hub)
-        return hub
-
-    yield factory
-    for hub in hubs:
-        hub.stop()
-        hub.stop_proxy()
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 async def test_spawn_progress_proxy_and_stop(site, hub_factory):
@@ -204,12 +47,12 @@ async def test_spawn_progress_proxy_and_stop(site, hub_factory):
 
     model = await hub.server_model("alice")
     local_port = model["state"]["local_port"]
-    remote = (await remote_servers(site))["alice"]
+    remote = (await site.servers())["alice"]
     assert model["state"]["remote_port"] == remote.address.port
     assert port_open(local_port) and port_open(remote.address.port)
 
     await hub.stop_server("alice")
-    assert "alice" not in await remote_servers(site)
+    assert "alice" not in await site.servers()
     await wait_for(lambda: not port_open(remote.address.port), timeout=15, message="notebook still listening")
     assert not port_open(local_port), "the forward must close with the server"
 
@@ -238,15 +81,12 @@ async def test_notebook_env_uses_reverse_forward(site, hub_factory):
     hub.start()
     await hub.wait_ready()
     await hub.spawn("bob")
-    rec_env = None
     async with OutpostClient(site.grpc_address) as client:
         status = await client.poll("bob")
         assert status.state == pb.SERVER_STATE_RUNNING
     # the env the Outpost persisted for the server is what the hub sent
-    db = sqlite3.connect(site.op.workdir / "outpost.sqlite")
-    (env_json,) = db.execute("select env from outpost_servers where server_name='bob'").fetchone()
-    assert "JUPYTERHUB_API_TOKEN" not in env_json  # encrypted at rest
-    rec_env, _ = Crypt([TEST_CRYPT_KEY]).decrypt(json.loads(env_json))
+    assert "JUPYTERHUB_API_TOKEN" not in site.stored("bob", "env")  # encrypted at rest
+    rec_env = site.stored_env("bob")
     assert rec_env["JUPYTERHUB_API_URL"] == f"http://127.0.0.1:{site.rport}/hub/api"
     assert rec_env["JUPYTERHUB_ACTIVITY_URL"].startswith(f"http://127.0.0.1:{site.rport}/hub/api/users/bob/activity")
     assert "PATH" not in rec_env  # the hub's PATH means nothing at the site
@@ -270,8 +110,8 @@ async def test_two_outposts_behind_one_hub(make_site, hub_factory):
     assert any("site-a:" in e.get("message", "") for e in ev_default)
     assert any("site-b:" in e.get("message", "") for e in ev_named)
     assert any("site-b:" in e.get("message", "") for e in ev_option)
-    assert set(await remote_servers(a)) == {"carol"}
-    assert set(await remote_servers(b)) == {"carol--gpu", "dave"}
+    assert set(await a.servers()) == {"carol"}
+    assert set(await b.servers()) == {"carol--gpu", "dave"}
     for path in ("/user/carol/api/status", "/user/carol/gpu/api/status", "/user/dave/api/status"):
         r = await hub.get(path)
         assert r.status_code == 200, (path, r.status_code)
@@ -282,7 +122,7 @@ async def test_hub_restart_finds_the_same_notebook(site, hub_factory):
     hub.start()
     await hub.wait_ready()
     await hub.spawn("erin")
-    before = (await remote_servers(site))["erin"]
+    before = (await site.servers())["erin"]
     local_port = (await hub.server_model("erin"))["state"]["local_port"]
 
     hub.stop()  # cleanup_servers = False: the notebook keeps running
@@ -294,7 +134,7 @@ async def test_hub_restart_finds_the_same_notebook(site, hub_factory):
     assert model["state"]["local_port"] == local_port
     r = await hub.get("/user/erin/api/status")
     assert r.status_code == 200, (r.status_code, hub.tail())
-    after = (await remote_servers(site))["erin"]
+    after = (await site.servers())["erin"]
     assert after.start_id == before.start_id and after.address.port == before.address.port
 
 
@@ -304,7 +144,7 @@ async def test_outpost_sigkill_restart_keeps_notebook_reachable(subreaper, site,
     hub.start()
     await hub.wait_ready()
     await hub.spawn("fred")
-    before = (await remote_servers(site))["fred"]
+    before = (await site.servers())["fred"]
     subreaper.pids.update(children_of(site.op.proc.pid))  # the notebook, orphaned by the kill
 
     site.op.kill(signal.SIGKILL)
@@ -317,7 +157,7 @@ async def test_outpost_sigkill_restart_keeps_notebook_reachable(subreaper, site,
 
     await wait_for(reachable, timeout=15, interval=0.3, message=f"not reachable again:\n{hub.tail()}")
     elapsed = time.monotonic() - started
-    after = (await remote_servers(site))["fred"]
+    after = (await site.servers())["fred"]
     assert after.address.port == before.address.port  # the same notebook process
     model = await hub.server_model("fred")
     assert model and model["ready"], "the hub must never mark it dead"
@@ -337,7 +177,6 @@ async def test_outbound_only_site(outpost_process, tmp_path, hub_factory):
             outpost_process, tmp_path, "site-ns", ip=SITE_IP, netns=ns.site,
             extra='c.Spawner.environment = {"OUTPOST_SITE": "site-ns", "JUPYTERHUB_ACTIVITY_INTERVAL": "1"}\n',
         )
-        site.op.netns = ns.site
         await site.start()
         await site.op.wait_log("serving jupyterhub.outpost.v1.OutpostService")
         hub = hub_factory(site.hub_config(), ip=HUB_IP, netns=ns.hub)
@@ -355,8 +194,8 @@ async def test_outbound_only_site(outpost_process, tmp_path, hub_factory):
         assert out.stdout.strip() in ("TimeoutError", "timeout"), out.stdout + out.stderr
 
         driver = subprocess.run(
-            ns.exec_prefix(ns.hub) + [str(BIN / "python"), "-m", "tests.e2e_driver", hub.url, TOKEN, "alice"],
-            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+            ns.exec_prefix(ns.hub) + [str(BIN / "python"), "-m", "tests.harness.e2e_driver", hub.url, TOKEN, "alice"],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
         )
         assert driver.returncode == 0, driver.stderr[-3000:] + hub.tail()
         result = json.loads(driver.stdout)
@@ -375,7 +214,7 @@ async def test_outbound_only_site(outpost_process, tmp_path, hub_factory):
 # --- a stock OpenSSH server instead of the embedded forwarder ------------------------------
 
 
-async def test_openssh_tunnel_and_drop(make_site, hub_factory, sshd_server):  # noqa: F811
+async def test_openssh_tunnel_and_drop(make_site, hub_factory, sshd_server):
     """OutpostSpawner through a site's OpenSSH (authorized_keys restrict, permitopen,
     permitlisten); the SSH connection killed from the server side is restored on the same
     local port without user action."""
@@ -435,7 +274,7 @@ async def test_user_cancels_pending_spawn(make_site, hub_factory):
     assert r.status_code == 202, r.text
 
     async def starting():
-        servers = await remote_servers(site)
+        servers = await site.servers()
         return "hana" in servers and servers["hana"].state == pb.SERVER_STATE_STARTING
 
     await wait_for(starting, timeout=30, message="the start never reached the Outpost")
@@ -443,7 +282,7 @@ async def test_user_cancels_pending_spawn(make_site, hub_factory):
     assert r.status_code in (202, 204), r.text
 
     async def gone():
-        return "hana" not in await remote_servers(site)
+        return "hana" not in await site.servers()
 
     await wait_for(gone, timeout=30, message=f"the Outpost still has the start:\n{hub.tail()}")
     model = await hub.server_model("hana")
@@ -473,7 +312,7 @@ async def test_denied_override_reason_on_spawn_page(site, hub_factory):
     events = await hub.spawn("jane")
     assert events[-1].get("failed"), events
     assert "does not allow your hub to override mem_limit" in events[-1]["message"], events[-1]
-    assert "jane" not in await remote_servers(site)
+    assert "jane" not in await site.servers()
 
 
 @pytest.mark.parametrize(
@@ -526,4 +365,51 @@ async def test_unreachable_notebook_is_stopped_and_the_user_told(site, hub_facto
     hub = hub_factory(config + "c.OutpostSpawner.poll_batch_window = 3\n")
     events = await spawn_page_after_failure(hub, "lou")
     assert "host key" in events[-1]["message"].lower(), events[-1]
-    assert "lou" not in await remote_servers(site)
+    assert "lou" not in await site.servers()
+
+
+# --- a real JupyterHub with internal_ssl -----------------------------------------------------
+
+
+async def test_internal_ssl_end_to_end(make_site, hub_factory):
+    """internal_ssl (tests/test_internal_ssl.py) with a real hub, proxy and notebook."""
+    site = await make_site("site-ssl")
+    hub = hub_factory(site.hub_config(), internal_ssl=True)
+    hub.start()
+    await hub.wait_ready()
+
+    events = await hub.spawn("alice")
+    assert events[-1].get("ready"), (events, hub.tail())
+
+    # through the proxy (https to the notebook, through the tunnel, verified by the
+    # internal CA); the notebook checks the token with the hub over https through the
+    # reverse forward
+    r = await hub.get("/user/alice/api/status")
+    assert r.status_code == 200, (r.status_code, r.text, hub.tail())
+
+    remote = (await site.servers())["alice"]
+    assert remote.address.scheme == "https"
+    model = await hub.server_model("alice")
+    assert model["url"] == "/user/alice/"
+    assert model["state"]["remote_scheme"] == "https"
+
+    # the notebook really serves TLS: plain http to its port does not get an answer
+    def plain_http():
+        try:
+            return requests.get(f"http://127.0.0.1:{remote.address.port}/user/alice/api", timeout=5).status_code
+        except requests.RequestException as e:
+            return type(e).__name__
+
+    assert await asyncio.to_thread(plain_http) in ("ConnectionError", 400), "plain http must not work"
+
+    # certificates are not in the Outpost's database; the files it wrote exist until stop
+    db = site.op.workdir / "outpost.sqlite"
+    assert b"BEGIN" not in sqlite_bytes(db)
+    directory = Path(*certs_location("default", "alice", remote.start_id))
+    assert directory.is_dir() and stat.S_IMODE(os.lstat(directory).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(directory / CERT_FILES["key_pem"][1]).st_mode) == 0o600
+
+    await hub.stop_server("alice")
+    assert "alice" not in await site.servers()
+    assert not directory.exists(), "the Outpost's certificate files must go at stop"
+    assert not await site.servers()

@@ -1,7 +1,7 @@
 """End to end on a batch system: a real JupyterHub (with the real proxy) spawns through
 OutpostSpawner and an Outpost process hosting batchspawner's SlurmSpawner; the notebook is
 a Slurm job running ``batchspawner-singleuser jupyterhub-singleuser`` on the private
-single-node cluster (tests/slurm.py).
+single-node cluster (tests/harness/slurm.py).
 
 The whole late-address path is real: the job's batchspawner-singleuser reports its port to
 ``$JUPYTERHUB_API_URL/batchspawner``, which points at the Outpost's hub API relay; the
@@ -17,27 +17,23 @@ SlurmSpawner looks its user up in the site's passwd.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import sqlite3
 import threading
 import time
 
 import pytest
 
 from outpost_client import pb
-from outpost_server.crypto import Crypt
 
-from .conftest import BIN, TEST_CRYPT_KEY, free_port, wait_for
-from .e2e_driver import browser_oauth, read_progress
-from .hub import TOKEN
-from .test_e2e_hub import hub_factory, make_site, remote_servers  # noqa: F401  (fixtures)
-from .test_slurm import queue_reason_recipe
+from .harness.e2e_driver import browser_oauth, read_progress
+from .harness.hub import TOKEN
+from .harness.outpost import BIN
+from .harness.slurm import JOB_NAME, our_jobs, queue_reason_recipe
+from .harness.util import free_port, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.slurm]
 
 USER = "root"
-JOB_NAME = "spawner-jupyterhub"
 
 SLURM_SITE = """
 c.Outpost.spawner_class = "batchspawner.SlurmSpawner"
@@ -81,7 +77,7 @@ trap 'echo SIGTERM received' TERM
 
 
 @pytest.fixture
-async def slurm_site(slurm, make_site, monkeypatch):  # noqa: F811
+async def slurm_site(slurm, make_site, monkeypatch):
     # squeue/scancel run with the Outpost's own environment: SLURM_CONF names the cluster
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     jobs = slurm.root / "jobs"
@@ -91,7 +87,7 @@ async def slurm_site(slurm, make_site, monkeypatch):  # noqa: F811
 
 
 @pytest.fixture
-async def slurm_hub(slurm_site, hub_factory):  # noqa: F811
+async def slurm_hub(slurm_site, hub_factory):
     # OutpostSpawner with the hub API reverse forward (Site.hub_config): the site never
     # opens a connection to the hub
     hub = hub_factory(
@@ -102,23 +98,6 @@ async def slurm_hub(slurm_site, hub_factory):  # noqa: F811
     hub.start()
     await hub.wait_ready()
     return hub
-
-
-def our_jobs(slurm):
-    return [j for j in slurm.active() if j.name == JOB_NAME]
-
-
-def stored_env(site, server_name: str) -> dict[str, str]:
-    """The env the hub sent with the start, as the Outpost stored it (decrypted)."""
-    db = sqlite3.connect(site.op.workdir / "outpost.sqlite")
-    try:
-        (env_json,) = db.execute(
-            "select env from outpost_servers where server_name=?", (server_name,)
-        ).fetchone()
-    finally:
-        db.close()
-    env, _ = Crypt([TEST_CRYPT_KEY]).decrypt(json.loads(env_json))
-    return env
 
 
 async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
@@ -157,7 +136,7 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
     )
     model = await hub.server_model(USER)
     assert model["pending"] == "spawn" and not model["ready"], model
-    assert (await remote_servers(site))[USER].state == pb.SERVER_STATE_STARTING
+    assert (await site.servers())[USER].state == pb.SERVER_STATE_STARTING
     await asyncio.sleep(2)  # a while in the queue
     assert slurm.job(job.id).state == "PENDING"
 
@@ -170,7 +149,7 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
     # the port came through the relay's callback, never from the hub
     assert re.search(rf"default/{USER}: the notebook reported port=\d+", log), log[-4000:]
     assert slurm.job(job.id).state == "RUNNING"
-    remote = (await remote_servers(site))[USER]
+    remote = (await site.servers())[USER]
     assert remote.state == pb.SERVER_STATE_RUNNING
     assert remote.address.host == slurm.node  # the exec host, from squeue
 
@@ -195,7 +174,7 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
     await wait_for(activity_moved, 30, interval=0.5, message="no activity reached the hub")
 
     # what went where: the hub's env names the reverse forward; the notebook used the relay
-    env = stored_env(site, USER)
+    env = site.stored_env(USER)
     assert env["JUPYTERHUB_API_URL"] == f"http://127.0.0.1:{site.rport}/hub/api"
     relayed = f"/hubs/default/servers/{USER}/hub/api"
     log = site.op.log.read_text()
@@ -219,7 +198,7 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
         while time.monotonic() - down < 22:
             model = await hub.server_model(USER)
             assert model and model["ready"] and not model["pending"], (model, hub.tail())
-            assert (await remote_servers(site))[USER].state != pb.SERVER_STATE_STOPPED
+            assert (await site.servers())[USER].state != pb.SERVER_STATE_STOPPED
             await asyncio.sleep(1)
     finally:
         slurm.start_controller()
@@ -232,7 +211,7 @@ async def test_slurm_notebook_through_relay(slurm, slurm_site, slurm_hub):
     await hub.stop_server(USER)
     await wait_for(lambda: not our_jobs(slurm), 30, message=f"job still queued: {slurm.squeue()}")
     assert slurm.job(job.id).state in ("CANCELLED", "COMPLETED"), slurm.squeue()
-    assert USER not in await remote_servers(site)
+    assert USER not in await site.servers()
     print(
         f"spawn took {spawn_seconds:.1f}s from the request, {pending_seconds:.1f}s of it with the node busy"
     )
@@ -262,7 +241,7 @@ async def test_cancel_pending_spawn_cancels_the_job(slurm, slurm_site, slurm_hub
     )
 
     async def forgotten():
-        return USER not in await remote_servers(site)
+        return USER not in await site.servers()
 
     await wait_for(forgotten, 30, message=f"the Outpost still has the start:\n{hub.tail()}")
     model = await hub.server_model(USER)

@@ -20,7 +20,9 @@ from outpost_client.errors import (
     to_status_proto,
 )
 
-from .conftest import ROOT
+from .harness.outpost import ROOT
+
+pytestmark = pytest.mark.rpc
 
 PROTO = ROOT / "protos" / "jupyterhub" / "outpost" / "v1" / "outpost.proto"
 
@@ -150,7 +152,7 @@ async def test_an_outpost_bug_is_internal_error_not_a_spawner_error(outpost, mon
 async def test_an_unreachable_outpost_is_unavailable_without_a_reason():
     from outpost_client import OutpostClient
 
-    from .conftest import free_port
+    from .harness.util import free_port
 
     client = OutpostClient(f"127.0.0.1:{free_port()}", timeout=2)
     try:

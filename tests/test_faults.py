@@ -28,17 +28,14 @@ from outpost_server.identity import hash_token
 from outpost_server.store import async_url
 from outpost_server.testing import HangingStartSpawner, RecordingSpawner, SlowPollSpawner
 
-from .conftest import children_of, free_port, outpost_config, process_alive, running_outpost, wait_for
+from .harness.hub import hub_client
+from .harness.outpost import outpost_config, running_outpost
+from .harness.procs import children_of, process_alive
+from .harness.util import collect, free_port, sid, wait_for
+
+pytestmark = pytest.mark.rpc
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def sid() -> str:
-    return uuid.uuid4().hex
-
-
-async def collect(client, name, **kw):
-    return [e async for e in client.events(name, timeout=30, **kw)]
 
 
 async def timed(call, bound: float, log: list[tuple[str, float]], what: str):
@@ -325,7 +322,6 @@ async def test_exit_seen_during_an_outage_is_persisted_after_it(tmp_path, privat
 async def test_a_failed_write_never_makes_polls_of_one_spawner_overlap(start_outpost, monkeypatch):
     """One poll's write fails (the database refuses it) while another server's slow poll is
     in flight: the next rounds must not poll that Spawner a second time at once."""
-    SlowPollSpawner.polls_in_flight = SlowPollSpawner.polls_done = SlowPollSpawner.overlaps = 0
     async with start_outpost(
         "outpost_server.testing.SlowPollSpawner", poll_interval=0.1, allow_override=["poll_delay"]
     ) as op:
@@ -358,10 +354,6 @@ TOKENS = {f"hub-{x}": f"faults-{x}-" + uuid.uuid4().hex for x in "abc"}
 HUB_TOKENS = {hub: hash_token(token) for hub, token in TOKENS.items()}
 
 
-def hub_client(op, hub: str) -> OutpostClient:
-    return OutpostClient(op.address, token=TOKENS[hub], timeout=20)
-
-
 # --- 2. slow polls ------------------------------------------------------------------------------
 
 
@@ -369,14 +361,15 @@ async def test_slow_polls_never_delay_other_calls(start_outpost):
     """Four servers whose poll() takes 5 s, polled by the Outpost's own loop: while those
     polls are in flight every other call, of this hub and another, answers at once."""
     n_slow, delay = 4, 5.0
-    SlowPollSpawner.polls_in_flight = SlowPollSpawner.polls_done = SlowPollSpawner.overlaps = 0
     async with start_outpost(
         "outpost_server.testing.SlowPollSpawner",
         poll_interval=0.1,
         hub_tokens=HUB_TOKENS,
         **{"SlowPollSpawner.poll_delay": delay},
     ) as op:
-        async with hub_client(op, "hub-a") as a, hub_client(op, "hub-b") as b:
+        a = hub_client(op.address, token=TOKENS["hub-a"], timeout=20)
+        b = hub_client(op.address, token=TOKENS["hub-b"], timeout=20)
+        async with a, b:
             slow = {f"slow{i}": sid() for i in range(n_slow)}
             for name, start_id in slow.items():
                 await a.start(name, start_id, user_name=name, wait_until_ready=True)
@@ -439,8 +432,6 @@ async def test_slow_polls_never_delay_other_calls(start_outpost):
 async def test_hanging_start_is_cut_off_and_cleaned_up(start_outpost):
     """c.Spawner.start_timeout (the Spawner's own trait) ends a start() that hangs: stop()
     runs, the child process it started is gone, and the stream ends with FAILED."""
-    HangingStartSpawner.children.clear()
-    HangingStartSpawner.stopped_users.clear()
     async with start_outpost("outpost_server.testing.HangingStartSpawner", **{"Spawner.start_timeout": 1}) as op:
         c = op.client
         start_id = sid()
@@ -566,7 +557,6 @@ async def test_storm_of_starts_and_stops_agrees_with_the_database(tmp_path, db_u
     from outpost_server.store import events as events_table
     from outpost_server.store import servers as servers_table
 
-    RecordingSpawner.started.clear()
     rng = random.Random(20240605)
     hubs = sorted(TOKENS)
     keys = [(hub, f"s{i:02d}") for hub in hubs for i in range(20)]  # the same names in every hub
@@ -581,7 +571,7 @@ async def test_storm_of_starts_and_stops_agrees_with_the_database(tmp_path, db_u
     bound = 5.0
     latencies: list[tuple[str, float]] = []
     async with running_outpost(cfg) as op:
-        clients = {hub: hub_client(op, hub) for hub in hubs}
+        clients = {hub: hub_client(op.address, token=TOKENS[hub], timeout=20) for hub in hubs}
         try:
             final: dict[tuple[str, str], str | None] = {}  # start_id of the running start, None: stopped
 

@@ -10,20 +10,23 @@ import asyncio
 import logging
 import signal
 import stat
-import subprocess
 from contextlib import asynccontextmanager
 
 import asyncssh
 import pytest
 
 from outpost_server.forwarder import ForwarderConfigError
-from outpost_server.testing import InstantSpawner
+from outpost_server.testing import InstantSpawner, class_state
 
-from .conftest import BIN, free_port, wait_for
+from .harness.outpost import one_line, run_outpost
+from .harness.util import free_port, wait_for
+
+pytestmark = pytest.mark.rpc
 
 ECHO_SPAWNER = "tests.test_forwarder.EchoAddressSpawner"
 
 
+@class_state("port")
 class EchoAddressSpawner(InstantSpawner):
     """Starts at once and reports 127.0.0.1:<port>, where a test's echo server listens."""
 
@@ -266,18 +269,8 @@ def test_misconfigured_key_stops_the_process_before_it_starts(tmp_path):
         "c.SSHForwarder.enabled = True\n"
         "c.SSHForwarder.authorized_keys = {'hub-a': ['ssh-ed25519 AAAAbroken']}\n"
     )
-    out = subprocess.run(
-        [str(BIN / "jupyterhub-outpost"), "--port", "0"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=30,
-    )
-    assert out.returncode == 1
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "authorized_keys['hub-a'][0]: not a valid OpenSSH public key" in lines[0], (
-        out.stderr
-    )
+    out = run_outpost("--port", "0", cwd=tmp_path)
+    assert "authorized_keys['hub-a'][0]: not a valid OpenSSH public key" in one_line(out), out.stderr
     assert not (tmp_path / "outpost.sqlite").exists() and not (tmp_path / "outpost_ssh_host_key").exists()
 
 

@@ -31,7 +31,6 @@ import sqlite3
 import time
 import math
 import unicodedata
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -47,7 +46,10 @@ from outpost_server import validation
 from outpost_server.app import Outpost
 from outpost_server.convert import STATE_NAMES
 
-from .conftest import outpost_config, running_outpost, wait_for
+from .harness.outpost import outpost_config, running_outpost
+from .harness.util import sid, wait_for
+
+pytestmark = pytest.mark.rpc
 
 INSTANT = "outpost_server.testing.InstantSpawner"
 HUB = "default"  # plaintext on loopback: every connection is the default hub
@@ -76,10 +78,6 @@ HYPOTHESIS = settings(
         HealthCheck.function_scoped_fixture,
     ],
 )
-
-
-def sid() -> str:
-    return uuid.uuid4().hex
 
 
 # --- the spec, as the oracle reads it (outpost.proto's field comments) --------------------

@@ -2,8 +2,9 @@
 (private files), hands them to the hosted Spawner's move_certs() and removes them at stop
 and at a failed start; they never reach the Outpost's database.
 
-Fast tests use a real in-process Outpost with a recording Spawner; the slow one is a real
-JupyterHub with internal_ssl, the real proxy and a real notebook through the SSH tunnel.
+The tests use a real in-process Outpost with a recording Spawner; a real JupyterHub with
+internal_ssl, the real proxy and a real notebook through the SSH tunnel is
+tests/test_e2e_hub.py's test_internal_ssl_end_to_end.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import uuid
 from pathlib import Path
 
 import pytest
-import requests
 from jupyterhub.spawner import Spawner
 from traitlets import Bool
 
-from outpost_client import OutpostClient, pb
+from outpost_client import pb
 from outpost_server.hosting import CERT_FILES, certs_location
+from outpost_server.testing import class_state
 
-from .conftest import outpost_config, running_outpost, wait_for
-from .test_e2e_hub import hub_factory, make_site, remote_servers  # noqa: F401  (fixtures)
-from .test_spawner import make_spawner
+from .harness.hub import make_spawner
+from .harness.outpost import outpost_config, running_outpost, sqlite_bytes
+from .harness.util import wait_for
+
+pytestmark = pytest.mark.rpc
 
 KEY = "-----BEGIN PRIVATE KEY-----\nkey-of-the-notebook\n-----END PRIVATE KEY-----\n"
 CERT = "-----BEGIN CERTIFICATE-----\ncert-of-the-notebook\n-----END CERTIFICATE-----\n"
@@ -43,6 +46,7 @@ def mode(path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
+@class_state("calls", "block_users")
 class CertSpawner(Spawner):
     """Records what it gets: move_certs() paths (and the files' modes and contents),
     cert_paths, internal_ssl and the env at start()."""
@@ -98,12 +102,6 @@ class CertSpawner(Spawner):
         return None
 
 
-@pytest.fixture(autouse=True)
-def _reset_calls():
-    CertSpawner.calls = []
-    CertSpawner.block_users = set()
-
-
 def _start_call() -> dict:
     return next(c for c in CertSpawner.calls if c.get("start"))
 
@@ -116,14 +114,6 @@ async def _stored_text(op) -> str:
     """Every stored row and event of the Outpost, decrypted, as text."""
     rows, events = await op.manager.store.load()
     return json.dumps([rows, {str(k): v for k, v in events.items()}], default=str)
-
-
-def _db_bytes(db_file: Path) -> bytes:
-    data = b""
-    for path in (db_file, Path(f"{db_file}-wal"), Path(f"{db_file}-journal")):
-        if path.exists():
-            data += path.read_bytes()
-    return data
 
 
 @pytest.mark.parametrize("async_move", [False, True], ids=["sync-move_certs", "async-move_certs"])
@@ -165,7 +155,7 @@ async def test_certificates_written_moved_and_removed(start_outpost, tmp_path, a
         assert not rec.spec.certificates
         assert "BEGIN" not in await _stored_text(op)
         db_file = Path(op.app.db_url.split("sqlite:///", 1)[1])
-        assert b"BEGIN" not in _db_bytes(db_file)
+        assert b"BEGIN" not in sqlite_bytes(db_file)
 
         await op.client.stop("alice", start_id)
         assert not directory.exists(), "the Outpost's files must go with the server"
@@ -264,51 +254,3 @@ async def test_outpost_spawner_refuses_internal_ssl_without_certificates(start_o
         with pytest.raises(web.HTTPError, match="no certificates"):
             await spawner.start()
         assert not CertSpawner.calls
-
-
-# --- a real JupyterHub with internal_ssl -----------------------------------------------------
-
-
-@pytest.mark.slow
-async def test_internal_ssl_end_to_end(make_site, hub_factory):  # noqa: F811
-    site = await make_site("site-ssl")
-    hub = hub_factory(site.hub_config(), internal_ssl=True)
-    hub.start()
-    await hub.wait_ready()
-
-    events = await hub.spawn("alice")
-    assert events[-1].get("ready"), (events, hub.tail())
-
-    # through the proxy (https to the notebook, through the tunnel, verified by the
-    # internal CA); the notebook checks the token with the hub over https through the
-    # reverse forward
-    r = await hub.get("/user/alice/api/status")
-    assert r.status_code == 200, (r.status_code, r.text, hub.tail())
-
-    remote = (await remote_servers(site))["alice"]
-    assert remote.address.scheme == "https"
-    model = await hub.server_model("alice")
-    assert model["url"] == "/user/alice/"
-    assert model["state"]["remote_scheme"] == "https"
-
-    # the notebook really serves TLS: plain http to its port does not get an answer
-    def plain_http():
-        try:
-            return requests.get(f"http://127.0.0.1:{remote.address.port}/user/alice/api", timeout=5).status_code
-        except requests.RequestException as e:
-            return type(e).__name__
-
-    assert await asyncio.to_thread(plain_http) in ("ConnectionError", 400), "plain http must not work"
-
-    # certificates are not in the Outpost's database; the files it wrote exist until stop
-    db = site.op.workdir / "outpost.sqlite"
-    assert b"BEGIN" not in _db_bytes(db)
-    directory = Path(*certs_location("default", "alice", remote.start_id))
-    assert directory.is_dir() and mode(directory) == 0o700
-    assert mode(directory / CERT_FILES["key_pem"][1]) == 0o600
-
-    await hub.stop_server("alice")
-    assert "alice" not in await remote_servers(site)
-    assert not directory.exists(), "the Outpost's certificate files must go at stop"
-    async with OutpostClient(site.grpc_address) as client:
-        assert not await client.list_servers()

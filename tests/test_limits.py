@@ -6,20 +6,19 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-import uuid
 
 import grpc
 import pytest
 
-from outpost_client import OutpostClient, ResourceExhausted, ServerAlreadyStarted, ServerNotFound, TLSConfig, pb
+from outpost_client import ResourceExhausted, ServerAlreadyStarted, ServerNotFound, pb
 from outpost_client.errors import TOO_MANY_STARTS
-from outpost_server.certs import generate_certs
+
+from .harness.hub import hub_client
+from .harness.util import sid
+
+pytestmark = pytest.mark.rpc
 
 NEVER_READY = "outpost_server.testing.NeverReadySpawner"
-
-
-def sid() -> str:
-    return uuid.uuid4().hex
 
 
 async def stored_names(op) -> set[tuple[str, str]]:
@@ -93,16 +92,6 @@ async def test_concurrent_starts_take_exactly_the_limit(start_outpost):
 # --- two hubs over mTLS -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return generate_certs(str(tmp_path_factory.mktemp("pki") / "certs"), ["127.0.0.1"], ["hub-a", "hub-b"])
-
-
-def hub_client(op, pki, hub: str) -> OutpostClient:
-    pair = pki.hubs[hub]
-    return OutpostClient(op.address, tls=TLSConfig(ca=pki.ca.cert, cert=pair.cert, key=pair.key), timeout=30)
-
-
 async def test_a_flooding_hub_does_not_starve_another(start_outpost, pki):
     limit, flood = 4, 300
     traits = {
@@ -115,7 +104,8 @@ async def test_a_flooding_hub_does_not_starve_another(start_outpost, pki):
         "SlowSpawner.delay": 3600.0,
     }
     async with start_outpost("outpost_server.testing.SlowSpawner", **traits) as op:
-        async with hub_client(op, pki, "hub-a") as a, hub_client(op, pki, "hub-b") as b:
+        a, b = (hub_client(op.address, pki, pki.hubs[hub], timeout=30) for hub in ("hub-a", "hub-b"))
+        async with a, b:
             bob = sid()
             r = await b.start("bob", bob, user_name="bob", config_overrides={"delay": 0}, wait_until_ready=True)
             assert r.status.state == pb.SERVER_STATE_RUNNING

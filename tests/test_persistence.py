@@ -10,7 +10,11 @@ import pytest
 
 from outpost_client import OutpostClient, ServerNotFound, pb
 
-from .conftest import children_of, outpost_config, process_alive, running_outpost, wait_for
+from .harness.outpost import outpost_config, running_outpost
+from .harness.procs import children_of, process_alive
+from .harness.util import wait_for
+
+pytestmark = pytest.mark.rpc
 
 
 async def test_restore_after_restart(tmp_path, db_url):

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .harness.outpost import ROOT
+
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gen_protos  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 
 def test_generated_stubs_do_not_drift(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 from outpost_client.v1 import outpost_pb2 as pb
 from outpost_server.records import EventLog, Records
 
+pytestmark = pytest.mark.rpc
+
 
 @dataclass(eq=False)
 class Stub:
@@ -90,7 +92,7 @@ def test_event_log_keeps_the_terminal_event_at_any_limit(limit):
 async def test_events_end_with_the_smallest_event_log(tmp_path):
     """With one event kept per server (the least the trait allows) the stream still ends
     with the terminal event, live and from the database after a restart."""
-    from .conftest import outpost_config, running_outpost
+    from .harness.outpost import outpost_config, running_outpost
 
     db_url = f"sqlite:///{tmp_path}/one-event.sqlite"
     config = outpost_config(

@@ -29,7 +29,9 @@ from outpost_client import OutpostClient, pb
 from outpost_server.identity import hash_token
 from outpost_server.relay import HubAPIRelay, RelayConfigError, relay_prefix, relayed_env, token_from
 
-from .conftest import wait_for
+from .harness.util import wait_for
+
+pytestmark = pytest.mark.rpc
 
 LATE = "outpost_server.testing.LatePortSpawner"
 RELAY = {"HubAPIRelay.enabled": True, "HubAPIRelay.port": 0}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import grpc
 import pytest
@@ -22,17 +21,11 @@ from outpost_client import (
 
 from outpost_server.testing import SlowSpawner
 
-from .conftest import wait_for
+from .harness.util import collect, sid, wait_for
+
+pytestmark = pytest.mark.rpc
 
 ENV = {"JUPYTERHUB_API_TOKEN": "secret-token", "JUPYTERHUB_API_URL": "http://hub:8081/hub/api"}
-
-
-def sid() -> str:
-    return uuid.uuid4().hex
-
-
-async def collect(client, name, **kw):
-    return [e async for e in client.events(name, timeout=30, **kw)]
 
 
 async def test_start_events_poll_stop(start_outpost):

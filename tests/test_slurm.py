@@ -3,7 +3,7 @@
 The Outpost runs as the console script with an ``outpost_config.py`` written the way a site
 writes it (``c.Outpost.spawner_class = "batchspawner.SlurmSpawner"``, ``req_*`` options,
 its own batch script); Slurm is the private single-node cluster of the ``slurm`` fixture
-(tests/slurm.py); the hub is a real ``OutpostClient``. What is covered: the queue as the
+(tests/harness/slurm.py); the hub is a real ``OutpostClient``. What is covered: the queue as the
 user sees it in the Events stream, Stop (``scancel``), a Stop while the job is still
 pending (the hub's "cancel" of a pending spawn), and a slurmctld outage while a job runs.
 
@@ -37,13 +37,13 @@ import uuid
 
 import pytest
 
-from outpost_client import OutpostClient, ServerNotFound, pb
+from outpost_client import ServerNotFound, pb
 
-from .conftest import ROOT, free_port, wait_for
+from .harness.site import Site
+from .harness.slurm import JOB_NAME, our_jobs, queue_reason_recipe
+from .harness.util import collect, free_port, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-
-JOB_NAME = "spawner-jupyterhub"
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.slurm]
 
 CONFIG = """\
 import batchspawner
@@ -91,12 +91,17 @@ batchspawner.SlurmSpawner.mock_port = {port}
 """
 
 
-class Site:
-    def __init__(self, slurm, op, client: OutpostClient, port: int):
+class SlurmSite(Site):
+    """The site of CONFIG (no SSH forwarder: the hub is this test's OutpostClient,
+    ``site.client``) on the ``slurm`` cluster; its notebook serves on ``notebook_port``."""
+
+    def __init__(self, *args, slurm, notebook_port: int, **kwargs):
+        super().__init__(
+            *args, config=CONFIG, ssh=False, jobs=slurm.root / "jobs", port=notebook_port, job_name=JOB_NAME,
+            **kwargs,
+        )  # fmt: skip
         self.slurm = slurm
-        self.op = op
-        self.client = client
-        self.port = port
+        self.notebook_port = notebook_port
 
     def env(self, name: str) -> dict[str, str]:
         """What a hub sends as the notebook's env (abridged)."""
@@ -107,14 +112,14 @@ class Site:
             "JUPYTERHUB_USER": "root",
         }
 
-    async def start(self, name: str, **kwargs) -> str:
+    async def start_server(self, name: str, **kwargs) -> str:
         start_id = uuid.uuid4().hex
         await self.client.start(name, start_id, user_name="root", spawner_name=name, env=self.env(name), **kwargs)
         return start_id
 
     def our_jobs(self):
         """The Spawner's jobs still in the queue (pending, running or completing)."""
-        return [j for j in self.slurm.active() if j.name == JOB_NAME]
+        return our_jobs(self.slurm)
 
     def log_count(self, text: str) -> int:
         """How often text is in the Outpost's log."""
@@ -125,66 +130,47 @@ class Site:
 
     def serving(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.notebook_port}/", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
 
 
 @pytest.fixture
-async def make_site(slurm, outpost_process, monkeypatch):
-    """Factory: ``await make_site(extra_config="")`` -> a Site with its Outpost serving."""
+async def make_slurm_site(slurm, make_site, monkeypatch):
+    """Factory: ``await make_slurm_site(extra_config="")`` -> a SlurmSite with its Outpost serving."""
     # squeue/scancel run with the Outpost's own environment: SLURM_CONF names the cluster
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
-    clients: list[OutpostClient] = []
+    made = 0
 
-    async def make(extra_config: str = "") -> Site:
-        port = free_port()
-        op = outpost_process("")
-        config = CONFIG.format(
-            workdir=op.workdir, jobs=slurm.root / "jobs", port=port, python=sys.executable, job_name=JOB_NAME
+    async def make(extra_config: str = "") -> SlurmSite:
+        nonlocal made
+        made += 1
+        return await make_site(
+            f"slurm-site-{made}", site_class=SlurmSite, slurm=slurm, notebook_port=free_port(), extra=extra_config
         )
-        op.config.write_text(config + extra_config)
-        op.start()
-        await op.wait_serving()
-        clients.append(OutpostClient(op.address, timeout=30))
-        return Site(slurm, op, clients[-1], port)
 
-    yield make
-    for client in clients:
-        await client.close()
+    return make
 
 
 @pytest.fixture
-async def site(make_site):
-    return await make_site()
-
-
-async def collect(client: OutpostClient, name: str, into: list) -> None:
-    async for event in client.events(name):
-        into.append(event)
-
-
-def queue_reason_recipe() -> str:
-    """The outpost_config.py lines of docs/sites/slurm.md's queue-reason recipe, as written."""
-    doc = (ROOT / "docs" / "sites" / "slurm.md").read_text()
-    section = doc.split("## What the user sees while the job waits", 1)[1].split("\n## ", 1)[0]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
+async def site(make_slurm_site):
+    return await make_slurm_site()
 
 
 @pytest.mark.parametrize("flavour", ["batchspawner", "recipe"])
-async def test_pending_in_queue_then_running(make_site, flavour):
+async def test_pending_in_queue_then_running(make_slurm_site, flavour):
     """The queue in the Events stream: what the Spawner's progress() says, then READY.
 
     batchspawner 1.3 says "Pending in queue..."; the docs' recipe (a SlurmSpawner
     subclass in outpost_config.py) adds the job id and squeue's reason.
     """
-    site = await make_site(queue_reason_recipe() if flavour == "recipe" else "")
+    site = await make_slurm_site(queue_reason_recipe() if flavour == "recipe" else "")
     slurm = site.slurm
     slurm.occupy()
-    await site.start("queued")
+    await site.start_server("queued")
     events: list[pb.EventsResponse] = []
-    follower = asyncio.create_task(collect(site.client, "queued", events))
+    follower = asyncio.create_task(collect(site.client, "queued", events, timeout=None))
     try:
         # the scheduler's own view: our job waits for the occupied CPUs
         job = (await wait_for(lambda: site.our_jobs(), 10, message="no job submitted"))[0]
@@ -205,7 +191,7 @@ async def test_pending_in_queue_then_running(make_site, flavour):
         follower.cancel()
     messages = [e.message for e in events]
     assert events[-1].kind == pb.EVENT_KIND_READY, messages
-    assert events[-1].message == f"Server ready at http://{slurm.node}:{site.port}"
+    assert events[-1].message == f"Server ready at http://{slurm.node}:{site.notebook_port}"
     progress = [m for m in messages[:-1] if m != "Unknown status..."]
     # queue states, never the same one twice in a row (the Outpost drops repeats)
     assert all(a != b for a, b in zip(progress, progress[1:])), messages
@@ -219,13 +205,13 @@ async def test_pending_in_queue_then_running(make_site, flavour):
     assert slurm.job(job.id).state == "RUNNING"
     status = await site.client.poll("queued")
     assert status.state == pb.SERVER_STATE_RUNNING
-    assert (status.address.host, status.address.port) == (slurm.node, site.port)
+    assert (status.address.host, status.address.port) == (slurm.node, site.notebook_port)
     await wait_for(site.serving, 10, message="the job's server does not answer")
 
 
 async def test_stop_cancels_the_job(site):
     """Stop runs scancel: the job leaves the queue and its process ends."""
-    start_id = await site.start("running", wait_until_ready=True)
+    start_id = await site.start_server("running", wait_until_ready=True)
     status = await site.client.poll("running")
     assert status.state == pb.SERVER_STATE_RUNNING, status.failure_message
     [job] = site.our_jobs()
@@ -250,9 +236,9 @@ async def cancel_pending(site, name: str, query_in_flight: bool) -> None:
     """
     slurm = site.slurm
     slurm.occupy()
-    start_id = await site.start(name)
+    start_id = await site.start_server(name)
     events: list[pb.EventsResponse] = []
-    follower = asyncio.create_task(collect(site.client, name, events))
+    follower = asyncio.create_task(collect(site.client, name, events, timeout=None))
     job = (await wait_for(lambda: site.our_jobs(), 10, message="no job submitted"))[0]
     # the user has seen the job wait in the queue, and cancels
     await wait_for(lambda: any(e.message == "Pending in queue..." for e in events), 10,
@@ -280,9 +266,9 @@ async def cancel_pending(site, name: str, query_in_flight: bool) -> None:
     assert site.our_jobs() == [] and not site.serving()
 
 
-async def test_stop_while_pending_leaves_nothing(make_site):
+async def test_stop_while_pending_leaves_nothing(make_slurm_site):
     """Cancel while start() waits between two squeue calls (nearly always, on a real site)."""
-    site = await make_site("c.SlurmSpawner.startup_poll_interval = 5\n")
+    site = await make_slurm_site("c.SlurmSpawner.startup_poll_interval = 5\n")
     await cancel_pending(site, "cancelled", query_in_flight=False)
 
 
@@ -293,12 +279,12 @@ os.execvp("squeue", ["squeue", *sys.argv[1:]])
 """
 
 
-async def test_stop_during_the_queue_query(make_site, tmp_path):
+async def test_stop_during_the_queue_query(make_slurm_site, tmp_path):
     """Cancel while start()'s squeue runs (a slow squeue makes that moment last 2 s)."""
     slow = tmp_path / "slow-squeue"
     slow.write_text(SLOW_SQUEUE.format(python=sys.executable))
     slow.chmod(0o755)
-    site = await make_site(
+    site = await make_slurm_site(
         f"c.SlurmSpawner.batch_query_cmd = \"exec {slow} -h -j {{job_id}} -o '%T %B'\"\n"
         "c.SlurmSpawner.startup_poll_interval = 0.1\n"
     )
@@ -308,7 +294,7 @@ async def test_stop_during_the_queue_query(make_site, tmp_path):
 async def test_controller_outage_is_not_a_stopped_server(site):
     """slurmctld down for ~20 s while the job runs: never STOPPED; running afterwards."""
     slurm = site.slurm
-    start_id = await site.start("steady", wait_until_ready=True)
+    start_id = await site.start_server("steady", wait_until_ready=True)
     [job] = site.our_jobs()
     assert (await site.client.poll("steady")).state == pb.SERVER_STATE_RUNNING
     # serving: srun has its step (srun needs slurmctld to start one, not to keep it)
@@ -337,17 +323,17 @@ async def test_controller_outage_is_not_a_stopped_server(site):
     assert slurm.job(job.id).state == "RUNNING"
     status = await site.client.poll("steady")
     assert status.state == pb.SERVER_STATE_RUNNING
-    assert (status.address.host, status.address.port) == (slurm.node, site.port)
+    assert (status.address.host, status.address.port) == (slurm.node, site.notebook_port)
 
     assert (await site.client.stop("steady", start_id)).outcome == pb.STOP_OUTCOME_STOPPED
     assert site.our_jobs() == [], slurm.squeue()
 
 
-async def test_outage_longer_than_poll_timeout(make_site):
+async def test_outage_longer_than_poll_timeout(make_slurm_site):
     """squeue takes ~18 s to give up on a dead slurmctld; poll_timeout is shorter here."""
-    site = await make_site("c.Outpost.poll_timeout = 3\n")
+    site = await make_slurm_site("c.Outpost.poll_timeout = 3\n")
     slurm = site.slurm
-    start_id = await site.start("patient", wait_until_ready=True)
+    start_id = await site.start_server("patient", wait_until_ready=True)
     slurm.stop_controller()
     try:
         down = time.monotonic()

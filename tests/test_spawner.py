@@ -11,24 +11,9 @@ from tornado import web
 from outpost_client.spawner import OutpostSpawner, OutpostStartFailed, remote_server_name
 from outpost_server.hosting import StandInHub, StandInUser
 
+from .harness.hub import make_spawner
 
-class NamedOutpostSpawner(OutpostSpawner):
-    """Spawner.name reads the hub's ORM object; without a hub, the test sets it."""
-
-    test_name = ""
-
-    @property
-    def name(self):
-        return self.test_name
-
-
-def make_spawner(op, name: str = "", **traits) -> OutpostSpawner:
-    user = StandInUser(name="alice", id=7, admin=False, url="/user/alice/")
-    hub = StandInHub(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
-    spawner = NamedOutpostSpawner(user=user, hub=hub, orm_spawner=None, outpost_address=op.address, **traits)
-    spawner.test_name = name
-    spawner.api_token = "secret-token"
-    return spawner
+pytestmark = pytest.mark.rpc
 
 
 @pytest.mark.parametrize(
@@ -250,7 +235,7 @@ def test_the_outposts_help_and_docs_name_every_key():
 
     from outpost_client.outposts import OPTIONS
 
-    from .conftest import ROOT
+    from .harness.outpost import ROOT
 
     help_text = OutpostSpawner.class_traits()["outposts"].help
     row = next(line for line in (ROOT / "docs" / "hub.md").read_text().splitlines() if line.startswith("| `outposts`"))

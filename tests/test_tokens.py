@@ -8,37 +8,29 @@ import hashlib
 import hmac
 import logging
 import secrets
-import subprocess
 from types import SimpleNamespace
 
 import grpc
 import pytest
 from traitlets import TraitError
 
-from outpost_client import OutpostClient, ServerNotFound, TLSConfig, Unauthenticated, pb
+from outpost_client import OutpostClient, ServerNotFound, Unauthenticated, pb
 from outpost_client.errors import UNAUTHENTICATED_HUB
 from outpost_client.outposts import OutpostConfig
 from outpost_client.registry import REGISTRY
-from outpost_client.spawner import OutpostSpawner
 from outpost_server import identity
 from outpost_server.app import Outpost
-from outpost_server.certs import generate_certs
-from outpost_server.hosting import StandInHub, StandInUser
 from outpost_server.identity import certificate_resolver, hash_token, token_resolver
 
-from .conftest import BIN
+from .harness.hub import hub_client, make_spawner
+from .harness.outpost import run_outpost
 
-OUTPOST = str(BIN / "jupyterhub-outpost")
+pytestmark = pytest.mark.rpc
+
 TOKEN_A = secrets.token_urlsafe(32)
 TOKEN_B = secrets.token_urlsafe(32)
 WRONG = secrets.token_urlsafe(32)
 HUB_TOKENS = {"hub-a": hash_token(TOKEN_A), "hub-b": hash_token(TOKEN_B)}
-
-
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory):
-    """A CA, an Outpost certificate for 127.0.0.1 and client certificates for hub-a and hub-b."""
-    return generate_certs(str(tmp_path_factory.mktemp("pki") / "certs"), ["127.0.0.1"], ["hub-a", "hub-b"])
 
 
 def server_tls(pki, **traits) -> dict:
@@ -46,19 +38,13 @@ def server_tls(pki, **traits) -> dict:
     return dict(tls_cert=pki.server.cert, tls_key=pki.server.key, **traits)
 
 
-def token_client(address: str, token: str | None, pki=None, pair=None) -> OutpostClient:
-    tls = None
-    if pki is not None:
-        tls = TLSConfig(ca=pki.ca.cert, cert=pair and pair.cert, key=pair and pair.key)
-    return OutpostClient(address, tls=tls, token=token, timeout=5)
-
-
 # --- over TLS, two hubs ---------------------------------------------------------------------
 
 
 async def test_two_hubs_by_token_over_tls_are_isolated(start_outpost, pki, capfd):
     async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
-        async with token_client(op.address, TOKEN_A, pki) as a, token_client(op.address, TOKEN_B, pki) as b:
+        a, b = hub_client(op.address, pki, token=TOKEN_A), hub_client(op.address, pki, token=TOKEN_B)
+        async with a, b:
             await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
             assert [s.server_name for s in await a.list_servers()] == ["alice"]
             assert (await a.poll("alice")).state == pb.SERVER_STATE_RUNNING
@@ -82,7 +68,7 @@ async def test_two_hubs_by_token_over_tls_are_isolated(start_outpost, pki, capfd
 async def test_missing_or_wrong_token_is_unauthenticated_and_starts_nothing(start_outpost, pki, case):
     async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
         if case in ("no token", "wrong token"):
-            async with token_client(op.address, None if case == "no token" else WRONG, pki) as client:
+            async with hub_client(op.address, pki, token=None if case == "no token" else WRONG) as client:
                 with pytest.raises(Unauthenticated) as info:
                     await client.start("alice", "s1", user_name="alice", wait_until_ready=True)
                 assert info.value.reason == UNAUTHENTICATED_HUB
@@ -98,7 +84,7 @@ async def test_missing_or_wrong_token_is_unauthenticated_and_starts_nothing(star
                 "other scheme": (("authorization", f"Basic {TOKEN_A}"),),
                 "two headers": (("authorization", f"Bearer {TOKEN_A}"), ("authorization", f"Bearer {TOKEN_B}")),
             }[case]
-            async with token_client(op.address, None, pki) as client:
+            async with hub_client(op.address, pki) as client:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await client.stub.Start(
                         pb.StartRequest(server_name="alice", start_id="s1", user=pb.User(name="alice")),
@@ -115,12 +101,12 @@ async def test_missing_or_wrong_token_is_unauthenticated_and_starts_nothing(star
 async def test_mtls_and_token_must_name_the_same_hub(start_outpost, pki, capfd):
     traits = dict(tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.cert, hub_tokens=HUB_TOKENS)
     async with start_outpost(**traits) as op:
-        async with token_client(op.address, TOKEN_A, pki, pki.hubs["hub-a"]) as both:
+        async with hub_client(op.address, pki, pki.hubs["hub-a"], token=TOKEN_A) as both:
             await both.start("alice", "s1", user_name="alice", wait_until_ready=True)
-        async with token_client(op.address, TOKEN_B, pki, pki.hubs["hub-a"]) as mixed:
+        async with hub_client(op.address, pki, pki.hubs["hub-a"], token=TOKEN_B) as mixed:
             with pytest.raises(Unauthenticated, match="certificate names hub 'hub-a', the bearer token another"):
                 await mixed.list_servers()
-        async with token_client(op.address, None, pki, pki.hubs["hub-a"]) as cert_only:
+        async with hub_client(op.address, pki, pki.hubs["hub-a"]) as cert_only:
             with pytest.raises(Unauthenticated, match="needs a bearer token"):
                 await cert_only.list_servers()
         assert set(op.manager.records) == {("hub-a", "alice")}
@@ -177,7 +163,7 @@ def test_token_resolver_with_a_certificate():
 
 async def test_plaintext_tokens_on_loopback(start_outpost):
     async with start_outpost(hub_tokens=HUB_TOKENS, default_hub="default") as op:
-        async with token_client(op.address, TOKEN_A) as a:
+        async with hub_client(op.address, token=TOKEN_A) as a:
             await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
         # default_hub is not an identity any more: op.client sends no token
         with pytest.raises(Unauthenticated):
@@ -218,10 +204,10 @@ def test_hub_tokens_are_hashes_and_never_echoed():
 
 
 def test_hash_token_command(tmp_path):
-    out = subprocess.run([OUTPOST, "hash-token"], input=TOKEN_A + "\n", capture_output=True, text=True, cwd=tmp_path)
+    out = run_outpost("hash-token", input=TOKEN_A + "\n", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == hash_token(TOKEN_A) == "sha256:" + hashlib.sha256(TOKEN_A.encode()).hexdigest()
-    short = subprocess.run([OUTPOST, "hash-token"], input="short\n", capture_output=True, text=True, cwd=tmp_path)
+    short = run_outpost("hash-token", input="short\n", cwd=tmp_path)
     assert short.returncode == 1 and "at least 32 characters" in short.stderr
 
 
@@ -229,13 +215,8 @@ def test_hash_token_command(tmp_path):
 
 
 async def test_the_spawner_sends_its_token(start_outpost, pki):
-    user = StandInUser(name="alice", id=7, admin=False, url="/user/alice/")
-    hub = StandInHub(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
     async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
-        spawner = OutpostSpawner(
-            user=user, hub=hub, orm_spawner=None, outpost_address=op.address, outpost_ca=pki.ca.cert, outpost_token=TOKEN_B
-        )
-        spawner.api_token = "secret-token"
+        spawner = make_spawner(op, outpost_ca=pki.ca.cert, outpost_token=TOKEN_B)
         assert TOKEN_B not in repr(spawner.outpost)
         await spawner.start()
         assert await spawner.poll() is None
@@ -258,7 +239,8 @@ async def test_token_never_appears_in_the_log(start_outpost, pki, caplog, capfd)
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="outpost")
     async with start_outpost(**server_tls(pki, hub_tokens=HUB_TOKENS)) as op:
-        async with token_client(op.address, TOKEN_A, pki) as a, token_client(op.address, WRONG, pki) as bad:
+        a, bad = hub_client(op.address, pki, token=TOKEN_A), hub_client(op.address, pki, token=WRONG)
+        async with a, bad:
             await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
             await a.list_servers()
             with pytest.raises(Unauthenticated):

@@ -1,6 +1,6 @@
 """The hub-side SSH tunnel manager (outpost_client.tunnel) against a real OpenSSH sshd.
 
-Each test starts its own private sshd (tests/sshd.py) and echo servers in this process;
+Each test starts its own private sshd (the ``sshd_server`` fixture) and echo servers in this process;
 "the site" and "the hub" are both this machine, reached through the tunnel.
 """
 
@@ -18,8 +18,9 @@ from outpost_client import ssh_fastpath
 from outpost_client import tunnel as tunnel_mod
 from outpost_client.tunnel import SSHTarget, Tunnel, TunnelError
 
-from .conftest import free_port, wait_for
-from .sshd import sshd_server  # noqa: F401  (fixture)
+from .harness.util import free_port, wait_for
+
+pytestmark = pytest.mark.e2e
 
 LOGGER = "outpost.tunnel"
 
@@ -113,7 +114,7 @@ async def tunnels():
 # --- tests --------------------------------------------------------------------------------
 
 
-async def test_forward_round_trip_ports_and_close(sshd_server, tunnels):  # noqa: F811
+async def test_forward_round_trip_ports_and_close(sshd_server, tunnels):
     sshd = sshd_server()
     key = sshd.add_client_key("hub")
     sshd.start()
@@ -163,7 +164,7 @@ async def test_forward_round_trip_ports_and_close(sshd_server, tunnels):  # noqa
     await Tunnel.for_target(target).close()
 
 
-async def test_bulk_data_both_ways_with_rekeying(sshd_server, tunnels):  # noqa: F811
+async def test_bulk_data_both_ways_with_rekeying(sshd_server, tunnels):
     """Megabytes both ways stay intact, through the receive fast path and across key
     exchanges (sshd re-keys every 1 MB here), with a slow reader (back-pressure)."""
     sshd = sshd_server(extra_config="RekeyLimit 1M\n")
@@ -243,7 +244,7 @@ async def test_bulk_data_through_an_asyncssh_server(tunnels, tmp_path):
         await server.wait_closed()
 
 
-async def test_permitopen_is_enforced(sshd_server, tunnels, caplog):  # noqa: F811
+async def test_permitopen_is_enforced(sshd_server, tunnels, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     async with EchoServer() as allowed, EchoServer() as other:
         sshd = sshd_server()
@@ -263,7 +264,7 @@ async def test_permitopen_is_enforced(sshd_server, tunnels, caplog):  # noqa: F8
         assert await round_trip(good, b"fine") == b"fine"
 
 
-async def test_reconnects_after_the_connection_is_killed(sshd_server, tunnels, caplog):  # noqa: F811
+async def test_reconnects_after_the_connection_is_killed(sshd_server, tunnels, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     sshd = sshd_server()
     key = sshd.add_client_key("hub")
@@ -286,7 +287,7 @@ async def test_reconnects_after_the_connection_is_killed(sshd_server, tunnels, c
         assert any("lost" in m for m in messages) and any("re-established" in m for m in messages)
 
 
-async def test_a_silent_peer_is_noticed_by_keepalives(sshd_server, tunnels, monkeypatch):  # noqa: F811
+async def test_a_silent_peer_is_noticed_by_keepalives(sshd_server, tunnels, monkeypatch):
     """The server side stops answering without closing TCP (SIGSTOP): keepalives notice,
     the tunnel reconnects on its own."""
     import signal
@@ -311,7 +312,7 @@ async def test_a_silent_peer_is_noticed_by_keepalives(sshd_server, tunnels, monk
                 os.kill(pid, signal.SIGKILL)
 
 
-async def test_reconnects_after_sshd_restart_on_the_same_port(sshd_server, tunnels):  # noqa: F811
+async def test_reconnects_after_sshd_restart_on_the_same_port(sshd_server, tunnels):
     sshd = sshd_server()
     key = sshd.add_client_key("hub")
     sshd.start()
@@ -334,7 +335,7 @@ async def test_reconnects_after_sshd_restart_on_the_same_port(sshd_server, tunne
         assert await round_trip(port, b"after") == b"after"
 
 
-async def test_reverse_forward_reaches_the_hub(sshd_server, tunnels, caplog):  # noqa: F811
+async def test_reverse_forward_reaches_the_hub(sshd_server, tunnels, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     site_port, refused_port = free_port(), free_port()
     async with EchoServer(tag=b"hub:") as hub_api, EchoServer() as notebook:
@@ -376,7 +377,7 @@ async def test_reverse_forward_reaches_the_hub(sshd_server, tunnels, caplog):  #
         await wait_for(reaches_hub, timeout=10, interval=0.1, message="the reverse forward did not come back")
 
 
-async def test_host_key_mismatch_is_a_clear_error(sshd_server, tunnels, tmp_path):  # noqa: F811
+async def test_host_key_mismatch_is_a_clear_error(sshd_server, tunnels, tmp_path):
     import asyncssh
 
     sshd = sshd_server()
@@ -394,7 +395,7 @@ async def test_host_key_mismatch_is_a_clear_error(sshd_server, tunnels, tmp_path
     assert "Connection from" in sshd.log.read_text()  # it was the host key, not the network
 
 
-async def test_refused_login_is_a_clear_error(sshd_server, tunnels):  # noqa: F811
+async def test_refused_login_is_a_clear_error(sshd_server, tunnels):
     sshd = sshd_server()
     sshd.add_client_key("hub")
     stranger = sshd.dir / "stranger"
@@ -416,7 +417,7 @@ async def test_nothing_listening_is_a_clear_error(tunnels):
     assert f"127.0.0.1:{port}" in str(err.value)
 
 
-async def test_a_requested_local_port_is_used_exactly(sshd_server, tunnels):  # noqa: F811
+async def test_a_requested_local_port_is_used_exactly(sshd_server, tunnels):
     sshd = sshd_server()
     key = sshd.add_client_key("hub")
     sshd.start()
@@ -441,7 +442,7 @@ async def test_a_requested_local_port_is_used_exactly(sshd_server, tunnels):  # 
         assert str(wanted) in str(err.value)
 
 
-async def test_no_known_hosts_warns_once(sshd_server, tunnels, caplog):  # noqa: F811
+async def test_no_known_hosts_warns_once(sshd_server, tunnels, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
     sshd = sshd_server()
     key = sshd.add_client_key("hub")
@@ -493,7 +494,7 @@ async def test_the_fast_path_can_be_turned_off(sshd_server, tunnels, monkeypatch
     assert sshd.log.read_text().count("Accepted publickey") == 1  # no reconnect happened
 
 
-async def test_forward_listens_where_the_proxy_can_reach_it(sshd_server, tunnels):  # noqa: F811
+async def test_forward_listens_where_the_proxy_can_reach_it(sshd_server, tunnels):
     """A proxy on another host (Kubernetes: its own pod) needs the tunnel on an address of
     the hub's other than 127.0.0.1: exactly that address, or every address (0.0.0.0)."""
     sshd = sshd_server()

@@ -17,6 +17,8 @@ from outpost_server.hosting import (
 )
 from outpost_server.store import async_url
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("name", ["a", "alice", "alice@example.org", "a.b_c-d+e", "9" * 255])
 def test_server_name_ok(name):

@@ -37,9 +37,22 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import free_port, process_alive
+from .outpost import ROOT
+from .procs import children_of, process_alive, process_name, stop_process
+from .util import free_port
 
-__all__ = ["Job", "SlurmCluster", "private_cluster", "slurm_available"]
+__all__ = [
+    "JOB_NAME",
+    "Job",
+    "SlurmCluster",
+    "our_jobs",
+    "private_cluster",
+    "queue_reason_recipe",
+    "slurm_available",
+]
+
+# the job name of the SlurmSpawner's jobs in the tests' batch scripts
+JOB_NAME = "spawner-jupyterhub"
 
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 
@@ -71,7 +84,7 @@ class SlurmCluster:
 
     def __init__(self, root: Path | None = None, cpus: int = 2):
         # not under pytest's tmp_path: slurmd and slurmstepd open files there, and the
-        # job's user must be able to enter it (0755, like benchmarks/sshd_helper.py)
+        # job's user must be able to enter it (0755, like tests/harness/sshd.py)
         self.root = Path(root or tempfile.mkdtemp(prefix="outpost-slurm-"))
         os.chmod(self.root, 0o755)
         self.cpus = cpus
@@ -179,7 +192,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
                     pass
         finally:
             for proc in (self.slurmd, self.slurmctld, self.munged):
-                _terminate(proc)
+                stop_process(proc, 15)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(process_alive(p) for p in self._stepds()):
             time.sleep(0.1)
@@ -197,7 +210,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def stop_controller(self) -> None:
         """slurmctld down (SIGTERM, by PID): running jobs go on, squeue/scancel fail."""
-        _terminate(self.slurmctld)
+        stop_process(self.slurmctld, 15)
 
     def start_controller(self, timeout: float = 30) -> None:
         """slurmctld up again with its saved state; returns once it answers squeue."""
@@ -264,19 +277,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def _stepds(self) -> list[int]:
         """slurmstepd processes of this cluster (orphans: children of this process)."""
-        me = os.getpid()
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            if comm == "slurmstepd" and int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                found.append(int(entry))
+        found = [pid for pid in children_of(os.getpid()) if process_name(pid) == "slurmstepd"]
         self.stepd_pids.update(found)
         return found
 
@@ -299,17 +300,6 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.1)
 
 
-def _terminate(proc: subprocess.Popen | None, timeout: float = 15) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @contextmanager
 def private_cluster(subreaper, cpus: int = 2):
     """A started :class:`SlurmCluster`, closed and removed afterwards (the ``slurm``
@@ -327,3 +317,16 @@ def private_cluster(subreaper, cpus: int = 2):
         finally:
             subreaper.pids.update(cluster.stepd_pids)  # any not reaped yet
             shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def our_jobs(cluster: SlurmCluster) -> list[Job]:
+    """The tests' SlurmSpawner jobs (``JOB_NAME``) still in the queue (pending, running or
+    completing)."""
+    return [j for j in cluster.active() if j.name == JOB_NAME]
+
+
+def queue_reason_recipe() -> str:
+    """The outpost_config.py lines of docs/sites/slurm.md's queue-reason recipe, as written."""
+    doc = (ROOT / "docs" / "sites" / "slurm.md").read_text()
+    section = doc.split("## What the user sees while the job waits", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]

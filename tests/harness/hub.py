@@ -1,8 +1,13 @@
-"""A real JupyterHub 6 (with the real configurable-http-proxy from npm) for end-to-end tests.
+"""The hub's side: a real JupyterHub, a hub's OutpostClient, a hub's OutpostSpawner.
 
-``JupyterHubProcess`` writes a jupyterhub_config.py, starts ``jupyterhub`` (optionally
-inside a network namespace), waits until the REST API answers, and drives it as a
-service with an API token. Stopped by PID (and the proxy by its pid file).
+- :class:`JupyterHubProcess`: a real JupyterHub 6 (with the real configurable-http-proxy
+  from npm) for end-to-end tests and spawn_bench. It writes a jupyterhub_config.py, starts
+  ``jupyterhub`` (optionally inside a network namespace), waits until the REST API
+  answers, and drives it as a service with an API token (``TOKEN``). Stopped by PID (and
+  the proxy by its pid file).
+- :func:`hub_client`: an ``OutpostClient`` as one hub connects (TLS with its client
+  certificate, and/or a bearer token).
+- :func:`make_spawner`: an ``OutpostSpawner`` outside a hub (stand-in user and hub).
 """
 
 from __future__ import annotations
@@ -16,8 +21,14 @@ from pathlib import Path
 
 import requests
 
-from .conftest import BIN, ROOT, free_port
+from outpost_client.client import OutpostClient, TLSConfig
+from outpost_client.spawner import OutpostSpawner
+from outpost_server.hosting import StandInHub, StandInUser
+
 from .e2e_driver import read_progress
+from .outpost import BIN, ROOT
+from .procs import stop_process
+from .util import free_port
 
 CHP = ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
 TOKEN = "outpost-e2e-service-token-0123456789"
@@ -171,13 +182,7 @@ class JupyterHubProcess:
             await asyncio.sleep(0.2)
 
     def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30, sig)
 
     def stop_proxy(self) -> None:
         pid_file = self.workdir / "proxy.pid"
@@ -186,3 +191,39 @@ class JupyterHubProcess:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+# --- a hub's client of the Outpost, and its Spawner ---------------------------------------
+
+
+def hub_client(
+    address: str, pki=None, pair=None, *, ca: str | None = None, token: str | None = None, timeout: float = 5
+) -> OutpostClient:
+    """An OutpostClient as a hub connects: over TLS when ``pki`` (a ``generate_certs``
+    result, for its CA) or ``ca`` is given, presenting ``pair`` (the hub's certificate and
+    key; None: no client certificate); with ``token`` as its bearer token."""
+    tls = None
+    if pki is not None or ca is not None:
+        tls = TLSConfig(ca=ca or pki.ca.cert, cert=pair and pair.cert, key=pair and pair.key)
+    return OutpostClient(address, tls=tls, token=token, timeout=timeout)
+
+
+class NamedOutpostSpawner(OutpostSpawner):
+    """Spawner.name reads the hub's ORM object; without a hub, the test sets it."""
+
+    test_name = ""
+
+    @property
+    def name(self):
+        return self.test_name
+
+
+def make_spawner(op, name: str = "", **traits) -> OutpostSpawner:
+    """An OutpostSpawner for user alice's server ``name`` at the Outpost ``op`` (anything
+    with an ``address``), outside a hub: stand-in user and hub, an API token."""
+    user = StandInUser(name="alice", id=7, admin=False, url="/user/alice/")
+    hub = StandInHub(api_url="http://127.0.0.1:8081/hub/api", base_url="/hub/")
+    spawner = NamedOutpostSpawner(user=user, hub=hub, orm_spawner=None, outpost_address=op.address, **traits)
+    spawner.test_name = name
+    spawner.api_token = "secret-token"
+    return spawner

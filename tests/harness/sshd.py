@@ -1,4 +1,5 @@
-"""A private OpenSSH server for the tunnel tests and the tunnel benchmark.
+"""A private OpenSSH server for the tunnel tests (the ``sshd_server`` fixture) and the tunnel
+benchmark.
 
 Debian's ``openssh-server`` (``scripts/ensure-system-packages.sh``) run as
 ``/usr/sbin/sshd -D -e -f <dir>/sshd_config`` on 127.0.0.1 and a free port, with its own
@@ -31,10 +32,8 @@ from pathlib import Path
 
 import asyncssh
 
-try:  # imported as benchmarks.sshd_helper (the tests)
-    from .common import free_port
-except ImportError:  # imported as sshd_helper, with benchmarks/ on sys.path (tunnel_bench.py)
-    from common import free_port
+from .procs import descendants_of, process_alive, stop_process
+from .util import free_port
 
 SSHD = "/usr/sbin/sshd"
 DEFAULT_USER = "outpost-tunnel"
@@ -51,40 +50,6 @@ def ensure_user(name: str = DEFAULT_USER) -> None:
         if r.returncode not in (0, 9):  # 9: created meanwhile by someone else
             raise RuntimeError(f"useradd {name} failed: {r.stderr.strip()}") from None
     subprocess.run(["usermod", "-p", "*", name], check=True, capture_output=True)
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children of pid (from /proc)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            kids.append(int(entry))
-    return kids
-
-
-def alive(pid: int) -> bool:
-    """True if pid runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def descendants_of(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for kid in children_of(todo.pop()):
-            found.append(kid)
-            todo.append(kid)
-    return found
 
 
 class PrivateSSHD:
@@ -188,7 +153,7 @@ class PrivateSSHD:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout
-        while any(alive(p) for p in pids):
+        while any(process_alive(p) for p in pids):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.02)
@@ -200,12 +165,7 @@ class PrivateSSHD:
             return
         if self.proc.poll() is None:
             self.kill_connections()
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 5)
 
     def close(self) -> None:
         """stop() and remove the directory."""

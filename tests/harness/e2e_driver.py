@@ -1,6 +1,6 @@
 """Drive a JupyterHub as a user would, from inside the hub's network namespace.
 
-Run as ``python -m tests.e2e_driver HUB_URL TOKEN USER``; prints one JSON object with
+Run as ``python -m tests.harness.e2e_driver HUB_URL TOKEN USER``; prints one JSON object with
 what happened. The netns test runs it with ``ip netns exec`` because nothing may talk to
 a namespace address from the root namespace.
 """
