@@ -383,7 +383,7 @@ class HostingOptions(HasTraits):
     )
     max_message_bytes = Integer(
         4 * 1024 * 1024,
-        min=64 * 1024,
+        min=4096,
         config=True,
         help="""The largest request the Outpost accepts, in bytes; larger ones get
         RESOURCE_EXHAUSTED and nothing else is affected.""",
