@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs (real components, started by the
 # tests themselves): OpenSSH's server for the tunnel tests, nftables and iproute2 for the
-# network-namespace tests, Slurm and munge for the BatchSpawner tests (tests/slurm.py starts
+# network-namespace tests, Slurm and munge for the BatchSpawner tests (tests/harness/slurm.py starts
 # a private cluster; the packages start no daemons). Installs only what is missing; needs
 # root (CI runs as root).
 set -euo pipefail
