@@ -12,6 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 help:
 	@echo "make demo        JupyterHub on http://127.0.0.1:8000 spawning through an Outpost (gRPC 50051, SSH 2222)"
 	@echo "make test        set up everything and run the whole test suite"
+	@echo "make test-fast   the unit and RPC tests only (no sshd, hubs or Slurm; about a minute)"
 	@echo "make bench       benchmarks against a real Outpost (table + bench-results/bench.json)"
 	@echo "make soak        10 minutes of start/poll/stop with real processes (bench-results/soak.json)"
 	@echo "make proto       regenerate outpost_client/v1 from protos/"
