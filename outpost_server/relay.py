@@ -178,7 +178,7 @@ class HubAPIRelay(Configurable):
         min=0.01,
         config=True,
         help="""Seconds a relayed request may take at the hub (connecting included) before the
-        notebook gets 504. An unreachable hub (its reverse forward down) is 502.""",
+        notebook gets 504. A hub that refuses the connection (its reverse forward down) is 502.""",
     )
 
     @validate("url")
