@@ -166,11 +166,18 @@ class LifecycleManager:
             if spec.wait_until_ready:
                 await self.wait_terminal(rec)
             return rec.status(), False
+        if rec is not None and rec.stop_task is not None and not rec.stop_task.done():
+            # a Stop of this server is under way: decide once it has ended (a late Stop
+            # must never delete what a newer start wrote)
+            await asyncio.wait({rec.stop_task})
+            return await self.start(hub, spec)
         if rec is not None and rec.state in ACTIVE:
+            state = convert.STATE_NAMES[rec.state]
+            if rec.state == pb.SERVER_STATE_UNKNOWN:
+                state += " (its last poll failed; its notebook may still run)"
             raise ServerAlreadyStarted(
-                f"Server {spec.server_name!r} is {convert.STATE_NAMES[rec.state]} under "
-                f"start_id {rec.start_id!r}. Stop it first (Stop with that start_id), or "
-                "repeat Start with that start_id to attach to it.",
+                f"Server {spec.server_name!r} is {state} under start_id {rec.start_id!r}. Stop "
+                "it first (Stop with that start_id), or repeat Start with that start_id to attach to it.",
                 metadata={"server_name": spec.server_name, "start_id": rec.start_id},
             )
         # refused early (cheap under a flood), and checked again below right before the
@@ -344,7 +351,7 @@ class LifecycleManager:
             run_post_stop_hook(spawner)
         remove_start_certificates(rec, self.certs_dir)
         try:
-            await self.store.write(self.store.op_delete_server(rec.hub, rec.name))
+            await self.store.write(self.store.op_delete_server(rec.hub, rec.name, rec.start_id))
         except Unavailable:
             raise PersistenceUnavailable(
                 f"Server {rec.name!r} was stopped, but the Outpost could not record that in its "

@@ -26,8 +26,14 @@ from .aio import wait_event
 if TYPE_CHECKING:
     from .starts import StartRun
 
-#: states of a server that holds resources at the site
-ACTIVE = (pb.SERVER_STATE_STARTING, pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_STOPPING)
+#: states of a server that holds (or may hold) resources at the site: a new start of the
+#: same name must Stop it first. UNKNOWN too: its notebook may well still run.
+ACTIVE = (
+    pb.SERVER_STATE_STARTING,
+    pb.SERVER_STATE_RUNNING,
+    pb.SERVER_STATE_STOPPING,
+    pb.SERVER_STATE_UNKNOWN,
+)
 #: event kinds that end a start's event stream
 TERMINAL_KINDS = (pb.EVENT_KIND_READY, pb.EVENT_KIND_FAILED)
 

@@ -109,6 +109,9 @@ INSERT_EVENTS = insert(events)
 UPDATE_SERVER = update(servers).where(_SERVER_KEY)  # SET columns come from the parameters
 DELETE_SERVER = delete(servers).where(_SERVER_KEY)
 DELETE_EVENTS = delete(events).where(_EVENTS_KEY)
+# a Stop deletes only its own start: a newer start of the same name keeps its row
+DELETE_SERVER_OF_START = delete(servers).where(_SERVER_KEY, servers.c.start_id == bindparam("k_start"))
+DELETE_EVENTS_OF_START = delete(events).where(_EVENTS_KEY, events.c.start_id == bindparam("k_start"))
 TRIM_EVENTS = delete(events).where(_EVENTS_KEY, events.c.sequence < bindparam("k_keep"))
 
 # encrypted at rest (crypto.py): the notebook's API token is in env
@@ -321,12 +324,13 @@ class Store:
         return op
 
     @staticmethod
-    def op_delete_server(hub: str, server_name: str) -> Op:
-        key = {"k_hub": hub, "k_name": server_name}
+    def op_delete_server(hub: str, server_name: str, start_id: str) -> Op:
+        """Delete the server's row and events if they are still those of ``start_id``."""
+        key = {"k_hub": hub, "k_name": server_name, "k_start": start_id}
 
         async def op(conn: AsyncConnection) -> None:
-            await conn.execute(DELETE_EVENTS, key)
-            await conn.execute(DELETE_SERVER, key)
+            await conn.execute(DELETE_EVENTS_OF_START, key)
+            await conn.execute(DELETE_SERVER_OF_START, key)
 
         return op
 

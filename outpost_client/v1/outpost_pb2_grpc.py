@@ -88,8 +88,10 @@ class OutpostServiceServicer:
         Status codes:
         - OK: accepted (or attached to the same start).
         - INVALID_ARGUMENT: a malformed field; the message names it (reason INVALID_FIELD).
-        - FAILED_PRECONDITION: server_name is starting, running or stopping under another
-        start_id (reason SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id.
+        - FAILED_PRECONDITION: server_name is starting, running, stopping or unknown (its
+        last poll failed: its notebook may still run) under another start_id (reason
+        SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id. A Start that arrives
+        while a Stop of the server is under way is decided once that Stop has ended.
         - PERMISSION_DENIED: config_overrides not allowed for this hub (reason
         OVERRIDE_NOT_ALLOWED).
         - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
