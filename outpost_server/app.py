@@ -29,6 +29,7 @@ from traitlets.config import Application
 from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
 
 from . import __version__
+from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError
 from .forwarder import ForwarderConfigError, SSHForwarder
 from .identity import auth_mode, hash_token
@@ -403,7 +404,25 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         except TraitError as e:
             print(f"jupyterhub-outpost: configuration error: {e}", file=sys.stderr)
             sys.exit(1)
+        forget_secret_env()
         asyncio.run(app.start())
+
+
+#: secrets the Outpost may read from its environment
+SECRET_ENV = (CRYPT_KEY_ENV,)
+
+
+def forget_secret_env() -> None:
+    """Remove the secrets the Outpost has read (the database key) from its environment.
+
+    Everything the process starts inherits its environment unless told otherwise:
+    batchspawner runs squeue and scancel as the notebook's user with it, and a hosted
+    Spawner's own commands may too. Called once the configuration is read (the key is in
+    the application's crypt by then); a restart reads it again from the service's own
+    environment (systemd, the container).
+    """
+    for name in SECRET_ENV:
+        os.environ.pop(name, None)
 
 
 class HashToken(Application):

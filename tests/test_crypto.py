@@ -320,3 +320,58 @@ def test_demo_config_makes_a_private_key_file(tmp_path, monkeypatch):
     # a second load keeps the key
     Outpost().load_config_file(str(ROOT / "demo" / "outpost_config.py"))
     assert key_file.read_text() == key
+
+
+# --- the key never reaches what the Outpost runs ---------------------------------------------
+
+
+class InheritedEnvSpawner(Spawner):
+    """start() runs a command the way batchspawner runs squeue and scancel (as the
+    notebook's user, with the Outpost's own environment) and writes the names it saw."""
+
+    out_file = Unicode(config=True, help="Where the names of the command's environment go.")
+
+    async def start(self):
+        import asyncio
+
+        proc = await asyncio.create_subprocess_exec("/usr/bin/env", stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        names = sorted(line.split("=", 1)[0] for line in out.decode().splitlines() if "=" in line)
+        with open(self.out_file, "w") as f:
+            f.write("\n".join(names))
+        return ("127.0.0.1", 1)
+
+    async def poll(self):
+        return None
+
+    async def stop(self, now=False):
+        return None
+
+
+async def test_the_database_key_never_reaches_a_hosted_spawners_commands(tmp_path, outpost_process):
+    """The console script reads OUTPOST_CRYPT_KEY, then removes it from its environment:
+    a command a Spawner runs with the Outpost's environment does not see it (it sees PATH,
+    so the probe works), and the Outpost still reads and writes its database, also after
+    a restart (which reads the key from its own environment again)."""
+    from outpost_client import OutpostClient
+
+    seen = tmp_path / "env-names.txt"
+    op = outpost_process(
+        'c.Outpost.spawner_class = "tests.test_crypto.InheritedEnvSpawner"\n'
+        f"c.InheritedEnvSpawner.out_file = {str(seen)!r}\n"
+    )
+    assert op.env.get("OUTPOST_CRYPT_KEY") or os.environ.get("OUTPOST_CRYPT_KEY")  # it is given one
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        status = (await client.start("probe", "p1", user_name="u", env={"JUPYTERHUB_API_TOKEN": "t"},
+                                     wait_until_ready=True)).status  # fmt: skip
+        assert status.state == pb.SERVER_STATE_RUNNING
+    names = seen.read_text().split()
+    assert "PATH" in names and "OUTPOST_CRYPT_KEY" not in names, names
+    op.stop()
+    seen.unlink()
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        assert (await client.poll("probe")).state == pb.SERVER_STATE_RUNNING  # decrypted its row
