@@ -3,6 +3,7 @@
 from .client import Event, OutpostClient, ServerState, ServerStatus, StopOutcome, TLSConfig
 from .errors import (
     DeadlineExceeded,
+    EnvNotAllowed,
     FailedPrecondition,
     InternalError,
     InvalidArgument,
@@ -21,11 +22,13 @@ from .errors import (
     TooManyStarts,
     Unauthenticated,
     Unavailable,
+    UserOptionNotAllowed,
 )
 from .v1 import outpost_pb2 as pb
 
 __all__ = [
     "DeadlineExceeded",
+    "EnvNotAllowed",
     "Event",
     "FailedPrecondition",
     "InternalError",
@@ -50,5 +53,6 @@ __all__ = [
     "TooManyStarts",
     "Unauthenticated",
     "Unavailable",
+    "UserOptionNotAllowed",
     "pb",
 ]

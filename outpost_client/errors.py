@@ -19,6 +19,8 @@ SERVER_NOT_FOUND = "SERVER_NOT_FOUND"
 START_NOT_FOUND = "START_NOT_FOUND"
 SERVER_ALREADY_STARTED = "SERVER_ALREADY_STARTED"
 OVERRIDE_NOT_ALLOWED = "OVERRIDE_NOT_ALLOWED"
+ENV_NOT_ALLOWED = "ENV_NOT_ALLOWED"
+USER_OPTION_NOT_ALLOWED = "USER_OPTION_NOT_ALLOWED"
 SPAWNER_ERROR = "SPAWNER_ERROR"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 PERSISTENCE_UNAVAILABLE = "PERSISTENCE_UNAVAILABLE"
@@ -140,6 +142,20 @@ class OverrideNotAllowed(PermissionDenied):
     reason = OVERRIDE_NOT_ALLOWED
 
 
+class EnvNotAllowed(PermissionDenied):
+    """The hub sent env keys the site does not allow it (c.Outpost.allow_env); metadata
+    "keys" names them."""
+
+    reason = ENV_NOT_ALLOWED
+
+
+class UserOptionNotAllowed(PermissionDenied):
+    """The hub sent user_options keys the site does not allow it
+    (c.Outpost.allow_user_options); metadata "keys" names them."""
+
+    reason = USER_OPTION_NOT_ALLOWED
+
+
 class SpawnerError(InternalError):
     """The hosted Spawner raised; metadata "error_class" names its exception."""
 
@@ -173,6 +189,8 @@ BY_REASON: dict[str, type[OutpostError]] = {
         StartNotFound,
         ServerAlreadyStarted,
         OverrideNotAllowed,
+        EnvNotAllowed,
+        UserOptionNotAllowed,
         SpawnerError,
         OutpostBug,
         PersistenceUnavailable,

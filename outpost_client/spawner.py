@@ -147,7 +147,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         config=True,
         help="""Callable (spawner) -> Outpost name, sync or async. Default: the user_options
         key "outpost" if given, else the named server's name if an Outpost has that name,
-        else "default".""",
+        else "default". The "outpost" key is not sent to the Outpost.""",
     )
 
     # --- what is sent -----------------------------------------------------------------------
@@ -350,6 +350,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         if self.custom_env is not None:
             env = await _maybe_await(self.custom_env(self, env))
         user_options = dict(self.user_options)
+        user_options.pop("outpost", None)  # the hub's choice of Outpost, not the site's business
         if self.custom_user_options is not None:
             user_options = await _maybe_await(self.custom_user_options(self, user_options))
         overrides = self.config_overrides

@@ -34,9 +34,9 @@ from .crypto import Crypt, CryptConfigError
 from .forwarder import ForwarderConfigError, SSHForwarder
 from .identity import auth_mode, hash_token
 from .interceptors import OutpostInterceptor
-from .manager import LifecycleManager, ManagerSettings
+from .manager import LifecycleManager, ManagerSettings, StartPolicies
 from .options import ConnectionOptions, HostingOptions, StorageOptions
-from .policy import OverridePolicy
+from .policy import env_policy, override_policy, user_options_policy
 from .relay import HubAPIRelay, RelayConfigError
 from .servicer import OutpostServicer
 from .spawners import SpawnerFactory
@@ -239,9 +239,12 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             site_env_keys=frozenset(self.site_env_keys),
             on_created=None if relay is None else (lambda rec, spawner: relay.attach(spawner, rec.hub, rec.name)),
         )
-        self.manager = LifecycleManager(
-            self.store, spawners, ManagerSettings.from_traits(self), OverridePolicy(self.allow_override)
+        policies = StartPolicies(
+            overrides=override_policy(self.allow_override),
+            env=env_policy(self.allow_env),
+            user_options=user_options_policy(self.allow_user_options),
         )
+        self.manager = LifecycleManager(self.store, spawners, ManagerSettings.from_traits(self), policies)
 
     async def init_relay(self):
         # before the servers are restored: a start the manager restores or accepts may

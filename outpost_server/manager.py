@@ -37,7 +37,7 @@ from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
 from .journal import Journal
-from .policy import OverridePolicy
+from .policy import KeyPolicy
 from .poller import SpawnerPoller
 from .records import ACTIVE, EventLog, Record, Records
 from .restore import Restorer
@@ -73,6 +73,25 @@ class ManagerSettings:
         return cls(**{f.name: getattr(app, f.name) for f in fields(cls)})
 
 
+@dataclass(frozen=True)
+class StartPolicies:
+    """What a hub may send with Start that reaches the site (policy.py); None: anything."""
+
+    overrides: KeyPolicy | None = None
+    env: KeyPolicy | None = None
+    user_options: KeyPolicy | None = None
+
+    async def check(self, hub: str, spec: convert.StartSpec) -> None:
+        """Refuse (PERMISSION_DENIED) what hub may not send, before anything is made."""
+        for policy, values in (
+            (self.env, spec.env),
+            (self.user_options, spec.user_options),
+            (self.overrides, spec.config_overrides),
+        ):
+            if policy is not None and values:
+                await policy.check(hub, values)
+
+
 class LifecycleManager:
     """Owns every hosted Spawner. Created and driven by the Outpost application."""
 
@@ -81,12 +100,12 @@ class LifecycleManager:
         store: Store,
         spawners: SpawnerFactory,
         settings: ManagerSettings,
-        override_policy: OverridePolicy | None = None,
+        policies: StartPolicies | None = None,
     ):
         self.store = store
         self.spawners = spawners
         self.settings = settings
-        self.override_policy = override_policy
+        self.policies = policies or StartPolicies()
         self.records = Records()
         self.journal = Journal(store)
         self.certs_dir = settings.certs_dir or None  # None: <tmp>/jupyterhub-outpost-certs-<uid>
@@ -183,8 +202,7 @@ class LifecycleManager:
         # refused early (cheap under a flood), and checked again below right before the
         # record is taken: an idempotent retry (above) is never refused
         self._check_start_limit(hub)
-        if self.override_policy is not None and spec.config_overrides:
-            await self.override_policy.check(hub, spec.config_overrides)
+        await self.policies.check(hub, spec)
 
         new = Record(
             hub=hub,

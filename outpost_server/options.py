@@ -323,6 +323,39 @@ class HostingOptions(HasTraits):
         """,
     )
 
+    allow_env = Any(
+        False,
+        config=True,
+        help="""Which env keys a hub may send with Start, besides those every hub may send.
+
+        Every hub may send what JupyterHub sets for a notebook: the JUPYTERHUB_* keys and
+        JPY_API_TOKEN, MEM_LIMIT, MEM_GUARANTEE, CPU_LIMIT, CPU_GUARANTEE. Any other key
+        reaches the site's commands (batchspawner runs sbatch with the notebook's env:
+        LD_PRELOAD, SBATCH_PARTITION, SLURM_CONF, PYTHONPATH...), so it is refused unless
+        allowed here: the Start fails with PERMISSION_DENIED (reason ENV_NOT_ALLOWED,
+        naming the keys) and the hub's user sees why; nothing is dropped silently.
+
+        False (default): no other key. True: any key (the behaviour before this option;
+        only for hubs the site trusts with its commands). A list of keys: those. A dict:
+        hub name -> one of these. A callable (hub, env) -> one of these, sync or async
+        (raising refuses, with its message as the reason).
+        """,
+    )
+
+    allow_user_options = Any(
+        False,
+        config=True,
+        help="""Which user_options keys a hub may send with Start.
+
+        Spawners read user_options to decide what runs: batchspawner merges them into
+        the batch script's variables ({"partition": "gpu"}, {"cmd": ...}). False
+        (default): none; a Start with user_options fails with PERMISSION_DENIED (reason
+        USER_OPTION_NOT_ALLOWED, naming the keys). True: any key. A list of keys: those.
+        A dict: hub name -> one of these. A callable (hub, user_options) -> one of
+        these, sync or async (raising refuses, with its message as the reason).
+        """,
+    )
+
     start_message = Unicode(
         "",
         config=True,
@@ -406,9 +439,9 @@ class HostingOptions(HasTraits):
         """,
     )
 
-    @validate("allow_override")
-    def _check_allow_override(self, proposal):
+    @validate("allow_override", "allow_env", "allow_user_options")
+    def _check_policy(self, proposal):
         try:
-            return check_policy(proposal.value)
+            return check_policy(proposal.value, proposal.trait.name, "keys")
         except ValueError as e:
             raise TraitError(str(e)) from None

@@ -1,5 +1,11 @@
-"""Which config_overrides a hub may send (c.Outpost.allow_override): the rule checked as
-pure functions, and :class:`OverridePolicy`, which enforces it for the manager."""
+"""What a hub may send that reaches the site's Spawner: config_overrides
+(c.Outpost.allow_override), env keys (c.Outpost.allow_env) and user_options keys
+(c.Outpost.allow_user_options).
+
+Each is a rule of the same shapes, checked as pure functions here, and enforced for the
+manager by a :class:`KeyPolicy`: default-deny, and a refusal names the keys and reaches
+the hub's user as PERMISSION_DENIED with the policy's reason.
+"""
 
 from __future__ import annotations
 
@@ -8,73 +14,132 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from outpost_client.errors import OverrideNotAllowed
+from outpost_client.errors import EnvNotAllowed, OverrideNotAllowed, PermissionDenied, UserOptionNotAllowed
 
 log = logging.getLogger("outpost.policy")
 
 Policy = bool | Collection[str] | Mapping[str, Any] | Callable[[str, dict], Any]
 
+# env keys every hub may send: what JupyterHub's own Spawner.get_env() sets for a notebook
+# (JUPYTERHUB_*, the API token's old name, the resource limits it announces)
+DEFAULT_HUB_ENV_PREFIX = "JUPYTERHUB_"
+DEFAULT_HUB_ENV_KEYS = frozenset({"JPY_API_TOKEN", "MEM_LIMIT", "MEM_GUARANTEE", "CPU_LIMIT", "CPU_GUARANTEE"})
 
-def check_policy(policy: Any) -> Policy:
-    """Raise ValueError unless policy is one of the shapes allow_override accepts."""
+
+def default_hub_env_key(key: str) -> bool:
+    """Whether every hub may send this env key (c.Outpost.allow_env need not name it)."""
+    return key.startswith(DEFAULT_HUB_ENV_PREFIX) or key in DEFAULT_HUB_ENV_KEYS
+
+
+def check_policy(policy: Any, option: str = "allow_override", what: str = "trait names") -> Policy:
+    """Raise ValueError unless policy is one of the shapes a policy option accepts."""
     if isinstance(policy, bool) or callable(policy):
         return policy
     if isinstance(policy, Mapping):
         for hub, rule in policy.items():
             if not isinstance(hub, str):
-                raise ValueError(f"allow_override: hub names must be strings, not {hub!r}")
-            check_policy(rule)
+                raise ValueError(f"{option}: hub names must be strings, not {hub!r}")
+            check_policy(rule, option, what)
             if isinstance(rule, Mapping):
-                raise ValueError(f"allow_override[{hub!r}]: a hub's rule is True, False, a list or a callable")
+                raise ValueError(f"{option}[{hub!r}]: a hub's rule is True, False, a list or a callable")
         return policy
     if isinstance(policy, (list, tuple, set, frozenset)) and all(isinstance(k, str) for k in policy):
         return policy
     raise ValueError(
-        "allow_override must be True, False, a list of trait names, a dict of hub -> one of "
-        "those, or a callable (hub, overrides) -> one of those"
+        f"{option} must be True, False, a list of {what}, a dict of hub -> one of "
+        "those, or a callable (hub, values) -> one of those"
     )
 
 
-async def denied_overrides(policy: Policy, hub: str, overrides: dict[str, Any]) -> list[str]:
-    """The keys of overrides this hub may not send (empty: all allowed).
+async def denied_keys(
+    policy: Policy, hub: str, values: dict[str, Any], option: str = "allow_override"
+) -> list[str]:
+    """The keys of values this hub may not send (empty: all allowed).
 
-    A dict is looked up by hub (a hub it does not name may override nothing); a callable
-    is called with (hub, overrides), sync or async, and answers like any other rule.
+    A dict is looked up by hub (a hub it does not name may send none); a callable is
+    called with (hub, values), sync or async, and answers like any other rule.
     """
     if isinstance(policy, Mapping):
         policy = policy.get(hub, False)
     if callable(policy):
-        policy = policy(hub, dict(overrides))
+        policy = policy(hub, dict(values))
         if inspect.isawaitable(policy):
             policy = await policy
-        check_policy(policy)
+        check_policy(policy, option)
         if callable(policy) or isinstance(policy, Mapping):
-            raise ValueError("allow_override: a callable must answer True, False or a list of trait names")
+            raise ValueError(f"{option}: a callable must answer True, False or a list of keys")
     if policy is True:
         return []
     if policy is False or policy is None:
-        return sorted(overrides)
-    return sorted(set(overrides) - set(policy))
+        return sorted(values)
+    return sorted(set(values) - set(policy))
 
 
-class OverridePolicy:
-    """c.Outpost.allow_override, enforced: check() refuses what a hub may not override."""
+class KeyPolicy:
+    """One policy option, enforced: check() refuses the keys a hub may not send."""
 
-    def __init__(self, rule: Policy):
-        self.rule = check_policy(rule)
+    def __init__(
+        self,
+        rule: Policy,
+        *,
+        option: str,
+        denied: str,
+        refused: str,
+        error: type[PermissionDenied],
+        always_allowed: Callable[[str], bool] = lambda key: False,
+    ):
+        self.rule = check_policy(rule, option)
+        self.option = option
+        # the messages the hub's user reads: denied names the keys ({keys}), refused gives
+        # the reason a site's callable raised ({why})
+        self.denied, self.refused = denied, refused
+        self.error = error
+        self.always_allowed = always_allowed
 
-    async def check(self, hub: str, overrides: dict[str, Any]) -> None:
-        """Raise OverrideNotAllowed (PERMISSION_DENIED) naming the keys hub may not send."""
+    async def check(self, hub: str, values: dict[str, Any]) -> None:
+        """Raise the policy's error (PERMISSION_DENIED) naming what hub may not send."""
+        asked = {key: value for key, value in values.items() if not self.always_allowed(key)}
+        if not asked:
+            return
         try:
-            denied = await denied_overrides(self.rule, hub, overrides)
+            denied = await denied_keys(self.rule, hub, asked, self.option)
         except Exception as e:
             # a site's policy callable raising is a refusal; its message is the reason
-            log.warning("allow_override refused %s for hub %r: %s", sorted(overrides), hub, e)
-            raise OverrideNotAllowed(
-                f"This Outpost does not allow these overrides: {e}", metadata={"keys": ",".join(sorted(overrides))}
+            log.warning("%s refused %s for hub %r: %s", self.option, sorted(asked), hub, e)
+            raise self.error(
+                self.refused.format(why=e), metadata={"keys": ",".join(sorted(asked))}
             ) from None
         if denied:
-            raise OverrideNotAllowed(
-                f"This Outpost does not allow your hub to override {', '.join(denied)}.",
-                metadata={"keys": ",".join(denied)},
-            )
+            log.warning("%s refused %s for hub %r", self.option, denied, hub)
+            raise self.error(self.denied.format(keys=", ".join(denied)), metadata={"keys": ",".join(denied)})
+
+
+def override_policy(rule: Policy) -> KeyPolicy:
+    return KeyPolicy(
+        rule,
+        option="allow_override",
+        denied="This Outpost does not allow your hub to override {keys}.",
+        refused="This Outpost does not allow these overrides: {why}",
+        error=OverrideNotAllowed,
+    )
+
+
+def env_policy(rule: Policy) -> KeyPolicy:
+    return KeyPolicy(
+        rule,
+        option="allow_env",
+        denied="This Outpost does not accept the environment variables {keys} from your hub.",
+        refused="This Outpost does not accept this environment: {why}",
+        error=EnvNotAllowed,
+        always_allowed=default_hub_env_key,
+    )
+
+
+def user_options_policy(rule: Policy) -> KeyPolicy:
+    return KeyPolicy(
+        rule,
+        option="allow_user_options",
+        denied="This Outpost does not accept the server options {keys} from your hub.",
+        refused="This Outpost does not accept these server options: {why}",
+        error=UserOptionNotAllowed,
+    )

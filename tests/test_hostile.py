@@ -503,9 +503,13 @@ class World:
 
 @pytest.fixture(scope="module")
 async def world(tmp_path_factory):
+    # what any env and user_options key may do to the site is the allow policies' business
+    # (tests/test_policies.py); here every key is allowed, so the shapes and sizes reach
+    # the Outpost's validation and its database
     cfg = outpost_config(
-        tmp_path_factory.mktemp("hostile"), INSTANT, max_message_bytes=LIMIT, poll_interval=0.2
-    )
+        tmp_path_factory.mktemp("hostile"), INSTANT, max_message_bytes=LIMIT, poll_interval=0.2,
+        allow_env=True, allow_user_options=True,
+    )  # fmt: skip
     async with running_outpost(cfg) as op:
         attacker = OutpostClient(op.address, max_message_bytes=16 * 1024 * 1024, timeout=30)
         other = OutpostClient(op.address, timeout=30)
@@ -837,7 +841,7 @@ def padded_start(name: str, size: int) -> pb.StartRequest:
 
 async def test_message_size_limit_refused_while_others_served(start_outpost):
     limit = 16 * 1024
-    async with start_outpost(INSTANT, max_message_bytes=limit) as op:
+    async with start_outpost(INSTANT, max_message_bytes=limit, allow_env=True, allow_user_options=True) as op:
         other = OutpostClient(op.address)
         attacker = OutpostClient(op.address, max_message_bytes=8 * 1024 * 1024)
         try:
@@ -888,7 +892,7 @@ async def test_struct_depth_limits(start_outpost):
     """Up to max_struct_depth: accepted; deeper: INVALID_ARGUMENT naming the field; deeper
     than protobuf parses (about 35 dict levels): INVALID_ARGUMENT naming the request."""
     limit = 5
-    async with start_outpost(INSTANT, max_struct_depth=limit) as op:
+    async with start_outpost(INSTANT, max_struct_depth=limit, allow_user_options=True) as op:
         other = OutpostClient(op.address)
         try:
             await other.start("steady", sid(), user_name="steady", wait_until_ready=True)
@@ -933,7 +937,7 @@ async def test_struct_depth_limits(start_outpost):
             await other.close()
 
     # a configured limit above protobuf's own still answers INVALID_ARGUMENT, not INTERNAL
-    async with start_outpost(INSTANT, max_struct_depth=1000) as op:
+    async with start_outpost(INSTANT, max_struct_depth=1000, allow_user_options=True) as op:
         request = pb.StartRequest(server_name="deep", start_id=sid(), user=pb.User(name="u"))
         request.user_options.update(nested(120, "mixed"))
         code, answer = await call(op.client.stub.Start, request)

@@ -21,7 +21,7 @@ async def test_restore_after_restart(tmp_path, db_url):
     cfg = outpost_config(tmp_path, "outpost_server.testing.SlowSpawner", db_url, **{"SlowSpawner.delay": 0.1})
     async with running_outpost(cfg) as op:
         for name in ("amy", "ben"):
-            await op.client.start(name, f"{name}-1", user_name=name, env={"K": name}, wait_until_ready=True)
+            await op.client.start(name, f"{name}-1", user_name=name, env={"JUPYTERHUB_TEST_K": name}, wait_until_ready=True)
         events_before = [e async for e in op.client.events("amy")]
     # same database, new Outpost: everything comes back from the database
     async with running_outpost(cfg) as op:
@@ -34,7 +34,7 @@ async def test_restore_after_restart(tmp_path, db_url):
         assert [(e.sequence, e.kind, e.message) for e in events_after] == [
             (e.sequence, e.kind, e.message) for e in events_before
         ]
-        assert op.manager.records[("default", "amy")].spec.env == {"K": "amy"}
+        assert op.manager.records[("default", "amy")].spec.env == {"JUPYTERHUB_TEST_K": "amy"}
         assert (await op.client.stop("amy", "amy-1")).outcome == pb.STOP_OUTCOME_STOPPED
     async with running_outpost(cfg) as op:
         assert [s.server_name for s in await op.client.list_servers()] == ["ben"]

@@ -338,17 +338,18 @@ def nested(depth: int) -> dict:
     return deep
 
 
-async def test_too_deep_user_options(outpost):
-    ok = await outpost.client.start("quin", sid(), user_name="quin", user_options=nested(16))
-    assert ok.created
-    with pytest.raises(InvalidArgument) as err:
-        await outpost.client.start("quin2", sid(), user_name="quin", user_options=nested(17))
-    assert err.value.field == "user_options" and "at most 16" in err.value.message
-    # deeper than protobuf itself parses: still a clean INVALID_ARGUMENT
-    with pytest.raises(InvalidArgument) as err:
-        await outpost.client.start("quin3", sid(), user_name="quin", config_overrides=nested(60))
-    assert err.value.field == "request"
-    assert (await outpost.client.poll("quin")).server_name == "quin"
+async def test_too_deep_user_options(start_outpost):
+    async with start_outpost(allow_user_options=True) as outpost:
+        ok = await outpost.client.start("quin", sid(), user_name="quin", user_options=nested(16))
+        assert ok.created
+        with pytest.raises(InvalidArgument) as err:
+            await outpost.client.start("quin2", sid(), user_name="quin", user_options=nested(17))
+        assert err.value.field == "user_options" and "at most 16" in err.value.message
+        # deeper than protobuf itself parses: still a clean INVALID_ARGUMENT
+        with pytest.raises(InvalidArgument) as err:
+            await outpost.client.start("quin3", sid(), user_name="quin", config_overrides=nested(60))
+        assert err.value.field == "request"
+        assert (await outpost.client.poll("quin")).server_name == "quin"
 
 
 async def test_overrides_denied_by_default(outpost):

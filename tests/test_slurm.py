@@ -345,3 +345,27 @@ async def test_outage_longer_than_poll_timeout(make_slurm_site):
         slurm.start_controller()
     assert (await site.client.stop("patient", start_id)).outcome == pb.STOP_OUTCOME_STOPPED
     assert site.our_jobs() == [], slurm.squeue()
+
+
+async def test_hostile_env_and_user_options_never_reach_sbatch(site):
+    """A hub's LD_PRELOAD or SBATCH_PARTITION would reach sbatch (batchspawner submits
+    with the notebook's env), its user_options the batch script's variables: both are
+    refused before anything is submitted, and the site's own start keeps its partition."""
+    from outpost_client import EnvNotAllowed, UserOptionNotAllowed
+
+    env = {**site.env("evil"), "SBATCH_PARTITION": "gpu", "LD_PRELOAD": "/tmp/evil.so"}
+    with pytest.raises(EnvNotAllowed) as err:
+        await site.client.start("evil", uuid.uuid4().hex, user_name="root", env=env)
+    assert err.value.metadata["keys"] == "LD_PRELOAD,SBATCH_PARTITION"
+    with pytest.raises(UserOptionNotAllowed) as err:
+        await site.client.start("evil2", uuid.uuid4().hex, user_name="root", env=site.env("evil2"),
+                                user_options={"partition": "gpu", "cmd": "/bin/evil"})  # fmt: skip
+    assert err.value.metadata["keys"] == "cmd,partition"
+    assert site.our_jobs() == [] and site.log_count("Spawner submitting") == 0  # sbatch never ran
+
+    await site.start_server("fine", wait_until_ready=True)
+    [job] = site.our_jobs()
+    shown = site.slurm.run("scontrol", "show", "job", "-o", job.id).stdout
+    assert "Partition=debug" in shown, shown
+    script = site.slurm.run("scontrol", "write", "batch_script", job.id, "-").stdout
+    assert "--partition=debug" in script and "gpu" not in script and "evil" not in script, script

@@ -53,7 +53,11 @@ async def test_start_poll_stop_and_state(start_outpost):
 
 async def test_hooks_and_overrides(start_outpost):
     async with start_outpost(
-        "outpost_server.testing.SlowSpawner", allow_override=["delay"], **{"SlowSpawner.delay": 0.0}
+        "outpost_server.testing.SlowSpawner",
+        allow_override=["delay"],
+        allow_env=["ADDED_BY_HOOK"],
+        allow_user_options=["profile", "added"],
+        **{"SlowSpawner.delay": 0.0},
     ) as op:
         seen = {}
 

@@ -140,7 +140,7 @@ def test_hosted_env_hub_wins_except_site_keys():
 
 # --- allow_override ------------------------------------------------------------------------
 
-from outpost_server.policy import check_policy, denied_overrides  # noqa: E402
+from outpost_server.policy import check_policy, denied_keys  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -158,15 +158,15 @@ from outpost_server.policy import check_policy, denied_overrides  # noqa: E402
         ({"a": lambda hub, o: True}, "a", {"x": 1}, []),
     ],
 )
-async def test_denied_overrides(policy, hub, overrides, denied):
-    assert await denied_overrides(check_policy(policy), hub, overrides) == denied
+async def test_denied_keys(policy, hub, overrides, denied):
+    assert await denied_keys(check_policy(policy), hub, overrides) == denied
 
 
 async def test_async_policy():
     async def policy(hub, overrides):
         return ["image"]
 
-    assert await denied_overrides(policy, "a", {"image": 1, "cmd": 2}) == ["cmd"]
+    assert await denied_keys(policy, "a", {"image": 1, "cmd": 2}) == ["cmd"]
 
 
 @pytest.mark.parametrize("bad", [3, "image", {"a": {"b": True}}, [1, 2]])

@@ -92,8 +92,11 @@ class OutpostServiceServicer:
         last poll failed: its notebook may still run) under another start_id (reason
         SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id. A Start that arrives
         while a Stop of the server is under way is decided once that Stop has ended.
-        - PERMISSION_DENIED: config_overrides not allowed for this hub (reason
-        OVERRIDE_NOT_ALLOWED).
+        - PERMISSION_DENIED: config_overrides, env keys or user_options keys this hub may
+        not send (reason OVERRIDE_NOT_ALLOWED, ENV_NOT_ALLOWED, USER_OPTION_NOT_ALLOWED;
+        metadata "keys" names them). Every hub may send the env keys JupyterHub sets for
+        a notebook (JUPYTERHUB_*, JPY_API_TOKEN, MEM_LIMIT, MEM_GUARANTEE, CPU_LIMIT,
+        CPU_GUARANTEE); anything else only as the Outpost's policy allows.
         - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
         or the hub already has as many starts in progress as the Outpost allows (reason
         TOO_MANY_STARTS; nothing was started, try again when one finishes). A repeated
