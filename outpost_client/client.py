@@ -47,6 +47,22 @@ class TLSConfig:
         )
 
 
+def is_local_address(address: str) -> bool:
+    """Whether a gRPC target is on this host: a loopback host:port, or a unix socket."""
+    import ipaddress
+
+    if address.startswith("unix:"):
+        return True
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class OutpostClient:
     """An asyncio client of one Outpost.
 
@@ -77,6 +93,11 @@ class OutpostClient:
             if not token or not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
                 # never show the token itself
                 raise ValueError("token: must be non-empty printable ASCII without spaces")
+            if tls is None and not is_local_address(address):
+                raise ValueError(
+                    f"token: a bearer token would travel in clear to {address}; use TLS to the "
+                    "Outpost (outpost_ca), or an Outpost on this host's loopback"
+                )
             self._metadata = (("authorization", f"Bearer {token}"),)
         opts = [
             ("grpc.max_send_message_length", max_message_bytes),

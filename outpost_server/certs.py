@@ -74,9 +74,17 @@ def generate_certs(out: str, hosts: list[str], hubs: list[str], years: int = 5) 
     if os.path.exists(os.path.join(out, "certipy.json")):
         raise CertsError(f"{out} already holds certificates (certipy.json); choose a new --out directory")
 
-    certipy = Certipy(store_dir=out)
     names = [alt_name(host) for host in hosts]
+    # private from the first byte: certipy writes each key, then chmods it; with the usual
+    # umask the key would be readable by everyone in between
+    old_umask = os.umask(0o077)
+    try:
+        return _generate(Certipy(store_dir=out), out, names, hubs, years)
+    finally:
+        os.umask(old_umask)
 
+
+def _generate(certipy, out: str, names: list[str], hubs: list[str], years: int) -> GeneratedCerts:
     def pair(record) -> Pair:
         return Pair(record["files"]["cert"], record["files"]["key"])
 

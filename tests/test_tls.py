@@ -265,3 +265,22 @@ async def test_batch_poll_sees_only_own_servers(start_outpost, pki):
             assert statuses == [] and not_found == ["alice"]
             statuses, not_found = await a.batch_poll(["alice"])
             assert [s.server_name for s in statuses] == ["alice"] and not_found == []
+
+
+def test_generate_certs_keys_are_private_from_the_first_byte(tmp_path, monkeypatch):
+    """certipy writes a key, then chmods it: under the usual umask (022) the key would be
+    world-readable in between. With the chmod taken away, every key is still 0600: it
+    was created so."""
+    import os
+
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: None)
+    old = os.umask(0o022)
+    try:
+        made = generate_certs(str(tmp_path / "certs"), ["127.0.0.1"], ["hub-a"])
+        assert os.umask(0o022) == 0o022  # and the process's umask is back as it was
+    finally:
+        os.umask(old)
+    keys = [made.ca.key, made.server.key, made.hubs["hub-a"].key]
+    for key in keys:
+        mode = stat.S_IMODE(Path(key).stat().st_mode)
+        assert mode & 0o077 == 0, (key, oct(mode))

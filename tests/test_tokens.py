@@ -252,3 +252,25 @@ async def test_token_never_appears_in_the_log(start_outpost, pki, caplog, capfd)
     assert "ListServers UNAUTHENTICATED" in text and "Start OK" in text  # the access log ran
     for secret in (TOKEN_A, WRONG):
         assert secret not in text
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:50051", "outpost.example.org:50051", "[2001:db8::1]:50051"])
+def test_the_hub_never_sends_a_token_in_clear_off_this_host(address):
+    from outpost_client import OutpostClient
+
+    with pytest.raises(ValueError, match="use TLS") as err:
+        OutpostClient(address, token=TOKEN_A)
+    assert TOKEN_A not in str(err.value)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:50051", "localhost:50051", "[::1]:50051", "unix:/run/outpost.sock"])
+async def test_a_token_in_clear_is_fine_on_this_host(address):
+    from outpost_client import OutpostClient
+
+    await OutpostClient(address, token=TOKEN_A).close()
+
+
+def test_a_token_with_tls_goes_anywhere(pki):
+    from outpost_client import OutpostClient, TLSConfig
+
+    OutpostClient("outpost.example.org:50051", tls=TLSConfig(ca=pki.ca.cert), token=TOKEN_A)
