@@ -81,6 +81,16 @@ async def _maybe_await(value):
     return value
 
 
+def safe_html(html: str) -> str:
+    """An Outpost's html_message as the spawn page may render it: JupyterHub puts it in
+    the page as HTML, so what a site (or a notebook user's doing there) writes must not
+    run in the hub's origin. nh3 keeps text formatting and links, drops scripts, event
+    handlers, styles and javascript: URLs."""
+    import nh3
+
+    return nh3.clean(html)
+
+
 class OutpostStartFailed(Exception):
     """The Outpost's Spawner failed; the message is meant for the user."""
 
@@ -424,7 +434,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                     if event.HasField("progress"):
                         item["progress"] = event.progress
                     if event.html_message:
-                        item["html_message"] = event.html_message
+                        item["html_message"] = safe_html(event.html_message)
                     self._progress.add(item)
                 # the stream ended without a terminal event: the start was stopped
                 raise OutpostStartFailed("The server was stopped while it was starting.")

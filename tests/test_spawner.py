@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from jupyterhub.spawner import Spawner
 from tornado import web
+from traitlets import Unicode
 
 from outpost_client.spawner import OutpostSpawner, OutpostStartFailed, remote_server_name
 from outpost_server.hosting import StandInHub, StandInUser
@@ -257,3 +259,42 @@ def test_outpost_spawner_refuses_numbers_out_of_bounds(trait, value):
 
     with pytest.raises(TraitError, match=trait):
         OutpostSpawner(**{trait: value})
+
+
+class HtmlProgressSpawner(Spawner):
+    """Its progress carries html_message, as a site's Spawner may (or whatever a notebook
+    user at the site got into it)."""
+
+    html = Unicode(config=True)
+
+    async def start(self):
+        await asyncio.sleep(0.3)  # progress() is followed while start() runs
+        return ("127.0.0.1", 12345)
+
+    async def progress(self):
+        yield {"progress": 10, "message": "queued", "html_message": self.html}
+        await asyncio.sleep(1)
+
+    async def poll(self):
+        return None
+
+    async def stop(self, now=False):
+        return None
+
+
+async def test_html_messages_are_sanitized_before_the_spawn_page(start_outpost):
+    hostile = (
+        '<b>Job 7</b> queued <a href="https://docs.example.org/q">why?</a>'
+        '<script>fetch("/hub/api/users")</script><img src=x onerror="alert(1)">'
+        '<a href="javascript:alert(2)">x</a>'
+    )
+    async with start_outpost(HtmlProgressSpawner, **{"HtmlProgressSpawner.html": hostile}) as op:
+        spawner = make_spawner(op)
+        await spawner.start()
+        shown = [e["html_message"] async for e in spawner.progress() if "html_message" in e]
+        await spawner.stop()
+    assert len(shown) == 1
+    html = shown[0]
+    assert "<b>Job 7</b> queued" in html and 'href="https://docs.example.org/q"' in html
+    for bad in ("<script", "onerror", "javascript:", "fetch("):
+        assert bad not in html, html
