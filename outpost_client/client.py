@@ -48,7 +48,8 @@ class TLSConfig:
 
 
 def is_local_address(address: str) -> bool:
-    """Whether a gRPC target is on this host: a loopback host:port, or a unix socket."""
+    """Whether a gRPC target (host:port, or a bare host) is on this host: a loopback
+    address, localhost, or a unix socket."""
     import ipaddress
 
     if address.startswith("unix:"):

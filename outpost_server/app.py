@@ -7,7 +7,6 @@ Reads like JupyterHub's own: a traitlets Application with `outpost_config.py`,
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from traitlets import (
 from tornado.log import LogFormatter
 from traitlets.config import Application
 
+from outpost_client.client import is_local_address
 from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
 
 from . import __version__
@@ -74,15 +74,6 @@ flags = {
 def one_line_exit(error: Exception) -> SystemExit:
     """How a configuration error ends start-up: one line on stderr, exit status 1."""
     return SystemExit(f"jupyterhub-outpost: {error}")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
@@ -179,12 +170,12 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             raise one_line_exit(e) from None
 
     def check_network(self):
-        if not _is_loopback(self.ip) and not self.allow_plaintext and not self.tls_enabled:
+        if not is_local_address(self.ip) and not self.allow_plaintext and not self.tls_enabled:
             raise SystemExit(
                 f"jupyterhub-outpost: refusing to serve plaintext gRPC on {self.ip}: "
                 "use a loopback address, or --allow-plaintext behind a trusted network"
             )
-        if self.hub_tokens and not self.tls_enabled and not _is_loopback(self.ip):
+        if self.hub_tokens and not self.tls_enabled and not is_local_address(self.ip):
             self.log.warning(
                 "Serving hub_tokens over plaintext on %s (allow_plaintext): the tokens travel "
                 "unencrypted; set tls_cert and tls_key",
