@@ -185,11 +185,6 @@ class LifecycleManager:
             if spec.wait_until_ready:
                 await self.wait_terminal(rec)
             return rec.status(), False
-        if rec is not None and rec.stop_task is not None and not rec.stop_task.done():
-            # a Stop of this server is under way: decide once it has ended (a late Stop
-            # must never delete what a newer start wrote)
-            await asyncio.wait({rec.stop_task})
-            return await self.start(hub, spec)
         if rec is not None and rec.state in ACTIVE:
             state = convert.STATE_NAMES[rec.state]
             if rec.state == pb.SERVER_STATE_UNKNOWN:

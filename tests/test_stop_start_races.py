@@ -39,7 +39,7 @@ async def test_a_late_stop_never_deletes_a_newer_start(start_outpost, monkeypatc
         stop = asyncio.create_task(op.client.stop("eve", "s1"))
         await wait_for(lambda: old.stop_task is not None, message="the Stop did not begin")
         start = asyncio.create_task(op.client.start("eve", "s2", user_name="eve", wait_until_ready=True))
-        await asyncio.sleep(0.3)  # the new Start has arrived while the old Stop's delete waits
+        await asyncio.sleep(0.3)  # the new start is accepted while the old Stop's delete waits
         gate.set()
         assert (await stop).outcome == pb.STOP_OUTCOME_STOPPED
         status = (await start).status

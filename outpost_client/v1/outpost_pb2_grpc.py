@@ -90,8 +90,9 @@ class OutpostServiceServicer:
         - INVALID_ARGUMENT: a malformed field; the message names it (reason INVALID_FIELD).
         - FAILED_PRECONDITION: server_name is starting, running, stopping or unknown (its
         last poll failed: its notebook may still run) under another start_id (reason
-        SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id. A Start that arrives
-        while a Stop of the server is under way is decided once that Stop has ended.
+        SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id. A Stop that ends
+        after a new start of the same name (of a server that had stopped) leaves the new
+        start alone.
         - PERMISSION_DENIED: config_overrides, env keys or user_options keys this hub may
         not send (reason OVERRIDE_NOT_ALLOWED, ENV_NOT_ALLOWED, USER_OPTION_NOT_ALLOWED;
         metadata "keys" names them). Every hub may send the env keys JupyterHub sets for
