@@ -70,6 +70,18 @@ async def round_trip(
         writer.close()
 
 
+async def echoed_whole(port: int, payload: bytes, timeout: float = 30) -> bool:
+    """Send all of payload to the echo behind port, then EOF; whether all of it came back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        received = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    return hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+
 async def works(port: int, payload: bytes = b"ping") -> bool:
     try:
         return await round_trip(port, payload, timeout=2) == payload
@@ -232,12 +244,7 @@ async def test_bulk_data_through_an_asyncssh_server(tunnels, tmp_path):
                                known_hosts=str(tmp_path / "known_hosts"))
             tunnel = tunnels(target)
             local = await tunnel.forward("bulk", "127.0.0.1", echo.port)
-            reader, writer = await asyncio.open_connection("127.0.0.1", local)
-            writer.write(payload)
-            writer.write_eof()
-            received = await asyncio.wait_for(reader.read(), 30)
-            writer.close()
-            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            assert await echoed_whole(local, payload)
             assert tunnel._conn.data_received.__self__.packets > 50
     finally:
         server.close()
@@ -485,12 +492,7 @@ async def test_the_fast_path_can_be_turned_off(sshd_server, tunnels, monkeypatch
         port = await tunnel.forward("bulk", "127.0.0.1", echo.port)
         assert not tunnel._fast_path
         assert "data_received" not in vars(tunnel._conn)  # asyncssh's own method, not wrapped
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(payload)
-        writer.write_eof()
-        received = await asyncio.wait_for(reader.read(), 30)
-        writer.close()
-        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        assert await echoed_whole(port, payload)
     assert sshd.log.read_text().count("Accepted publickey") == 1  # no reconnect happened
 
 
