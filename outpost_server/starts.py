@@ -53,11 +53,7 @@ class StartRun:
         """End the start now (Stop): the Spawner's start() is cancelled and has ended
         when this returns; what it raised no longer matters."""
         assert self.task is not None
-        self.task.cancel()
-        try:
-            await self.task
-        except (asyncio.CancelledError, Exception):
-            pass
+        await cancel_and_wait(self.task)
 
     async def _run(self) -> None:
         rec = self.rec
