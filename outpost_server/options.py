@@ -442,6 +442,6 @@ class HostingOptions(HasTraits):
     @validate("allow_override", "allow_env", "allow_user_options")
     def _check_policy(self, proposal):
         try:
-            return check_policy(proposal.value, proposal.trait.name, "keys")
+            return check_policy(proposal.value, proposal.trait.name)
         except ValueError as e:
             raise TraitError(str(e)) from None

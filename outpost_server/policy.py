@@ -31,7 +31,7 @@ def default_hub_env_key(key: str) -> bool:
     return key.startswith(DEFAULT_HUB_ENV_PREFIX) or key in DEFAULT_HUB_ENV_KEYS
 
 
-def check_policy(policy: Any, option: str = "allow_override", what: str = "trait names") -> Policy:
+def check_policy(policy: Any, option: str = "allow_override") -> Policy:
     """Raise ValueError unless policy is one of the shapes a policy option accepts."""
     if isinstance(policy, bool) or callable(policy):
         return policy
@@ -39,14 +39,14 @@ def check_policy(policy: Any, option: str = "allow_override", what: str = "trait
         for hub, rule in policy.items():
             if not isinstance(hub, str):
                 raise ValueError(f"{option}: hub names must be strings, not {hub!r}")
-            check_policy(rule, option, what)
+            check_policy(rule, option)
             if isinstance(rule, Mapping):
                 raise ValueError(f"{option}[{hub!r}]: a hub's rule is True, False, a list or a callable")
         return policy
     if isinstance(policy, (list, tuple, set, frozenset)) and all(isinstance(k, str) for k in policy):
         return policy
     raise ValueError(
-        f"{option} must be True, False, a list of {what}, a dict of hub -> one of "
+        f"{option} must be True, False, a list of names, a dict of hub -> one of "
         "those, or a callable (hub, values) -> one of those"
     )
 
