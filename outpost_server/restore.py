@@ -5,6 +5,10 @@ restart interrupted are failed and what they made is stopped, through their Spaw
 state or, for local processes whose state was never stored, through the start marker
 (orphans.py); rows written in plain text or under an older key are written again under
 the first key.
+
+Cleaning up interrupted starts runs in the background (:attr:`Restorer.cleanups`), each
+Spawner's stop() bounded by ``cleanup_timeout``: one hung ``scancel`` never keeps the
+Outpost from serving. Until its clean-up ends, such a server shows STARTING.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Restorer:
         journal: Journal,
         certs_dir: str | None,
         max_events: int,
+        cleanup_timeout: float | None = None,
     ):
         self.store = store
         self.records = records
@@ -53,6 +58,9 @@ class Restorer:
         self.journal = journal
         self.certs_dir = certs_dir
         self.max_events = max_events
+        self.cleanup_timeout = cleanup_timeout
+        #: the background clean-ups of interrupted starts (done ones drop out)
+        self.cleanups: set[asyncio.Task] = set()
 
     async def restore(self) -> int:
         """Load every persisted server and reconcile it; the number of servers loaded."""
@@ -80,7 +88,7 @@ class Restorer:
         }
         await asyncio.gather(*(self._reconcile(r) for r in list(self.records.values()) if r not in unreadable))
         if interrupted:
-            await self._sweep_orphans(interrupted)
+            self._in_background(self._clean_up(interrupted), "clean-up-interrupted-starts")
         await self._reencrypt(stale)
         return len(rows)
 
@@ -94,14 +102,40 @@ class Restorer:
             rec.state = pb.SERVER_STATE_UNKNOWN
             return
         if rec.state == pb.SERVER_STATE_STARTING:
-            log.warning("%s/%s was starting when the Outpost stopped; cleaning up", rec.hub, rec.name)
-            await fail_start(rec, RestartDuringStart(RESTART_DURING_START), self.journal, self.certs_dir)
-            return
+            return  # cleaned up in the background (_clean_up)
         try:
             await self.poller.poll_one(rec)
         except Unavailable:
             pass  # the database is down: the next poll writes what changed
         log.info("Restored %s/%s: %s", rec.hub, rec.name, convert.STATE_NAMES[rec.state])
+
+    def _in_background(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+
+    async def _clean_up(self, interrupted: dict[str, Record]) -> None:
+        """Fail the starts the restart interrupted and stop what they made (each stop()
+        bounded by cleanup_timeout), then sweep what their Spawners could not reach."""
+        failing = []
+        for rec in interrupted.values():
+            if rec.spawner is None:
+                continue  # its Spawner could not be made again: UNKNOWN (_reconcile)
+            log.warning("%s/%s was starting when the Outpost stopped; cleaning up", rec.hub, rec.name)
+            failing.append(
+                fail_start(
+                    rec,
+                    RestartDuringStart(RESTART_DURING_START),
+                    self.journal,
+                    self.certs_dir,
+                    cleanup_timeout=self.cleanup_timeout,
+                )
+            )
+        results = await asyncio.gather(*failing, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("Cleaning up an interrupted start failed", exc_info=result)
+        await self._sweep_orphans(interrupted)
 
     async def _sweep_orphans(self, interrupted: dict[str, Record]) -> None:
         """Stop what the interrupted starts' Spawners could not reach (their state was

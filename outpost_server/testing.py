@@ -213,3 +213,32 @@ class LatePortSpawner(Spawner):
 
     async def stop(self, now=False):
         return None
+
+
+@class_state("start_hangs", "starts", "stops_begun", "stops_abandoned")
+class HangingStopSpawner(InstantSpawner):
+    """stop() never returns (a hung ``scancel``) until it is cancelled; start() hangs too
+    while ``start_hangs`` (a test clears it to start servers normally).
+
+    Over all instances: ``starts`` counts the start() calls, ``stops_begun`` the stop()
+    calls and ``stops_abandoned`` the stop() calls that were cancelled.
+    """
+
+    start_hangs = True
+    starts = 0
+    stops_begun = 0
+    stops_abandoned = 0
+
+    async def start(self):
+        HangingStopSpawner.starts += 1
+        if HangingStopSpawner.start_hangs:
+            await asyncio.Event().wait()
+        return await super().start()
+
+    async def stop(self, now=False):
+        HangingStopSpawner.stops_begun += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            HangingStopSpawner.stops_abandoned += 1
+            raise
