@@ -24,7 +24,7 @@ from .journal import Journal
 from .poller import SpawnerPoller
 from .records import Record, Records
 from .spawners import SpawnerFactory
-from .starts import fail_start
+from .starts import StartRun
 from .store import Store
 
 log = logging.getLogger("outpost.manager")
@@ -88,7 +88,8 @@ class Restorer:
         }
         await asyncio.gather(*(self._reconcile(r) for r in list(self.records.values()) if r not in unreadable))
         if interrupted:
-            self._in_background(self._clean_up(interrupted), "clean-up-interrupted-starts")
+            runs = self._fail_interrupted(interrupted)
+            self._in_background(self._sweep_after(runs, interrupted), "sweep-interrupted-starts")
         await self._reencrypt(stale)
         return len(rows)
 
@@ -114,27 +115,29 @@ class Restorer:
         self.cleanups.add(task)
         task.add_done_callback(self.cleanups.discard)
 
-    async def _clean_up(self, interrupted: dict[str, Record]) -> None:
-        """Fail the starts the restart interrupted and stop what they made (each stop()
-        bounded by cleanup_timeout), then sweep what their Spawners could not reach."""
-        failing = []
+    def _fail_interrupted(self, interrupted: dict[str, Record]) -> list[asyncio.Task]:
+        """Fail the starts the restart interrupted, in the background, and stop what they
+        made (each stop() bounded by cleanup_timeout): their tasks.
+
+        Each runs as its record's ``run`` (StartRun.launch_failure): a Stop meanwhile
+        cancels it and stops the Spawner itself; a Start of the name is refused until
+        then (the server is STARTING)."""
+        runs = []
         for rec in interrupted.values():
             if rec.spawner is None:
                 continue  # its Spawner could not be made again: UNKNOWN (_reconcile)
             log.warning("%s/%s was starting when the Outpost stopped; cleaning up", rec.hub, rec.name)
-            failing.append(
-                fail_start(
-                    rec,
-                    RestartDuringStart(RESTART_DURING_START),
-                    self.journal,
-                    self.certs_dir,
-                    cleanup_timeout=self.cleanup_timeout,
-                )
-            )
-        results = await asyncio.gather(*failing, return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
-                log.error("Cleaning up an interrupted start failed", exc_info=result)
+            run = StartRun(rec, self.journal, certs_dir=self.certs_dir, start_message="",
+                           cleanup_timeout=self.cleanup_timeout)  # fmt: skip
+            run.launch_failure(RestartDuringStart(RESTART_DURING_START))
+            runs.append(run.task)
+        return runs
+
+    async def _sweep_after(self, runs: list[asyncio.Task], interrupted: dict[str, Record]) -> None:
+        """Once the interrupted starts' clean-ups ended, sweep what their Spawners could
+        not reach."""
+        if runs:
+            await asyncio.wait(runs)
         await self._sweep_orphans(interrupted)
 
     async def _sweep_orphans(self, interrupted: dict[str, Record]) -> None:

@@ -6,10 +6,11 @@ made), and a follower that turns the Spawner's ``progress()`` into events. The s
 ends in the READY event (address stored) or in :func:`fail_start` (FAILED event, the
 Spawner stopped, its certificates removed).
 
-The address a start ends with is checked before it is stored: an address another active
-server already has (of any hub) fails the start. A notebook reports its own port (the
-batchspawner callback), so without the check a notebook user could claim another
-server's address and have the SSH forwarder send that server's hub to it.
+The address a start ends with is checked before it is stored: an address an active server
+of another hub already has fails the start. A notebook reports its own port (the
+batchspawner callback), so without the check a notebook user could claim another hub's
+server's address. (Two servers of one hub with one address are not refused here; the SSH
+forwarder forwards to neither.)
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ class StartRun:
         rec = self.rec
         rec.run = self
         self.task = asyncio.create_task(self._run(), name=f"start-{rec.hub}-{rec.name}")
+
+    def launch_failure(self, error: BaseException) -> None:
+        """Fail the start in the background (a start the Outpost's restart interrupted):
+        :func:`fail_start`, as ``rec.run`` until it ends, so a Stop meanwhile cancels the
+        clean-up and stops the Spawner itself, and a shutdown waits for it as for a start."""
+        rec = self.rec
+        rec.run = self
+        self.task = asyncio.create_task(self._fail(error), name=f"clean-up-{rec.hub}-{rec.name}")
+
+    async def _fail(self, error: BaseException) -> None:
+        try:
+            await fail_start(self.rec, error, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
+        finally:
+            if self.rec.run is self:
+                self.rec.run = None
 
     @property
     def running(self) -> bool:
@@ -131,14 +147,14 @@ class StartRun:
                 rec.run = None
 
     def _check_address(self, host: str, port: int) -> None:
-        """AddressInUse if another active server (of any hub) has host:port already.
+        """AddressInUse if an active server of another hub has host:port already.
 
         Two starts that end with the same address at the same moment can both pass;
         the SSH forwarder then forwards to neither (LifecycleManager.forward_targets).
         """
         if self.records is None:
             return
-        holder = address_holder(self.records, host, port, besides=self.rec)
+        holder = address_holder(self.records, host, port, hub=self.rec.hub)
         if holder is None:
             return
         rec = self.rec
@@ -248,12 +264,12 @@ class AddressInUse(Exception):
     """A start ended with an address another active server already has."""
 
 
-def address_holder(records: Records, host: str, port: int, *, besides: Record) -> Record | None:
-    """Another active server (of any hub) whose address is host:port, if there is one."""
+def address_holder(records: Records, host: str, port: int, *, hub: str) -> Record | None:
+    """An active server of a hub other than hub whose address is host:port, if any."""
     for other in records.values():
         address = other.address
         if (
-            other is not besides
+            other.hub != hub
             and address
             and address["port"] == port
             and address["host"] == host
