@@ -7,6 +7,7 @@ through ``op.client`` belong to it; hub "other" only has an SSH key (given as a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import stat
@@ -15,7 +16,9 @@ from contextlib import asynccontextmanager
 import asyncssh
 import pytest
 
+from outpost_client import pb
 from outpost_server.forwarder import ForwarderConfigError
+from outpost_server.records import EventLog, Record
 from outpost_server.testing import InstantSpawner, class_state
 
 from .harness.outpost import one_line, run_outpost
@@ -290,3 +293,81 @@ async def test_console_script_runs_and_stops_the_forwarder(outpost_process, keys
     conn = await ssh_connect(ssh_port, keys["default"], known_hosts=([host_key], [], []))
     assert op.kill(signal.SIGTERM) == 0
     await asyncio.wait_for(conn.wait_closed(), 10)
+
+
+# --- only fresh addresses owned by exactly one server ----------------------------------
+
+
+def plant(op, like, hub: str, state=None, name: str = "nb") -> Record:
+    """A record of ``hub`` with the address of record ``like`` (what a restored row or a
+    notebook's port callback could leave), put straight into the manager's table."""
+    rec = Record(
+        hub=hub,
+        spec=dataclasses.replace(like.spec, server_name=name),
+        state=state or pb.SERVER_STATE_RUNNING,
+        start_time=like.start_time,
+        events=EventLog(10),
+        address=dict(like.address),
+    )
+    op.manager.records.put(rec)
+    return rec
+
+
+async def test_only_fresh_addresses_are_forwarded(start_outpost, traits, keys, echo_port, forwarder_log):
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        rec = op.manager.records[("default", "nb")]
+        async with ssh_connect(op.app.forwarder.bound_port, keys["default"]) as conn:
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+            # UNKNOWN (its last poll failed): its notebook may be gone, the port reused
+            rec.state = pb.SERVER_STATE_UNKNOWN
+            with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                await conn.open_connection("127.0.0.1", echo_port)
+            # RUNNING, but without a Spawner: a row that could not be decrypted or restored
+            rec.state, spawner, rec.spawner = pb.SERVER_STATE_RUNNING, rec.spawner, None
+            with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                await conn.open_connection("127.0.0.1", echo_port)
+            rec.spawner = spawner
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+
+
+async def test_address_claimed_twice_is_not_forwarded(start_outpost, traits, keys, echo_port, forwarder_log):
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        rec = op.manager.records[("default", "nb")]
+        port = op.app.forwarder.bound_port
+        # another hub's server claims the same address: neither hub is forwarded there
+        other = plant(op, rec, "other")
+        for hub in ("default", "other"):
+            async with ssh_connect(port, keys[hub]) as conn:
+                with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                    await conn.open_connection("127.0.0.1", echo_port)
+        op.manager.records.remove(other)
+        # two servers of one hub: the same
+        twin = plant(op, rec, "default", state=pb.SERVER_STATE_UNKNOWN, name="twin")
+        async with ssh_connect(port, keys["default"]) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                await conn.open_connection("127.0.0.1", echo_port)
+            op.manager.records.remove(twin)
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+
+
+async def test_start_cannot_take_another_hubs_address(start_outpost, traits, keys, echo_port, caplog):
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        rec = op.manager.records[("default", "nb")]
+        # hub "other"'s active server has the address the next start of "default" reports
+        # (a notebook's port callback can report any port)
+        await op.client.stop("nb")
+        other = plant(op, rec, "other")
+        with caplog.at_level(logging.WARNING, logger="outpost.manager"):
+            result = await op.client.start("nb", "s2", user_name="alice", wait_until_ready=True)
+        assert result.status.state == pb.SERVER_STATE_STOPPED
+        assert f"reported the address 127.0.0.1:{echo_port}, which another server" in result.status.failure_message
+        assert "'other'" not in result.status.failure_message  # no other hub's names for the user
+        assert "which other/nb (running) already has: failing it" in caplog.text
+        assert other.address == {"scheme": "http", "host": "127.0.0.1", "port": echo_port}  # kept
+        # once that server is gone, the address is free again
+        op.manager.records.remove(other)
+        result = await op.client.start("nb", "s3", user_name="alice", wait_until_ready=True)
+        assert result.status.state == pb.SERVER_STATE_RUNNING
