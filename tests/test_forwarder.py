@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import signal
+import socket
 import stat
 from contextlib import asynccontextmanager
 
 import asyncssh
 import pytest
+from traitlets import TraitError
 
 from outpost_client import pb
-from outpost_server.forwarder import ForwarderConfigError
+from outpost_server.forwarder import ForwarderConfigError, SSHForwarder
 from outpost_server.records import EventLog, Record
 from outpost_server.testing import InstantSpawner, class_state
 
@@ -371,3 +374,124 @@ async def test_start_cannot_take_another_hubs_address(start_outpost, traits, key
         op.manager.records.remove(other)
         result = await op.client.start("nb", "s3", user_name="alice", wait_until_ready=True)
         assert result.status.state == pb.SERVER_STATE_RUNNING
+
+
+# --- reverse forwards: the forwarder holds the address ---------------------------------
+
+
+async def test_reverse_listen_port_cannot_be_squatted(start_outpost, traits, keys, echo_port, forwarder_log):
+    """While the hub is away, a notebook user at the site cannot listen on the hub's
+    reverse_listen port (and pose as the hub API): the forwarder holds it from start-up."""
+    listen = free_port()
+    traits["SSHForwarder.reverse_listen"] = {"default": [f"127.0.0.1:{listen}"]}
+
+    def squat() -> None:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", listen))
+            s.listen()
+
+    async def through_listen() -> bytes:
+        """What comes back through the listen port (b"": closed, or reset, at once)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        try:
+            writer.write(b"to the hub API")
+            return await asyncio.wait_for(reader.readexactly(14), 10)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return b""
+        finally:
+            writer.close()
+
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        port = op.app.forwarder.bound_port
+        # no hub connected yet: held, and a connection there is closed
+        with pytest.raises(OSError) as squatted:
+            squat()
+        assert squatted.value.errno == errno.EADDRINUSE
+        assert await through_listen() == b""
+        async with ssh_connect(port, keys["default"]) as conn:
+            await conn.forward_remote_port("127.0.0.1", listen, "127.0.0.1", echo_port)
+            assert await through_listen() == b"to the hub API"
+        # the hub disconnected: still held
+        await wait_for(lambda: not op.app.forwarder._reverse_owner)
+        with pytest.raises(OSError) as squatted:
+            squat()
+        assert squatted.value.errno == errno.EADDRINUSE
+        assert await through_listen() == b""
+        # the hub reconnects: a request reaches the hub's side again
+        async with ssh_connect(port, keys["default"]) as conn:
+            await conn.forward_remote_port("127.0.0.1", listen, "127.0.0.1", echo_port)
+            assert await through_listen() == b"to the hub API"
+    # the Outpost stopped: the port is free
+    squat()
+
+
+def test_reverse_listen_address_belongs_to_one_hub():
+    with pytest.raises(TraitError, match="is listed for both 'a' and 'b'; an address may belong to one hub"):
+        SSHForwarder(reverse_listen={"a": ["127.0.0.1:18081"], "b": ["127.0.0.1:18081"]})
+
+
+async def test_reverse_listen_address_in_use_stops_the_outpost(start_outpost, traits):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        traits["SSHForwarder.reverse_listen"] = {"default": [f"127.0.0.1:{taken}"]}
+        with pytest.raises(ForwarderConfigError) as error:
+            async with forwarding_outpost(start_outpost, **traits):
+                pass
+    assert f"reverse_listen['default']: cannot listen on 127.0.0.1:{taken}" in str(error.value)
+
+
+# --- caps and timeouts -----------------------------------------------------------------
+
+
+async def test_unauthenticated_connection_dropped_after_login_timeout(start_outpost, traits):
+    traits["SSHForwarder.login_timeout"] = 0.5
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        reader, writer = await asyncio.open_connection("127.0.0.1", op.app.forwarder.bound_port)
+        try:
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"SSH-2.0-")
+            # says nothing more: the forwarder hangs up (the guard only keeps a broken
+            # forwarder from hanging the test)
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+        finally:
+            writer.close()
+
+
+async def test_connections_over_the_hub_cap_refused(start_outpost, traits, keys, echo_port, forwarder_log):
+    traits["SSHForwarder.max_connections_per_hub"] = 1
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        port = op.app.forwarder.bound_port
+        first = await ssh_connect(port, keys["default"])
+        with pytest.raises(asyncssh.PermissionDenied):
+            await ssh_connect(port, keys["default"])
+        # another hub is not affected
+        async with ssh_connect(port, keys["other"]):
+            pass
+        assert await round_trip(first, "127.0.0.1", echo_port) == b"hello notebook"
+        first.close()
+        await first.wait_closed()
+        await wait_for(lambda: not op.app.forwarder._hub_connections.get("default"))
+        async with ssh_connect(port, keys["default"]) as again:
+            assert await round_trip(again, "127.0.0.1", echo_port) == b"hello notebook"
+    assert "refused another SSH connection from hub 'default'" in warnings(forwarder_log)
+    assert "c.SSHForwarder.max_connections_per_hub" in warnings(forwarder_log)
+
+
+async def test_forwards_over_the_hub_cap_refused(start_outpost, traits, keys, echo_port, forwarder_log):
+    traits["SSHForwarder.max_channels_per_hub"] = 2
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        async with ssh_connect(op.app.forwarder.bound_port, keys["default"]) as conn:
+            open_ = [await conn.open_connection("127.0.0.1", echo_port) for _ in range(2)]
+            with pytest.raises(asyncssh.ChannelOpenError) as refused:
+                await conn.open_connection("127.0.0.1", echo_port)
+            assert refused.value.code == asyncssh.OPEN_RESOURCE_SHORTAGE
+            assert "has 2 forwards open" in refused.value.reason
+            for _, writer in open_:
+                writer.close()
+            await wait_for(lambda: not op.app.forwarder._channels.get("default"))
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+    assert "c.SSHForwarder.max_channels_per_hub" in warnings(forwarder_log)
