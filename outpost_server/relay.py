@@ -21,8 +21,10 @@ moves along) and the relay
   Spawner of a server that is still starting;
 - passes every other request below the hub's API path (``<base_url>hub/api``, the path of
   the JUPYTERHUB_API_URL that server's start carried) that has a token (``Authorization:
-  token|bearer X`` or ``?token=``) to the hub's upstream, and the answer back. It adds no
-  credentials: the hub checks every request as it always does.
+  token|bearer X`` or ``?token=``; exempt: ``GET`` of the API root itself, the hub's
+  version, which jupyterhub-singleuser asks without one at start) to the hub's upstream,
+  and the answer back. It adds no credentials: the hub checks every request as it always
+  does.
 
 The relay is not a proxy a hub can aim: the upstream (scheme, host, port) of each hub is
 the site's choice, ``c.HubAPIRelay.hub_urls[hub]``, by default the hub's own reverse
@@ -689,7 +691,11 @@ class RelayHandler(web.RequestHandler):
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps(answer))
             return
-        if not has_token(self.request):
+        # jupyterhub-singleuser's first call, before it uses its token: GET <api_url> (the
+        # hub's version, which the hub serves to anyone; singleuser/extension.py
+        # check_hub_version); it exits if that fails
+        version_check = method in ("GET", "HEAD") and self.rest.rstrip("/") == self.api_path
+        if not version_check and not has_token(self.request):
             raise web.HTTPError(
                 401,
                 "a hub API request needs a token (Authorization: token <token>); "

@@ -454,6 +454,14 @@ async def test_request_without_token_not_forwarded(start_outpost, upstream, http
         # a token in the query string counts (passed on as it is)
         r = await call(http, f"{api}/user?token=query-token")
         assert r.code == 200 and upstream.seen[-1].query == "token=query-token"
+        # but for the API root: jupyterhub-singleuser asks the hub's version there without a
+        # token at start (singleuser/extension.py check_hub_version), and exits if it fails
+        for url in (api, f"{api}/"):
+            r = await call(http, url)
+            assert r.code == 200 and upstream.seen[-1].path == url[url.index("/hub/api") :]
+        count = len(upstream.seen)
+        r = await call(http, api, "POST", body=b"{}")
+        assert r.code == 401 and len(upstream.seen) == count
         await op.client.stop("ivan")
 
 

@@ -15,29 +15,43 @@ import resource
 import uuid
 
 import pytest
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from outpost_client import OutpostClient, pb
 from outpost_server.app import raise_open_files_limit
 from outpost_server.identity import hash_token
 
 from .harness.util import wait_for
-from .test_relay import (  # noqa: F401 (fixtures)
+from .test_relay import (
     HUB_A_TOKEN,
     HUB_B_TOKEN,
     LATE,
     RELAY,
     call,
-    http,
     notebook_env,
     routed,
+    serve_upstream,
     start_server,
-    upstream,
 )
 
 pytestmark = pytest.mark.rpc
 
 IDLE_CONNECTIONS = 1100
 MAX_CONNECTIONS = 1000  # the default of c.HubAPIRelay.max_connections
+
+
+@pytest.fixture
+async def upstream():
+    """The hub API, as the site routes to it (test_relay.py's stand-in)."""
+    async for state in serve_upstream():
+        yield state
+
+
+@pytest.fixture
+async def http():
+    client = SimpleAsyncHTTPClient(force_instance=True)
+    yield client
+    client.close()
 
 
 async def open_idle(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
