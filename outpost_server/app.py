@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -245,7 +246,12 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         if relay is None:
             return
         records = self.manager.records
-        await relay.start(lambda hub, server_name: records.get((hub, server_name)))
+        # a hub's upstream defaults to its reverse forward (init_forwarder runs later)
+        forwarder = self.forwarder if self.forwarder is not None else SSHForwarder(parent=self)
+        await relay.start(
+            lambda hub, server_name: records.get((hub, server_name)),
+            reverse_listen=forwarder.reverse_listen if forwarder.enabled else {},
+        )
         self.log.info(
             "Hub API relay listening on %s:%d; notebooks reach it at %s", relay.ip, relay.bound_port, relay.base_url
         )
@@ -328,6 +334,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         steps before it (cleanup()) and raises: RelayConfigError, TLSConfigError and
         ForwarderConfigError carry a one-line message for the operator.
         """
+        raise_open_files_limit(self.log)
         try:
             await self.init_store()
             await self.init_manager()
@@ -400,6 +407,27 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             sys.exit(1)
         forget_secret_env()
         asyncio.run(app.start())
+
+
+def raise_open_files_limit(log: logging.Logger) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; answer (soft before, soft now).
+
+    Notebooks' connections to the hub API relay, SSH channels and gRPC connections all
+    share the process's file descriptors; a distribution's default soft limit (often
+    1024) would let a few hundred idle relay connections starve gRPC of sockets. The
+    relay caps its own connections (HubAPIRelay.max_connections) well below this."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # no hard limit: a million is plenty (some systems refuse an infinite soft limit)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("Could not raise the open-files limit from %d to %d (%s)", soft, target, e)
+        return soft, soft
+    log.info("Raised the open-files limit (RLIMIT_NOFILE) from %d to %d", soft, target)
+    return soft, target
 
 
 #: secrets the Outpost may read from its environment
