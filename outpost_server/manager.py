@@ -39,6 +39,7 @@ from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
 from .expiry import RecordExpiry
+from .hosting import default_certs_base
 from .journal import Journal
 from .policy import KeyPolicy
 from .poller import SpawnerPoller
@@ -70,6 +71,7 @@ class ManagerSettings:
     max_concurrent_starts_per_hub: int
     start_message: str
     certs_dir: str
+    state_dir: str
     max_servers_per_hub: int
     max_servers_by_hub: dict[str, int]
     failed_server_retention: float
@@ -115,7 +117,9 @@ class LifecycleManager:
         self.policies = policies or StartPolicies()
         self.records = Records()
         self.journal = Journal(store)
-        self.certs_dir = settings.certs_dir or None  # None: <tmp>/jupyterhub-outpost-certs-<uid>
+        # never None: a start's certificates must not go to hosting's fallback (the
+        # working directory of whoever calls it)
+        self.certs_dir = settings.certs_dir or str(default_certs_base(settings.state_dir or None))
         self.poller = SpawnerPoller(
             self.records,
             self.journal,

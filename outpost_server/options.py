@@ -216,6 +216,17 @@ class StorageOptions(HasTraits):
         picked for you.""",
     )
 
+    state_dir = Unicode(
+        "",
+        config=True,
+        help="""The Outpost's own directory for files it keeps outside the database: by
+        default the internal_ssl certificates go to its subdirectory internal-ssl
+        (certs_dir). Keep it a directory only the Outpost's user may write to (not /tmp).
+
+        Empty (default): the working directory the Outpost starts in (where the default
+        SQLite database, outpost.sqlite, is too).""",
+    )
+
     db_timeout = Float(
         10.0,
         min=0.01,
@@ -369,9 +380,12 @@ class HostingOptions(HasTraits):
         config=True,
         help="""Where the Outpost writes the internal_ssl certificates hubs send with Start
         (a private directory, mode 0700; one subdirectory per start, removed at stop or
-        failed start).
-        Empty: <tmp>/jupyterhub-outpost-certs-<uid>. The certificates never go to the
-        database.""",
+        failed start). The Outpost creates it, or refuses to write certificates into one
+        that is not a directory of its own user with mode 0700 (a symlink included): the
+        start fails with a message naming it. The certificates never go to the database.
+
+        Empty (default): the directory internal-ssl in state_dir. (Before, the default was
+        <tmp>/jupyterhub-outpost-certs-<uid>: a name any local user could take first.)""",
     )
 
     poll_interval = Float(
