@@ -55,7 +55,7 @@ class RecordExpiry:
     def __init__(
         self,
         records: Records,
-        stop: Callable[[str, str, str], Awaitable[object]],
+        stop: Callable[[str, str, str], Awaitable[tuple]],
         *,
         failed_retention: float,
         exited_retention: float,
@@ -71,6 +71,7 @@ class RecordExpiry:
         #: its own (it is the record's stop_task: the next sweeps leave it alone)
         self.stop_timeout = stop_timeout
         self._loop_task: asyncio.Task | None = None
+        self._stops: set[asyncio.Task] = set()
 
     @property
     def enabled(self) -> bool:
@@ -108,22 +109,25 @@ class RecordExpiry:
         for rec in due:
             kind = "failed start" if rec.failure_message else "exited server"
             log.info(
-                "Expiring %s/%s (start %s): a %s its hub has not stopped for %.0fs",
+                "Expiring %s/%s (start %s): a %s its hub has not stopped within %gs",
                 rec.hub, rec.name, rec.start_id, kind, self.retention(rec),
             )  # fmt: skip
-        tasks = [
-            asyncio.ensure_future(self._stop(rec.hub, rec.name, rec.start_id)) for rec in due
-        ]
+        tasks = [asyncio.ensure_future(self._stop(rec.hub, rec.name, rec.start_id)) for rec in due]
+        self._stops.update(tasks)
+        for task in tasks:
+            task.add_done_callback(self._stops.discard)
         done, pending = await asyncio.wait(tasks, timeout=self.stop_timeout)
-        stopped = 0
+        stopped = failed = 0
         for task in done:
-            if task.exception() is None:
-                stopped += 1
+            if task.cancelled() or task.exception() is not None:
+                failed += 1
+            elif task.result()[0] == pb.STOP_OUTCOME_STOPPED:
+                stopped += 1  # (not: STALE_START_ID, a new start of the name came first)
         for task in tasks:
             task.add_done_callback(_log_failure)
         log.info(
             "Expired %d stopped servers their hubs had not stopped (%d failed, %d still stopping)",
-            stopped, len(done) - stopped, len(pending),
+            stopped, failed, len(pending),
         )  # fmt: skip
         return stopped
 
@@ -132,11 +136,13 @@ class RecordExpiry:
             self._loop_task = asyncio.create_task(self._loop(), name="outpost-expiry")
 
     def stop(self) -> None:
-        """Stop the schedule (stops under way are the records' stop tasks: the manager's
-        shutdown waits for those)."""
+        """Stop the schedule. A stop under way is its record's stop task (shielded: the
+        manager's shutdown waits for it); one not begun yet never begins."""
         if self._loop_task is not None:
             self._loop_task.cancel()
             self._loop_task = None
+        for task in list(self._stops):
+            task.cancel()
 
     async def _loop(self) -> None:
         while True:

@@ -285,3 +285,17 @@ async def test_a_sweep_never_removes_a_newer_start_of_the_same_name(start_outpos
         assert await expiry.sweep(time.time() + 1) == 0
         assert (await op.client.poll("s")).start_id == new
         assert (await stored(op))[0] == {("default", "s")}
+
+
+async def test_retention_zero_keeps_stopped_servers_until_the_hub_stops_them(start_outpost):
+    """The behaviour before the retention options: nothing expires, no sweep runs."""
+    traits = {"failed_server_retention": 0, "exited_server_retention": 0, "poll_interval": 0.05}
+    async with start_outpost(FloodSpawner, **traits) as op:
+        expiry = op.manager.expiry
+        assert not expiry.enabled and expiry._loop_task is None
+        await op.client.start("failed", sid(), user_name="fail-f", wait_until_ready=True)
+        await op.client.start("exited", sid(), user_name="exit-e", wait_until_ready=True)
+        await wait_for(lambda: op.manager.records[("default", "exited")].state == pb.SERVER_STATE_STOPPED)
+        assert expiry.expired(time.time() + 10 * 365 * 86400) == []
+        assert await expiry.sweep(time.time() + 10 * 365 * 86400) == 0
+        assert held(op) == {"failed", "exited"}

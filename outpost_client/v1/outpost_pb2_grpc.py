@@ -103,8 +103,9 @@ class OutpostServiceServicer:
         TOO_MANY_STARTS; nothing was started, try again when one finishes), or a new
         server_name would take the hub beyond the servers the Outpost keeps for it, in any
         state, stopped and failed ones included (reason TOO_MANY_SERVERS, metadata "limit";
-        Stop a server first). A repeated call with the start_id of an accepted start, and a
-        new start of a server_name the hub already holds, are never refused by either.
+        Stop a server first). A repeated call with the start_id of an accepted start is
+        never refused; a new start of a server_name the hub already holds (a stopped one)
+        is never refused TOO_MANY_SERVERS.
         - UNAVAILABLE: the Outpost's database could not persist the start (reason
         PERSISTENCE_UNAVAILABLE) or the Outpost is shutting down; safe to retry.
         - UNAUTHENTICATED: the connection does not identify a hub.
