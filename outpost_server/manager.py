@@ -206,8 +206,9 @@ class LifecycleManager:
         held = len(self.records.of_hub(hub))
         if held >= limit:
             log.warning("Refused a new server of hub %r: it holds %d servers (the limit)", hub, held)
+            servers = "1 server" if held == 1 else f"{held} servers"
             raise TooManyServers(
-                f"This Outpost already holds {held} servers of your hub {hub!r}, the most it "
+                f"This Outpost already holds {servers} of your hub {hub!r}, the most it "
                 "allows (stopped and failed ones count until they are stopped). Stop a "
                 "server you no longer need, or ask your hub's administrators, then try again.",
                 metadata={"limit": str(limit)},

@@ -14,9 +14,10 @@ from jupyterhub.spawner import Spawner
 
 from outpost_client import ResourceExhausted, ServerNotFound, TooManyServers, pb
 from outpost_client.errors import TOO_MANY_SERVERS, TOO_MANY_STARTS
+from outpost_client.spawner import OutpostStartFailed
 from outpost_server.testing import class_state
 
-from .harness.hub import hub_client
+from .harness.hub import hub_client, make_spawner
 from .harness.outpost import outpost_config, running_outpost
 from .harness.util import sid, wait_for
 
@@ -95,6 +96,22 @@ async def test_a_hub_holds_at_most_max_servers_in_any_state(start_outpost):
         assert (await c.start("new", sid(), user_name="nina")).created
         with pytest.raises(TooManyServers):
             await c.start("one-more", sid(), user_name="olga")
+
+
+async def test_the_hubs_user_reads_what_to_do(start_outpost):
+    """Through OutpostSpawner, as on the spawn page."""
+    async with start_outpost(max_servers_per_hub=1) as op:
+        first = make_spawner(op, "first")
+        await first.start()
+        with pytest.raises(OutpostStartFailed) as err:
+            await make_spawner(op, "second").start()
+        message = err.value.jupyterhub_message
+        assert "already holds 1 server of your hub 'default', the most it allows" in message
+        assert "Stop a server you no longer need, or ask your hub's administrators" in message
+        await first.stop()
+        second = make_spawner(op, "second")
+        await second.start()
+        await second.stop()
 
 
 async def test_per_hub_limits_and_zero_for_none(start_outpost):
