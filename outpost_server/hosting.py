@@ -322,6 +322,24 @@ def default_certs_base(state_dir: str | Path | None = None) -> Path:
     return Path(os.path.abspath(state_dir or os.getcwd())) / CERTS_SUBDIR
 
 
+def certs_base_warning(base: str | Path) -> str:
+    """A warning for the log when base is in a directory every local user may write to
+    (like /tmp): one could take its name first, and starts with internal_ssl would fail."""
+    parent = Path(base).parent
+    try:
+        others_write = os.stat(parent).st_mode & 0o002
+    except OSError:
+        return ""
+    if not others_write:
+        return ""
+    return (
+        f"The internal_ssl certificates go to {base}, in {parent}, which every local user may "
+        "write to: one could take that name first (the Outpost then refuses to write "
+        "certificates there). Set c.Outpost.state_dir (or certs_dir) to a directory of the "
+        "Outpost's own."
+    )
+
+
 def _is_private_dir(path: Path) -> bool:
     """Whether path is a directory (not a symlink) of this process's uid, mode 0700."""
     try:

@@ -39,7 +39,7 @@ from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
 from .expiry import RecordExpiry
-from .hosting import default_certs_base
+from .hosting import certs_base_warning, default_certs_base
 from .journal import Journal
 from .policy import KeyPolicy
 from .poller import SpawnerPoller
@@ -120,6 +120,8 @@ class LifecycleManager:
         # never None: a start's certificates must not go to hosting's fallback (the
         # working directory of whoever calls it)
         self.certs_dir = settings.certs_dir or str(default_certs_base(settings.state_dir or None))
+        if warning := certs_base_warning(self.certs_dir):
+            log.warning(warning)
         self.poller = SpawnerPoller(
             self.records,
             self.journal,

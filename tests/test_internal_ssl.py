@@ -326,3 +326,16 @@ async def test_a_hostile_certs_dir_is_refused(start_outpost, tmp_path, hostile):
         assert not list(elsewhere.iterdir()) and (hostile == "symlink" or not list(base.iterdir()))
         await op.client.stop("hana", start_id)
         assert base.is_symlink() == (hostile == "symlink")  # left as it was, for the admin
+
+
+async def test_a_state_dir_anyone_may_write_to_is_warned_about(start_outpost, tmp_path, caplog):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    async with start_outpost(CertSpawner, certs_dir="", state_dir=str(shared)):
+        pass
+    assert f"certificates go to {shared / 'internal-ssl'}, in {shared}, which every local user" in caplog.text
+    caplog.clear()
+    async with start_outpost(CertSpawner):  # the harness's certs_dir, in a private tmp_path
+        pass
+    assert "which every local user" not in caplog.text
