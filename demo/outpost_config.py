@@ -28,6 +28,7 @@ if os.path.exists(os.path.join(certs, "outpost-server", "outpost-server.crt")):
     c.Outpost.tls_client_ca = os.path.join(certs, "outpost-ca", "outpost-ca.crt")
 c.Outpost.spawner_class = "simple"
 c.Outpost.db_url = f"sqlite:///{data}/outpost.sqlite"
+c.Outpost.state_dir = data  # its own files (internal_ssl certificates) beside the database
 
 # the key that encrypts env (API tokens) and Spawner state in the database: made on first
 # use, mode 0600, and kept in demo-data (deleting it makes the stored servers unreadable)

@@ -216,6 +216,17 @@ class StorageOptions(HasTraits):
         picked for you.""",
     )
 
+    state_dir = Unicode(
+        "",
+        config=True,
+        help="""The Outpost's own directory for files it keeps outside the database: by
+        default the internal_ssl certificates go to its subdirectory internal-ssl
+        (certs_dir). Keep it a directory only the Outpost's user may write to (not /tmp).
+
+        Empty (default): the working directory the Outpost starts in (where the default
+        SQLite database, outpost.sqlite, is too).""",
+    )
+
     db_timeout = Float(
         10.0,
         min=0.01,
@@ -369,9 +380,12 @@ class HostingOptions(HasTraits):
         config=True,
         help="""Where the Outpost writes the internal_ssl certificates hubs send with Start
         (a private directory, mode 0700; one subdirectory per start, removed at stop or
-        failed start).
-        Empty: <tmp>/jupyterhub-outpost-certs-<uid>. The certificates never go to the
-        database.""",
+        failed start). The Outpost creates it, or refuses to write certificates into one
+        that is not a directory of its own user with mode 0700 (a symlink included): the
+        start fails with a message naming it. The certificates never go to the database.
+
+        Empty (default): the directory internal-ssl in state_dir. (Before, the default was
+        <tmp>/jupyterhub-outpost-certs-<uid>: a name any local user could take first.)""",
     )
 
     poll_interval = Float(
@@ -406,6 +420,59 @@ class HostingOptions(HasTraits):
         user may then try again.
         Retrying a start already accepted (same start_id) is never refused. The limit
         is per hub, so one hub flooding Starts does not keep the others from starting.
+        """,
+    )
+    max_servers_per_hub = Integer(
+        1000,
+        min=0,
+        config=True,
+        help="""How many servers one hub may hold on this Outpost, in any state (0: no limit).
+
+        Every server counts until the hub stops it or it expires (see
+        failed_server_retention, exited_server_retention): starting, running, unknown,
+        and stopped or failed ones the hub has not stopped yet. A Start of a new
+        server_name beyond it is answered at once with RESOURCE_EXHAUSTED (reason
+        TOO_MANY_SERVERS, metadata limit) and leaves nothing behind; the hub's user reads
+        that a server must be stopped first. Retrying an accepted start (same start_id)
+        and starting again a server_name the hub already holds are never refused by it.
+        The limit is per hub: a hub that floods Starts keeps no other hub from starting.
+        max_servers_by_hub sets other limits for named hubs.
+        """,
+    )
+    max_servers_by_hub = Dict(
+        value_trait=Integer(min=0),
+        key_trait=Unicode(),
+        config=True,
+        help="""Hub name -> its own max_servers_per_hub (0: no limit for that hub), e.g.
+        {"main": 5000, "guests": 50}. Hubs it does not name get max_servers_per_hub.""",
+    )
+    failed_server_retention = Float(
+        86400.0,
+        min=0,
+        config=True,
+        help="""Seconds a failed start (state STOPPED with a failure_message) is kept when its
+        hub does not stop it (0: until the hub stops it).
+
+        A failed start keeps its record, events and encrypted env (with the notebook's API
+        token) so the hub can read why it failed; a hub normally stops it at once. Past
+        this time a sweep deletes it from memory and the database (with its events), as a
+        Stop would, and a Poll of it answers NOT_FOUND, which a hub reads as "stopped".
+        The sweep runs every min(60, retention / 4) seconds and deletes at most 500
+        servers a round; each deletion is logged.
+        """,
+    )
+    exited_server_retention = Float(
+        86400.0,
+        min=0,
+        config=True,
+        help="""Seconds a server that exited on its own (poll() returned an exit code: state
+        STOPPED, exit_code set) is kept when its hub does not stop it (0: until the hub
+        stops it).
+
+        A hub stops such a server on its next poll; one that does not (a hub that is down,
+        or misbehaves) would keep its record and encrypted env for ever. Past this time the
+        sweep stops it as the hub's Stop would (the Spawner's stop() and post_stop_hook
+        run, then its row and events are deleted).
         """,
     )
     max_events_per_server = Integer(
