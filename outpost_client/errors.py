@@ -27,6 +27,7 @@ PERSISTENCE_UNAVAILABLE = "PERSISTENCE_UNAVAILABLE"
 SHUTTING_DOWN = "SHUTTING_DOWN"
 TOO_MANY_STARTS = "TOO_MANY_STARTS"
 UNAUTHENTICATED_HUB = "UNAUTHENTICATED_HUB"
+CERTIFICATE_REVOKED = "CERTIFICATE_REVOKED"
 
 
 class OutpostError(Exception):
@@ -180,6 +181,13 @@ class TooManyStarts(ResourceExhausted):
     reason = TOO_MANY_STARTS
 
 
+class CertificateRevoked(Unauthenticated):
+    """The hub's client certificate is revoked at the Outpost
+    (c.Outpost.revoked_certificates): the hub needs a new one."""
+
+    reason = CERTIFICATE_REVOKED
+
+
 #: every reason the Outpost sends -> the class it raises and the client decodes
 BY_REASON: dict[str, type[OutpostError]] = {
     cls.reason: cls
@@ -197,6 +205,7 @@ BY_REASON: dict[str, type[OutpostError]] = {
         ShuttingDown,
         TooManyStarts,
         Unauthenticated,
+        CertificateRevoked,
     )
 }
 
