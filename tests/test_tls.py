@@ -390,3 +390,40 @@ def test_revocation_needs_certificates_to_check_and_a_readable_file(pki, tmp_pat
     (tmp_path / "bad").write_text("ab" * 32 + "\nnope\n")
     with pytest.raises(SystemExit, match="revoked_certificates_file .*bad line 2: 'nope' is not a SHA-256"):
         Outpost(**tls_traits(pki, revoked_certificates_file=str(tmp_path / "bad"))).check_authentication()
+
+
+def not_after(path: str) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc
+
+
+def test_generate_certs_lifetime_is_one_year_by_default_and_configurable(tmp_path):
+    """A hub's certificate (and so a stolen hub key) is good for a year unless the site says
+    otherwise; the CA outlives it, so new certificates can come from the same CA."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    made = generate_certs(str(tmp_path / "default"), ["127.0.0.1"], ["hub-a"])
+    for cert in (made.server.cert, made.hubs["hub-a"].cert):
+        assert abs(not_after(cert) - (now + 365 * day)) < day, cert
+    assert abs(not_after(made.ca.cert) - (now + 3650 * day)) < day
+
+    out = run_outpost(
+        "generate-certs", "--out", str(tmp_path / "short"), "--host", "127.0.0.1", "--hub", "hub-a",
+        "--days", "30", "--ca-days", "400", timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    short = tmp_path / "short"
+    for cert in ("outpost-server/outpost-server.crt", "hub-a/hub-a.crt"):
+        assert abs(not_after(str(short / cert)) - (now + 30 * day)) < day, cert
+        assert f"expires {(now + 30 * day).date()}" in out.stdout or f"expires {(now + 31 * day).date()}" in out.stdout
+    assert abs(not_after(str(short / "outpost-ca/outpost-ca.crt")) - (now + 400 * day)) < day
+
+    # --years (the old option) still works, in years of 365 days
+    old = run_outpost(
+        "generate-certs", "--out", str(tmp_path / "old"), "--host", "127.0.0.1", "--hub", "hub-a", "--years", "2",
+        timeout=60,
+    )  # fmt: skip
+    assert old.returncode == 0, old.stderr
+    assert abs(not_after(str(tmp_path / "old/hub-a/hub-a.crt")) - (now + 730 * day)) < day
+
+    with pytest.raises(CertsError, match="cannot outlive its CA"):
+        generate_certs(str(tmp_path / "x"), ["h"], ["a"], days=400, ca_days=365)
