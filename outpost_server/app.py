@@ -101,7 +101,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
     """
     examples = """
     jupyterhub-outpost --generate-config
-    jupyterhub-outpost --port 50051 --spawner-class simple
+    jupyterhub-outpost --port 50051 --spawner-class simple --allow-unauthenticated   # a laptop: no credentials
     jupyterhub-outpost -f /etc/outpost/outpost_config.py
     jupyterhub-outpost generate-certs --out certs --host outpost.example.org --hub hub1
     jupyterhub-outpost --tls-cert certs/outpost-server/outpost-server.crt \\
