@@ -185,32 +185,28 @@ class RevokedCertificates:
         return (st.st_mtime_ns, st.st_size)
 
     def current(self) -> frozenset[str]:
-        """Every revoked fingerprint now (the file re-read if it changed)."""
+        """Every revoked fingerprint now (the file re-read if it changed). A file that
+        cannot be read or parsed any more keeps the last list (logged once per change)."""
         if not self.path:
             return self.fixed
         try:
-            stamp = self._stat()
+            stamp: tuple[int, int] | None = self._stat()
         except OSError as e:
-            stamp = None
-            error = f"cannot read it ({e.strerror})"
-        if stamp is not None and stamp != self._stamp:
-            try:
-                self._from_file = read_fingerprints(self.path)
-                log.warning(
-                    "revoked_certificates_file %s re-read: %d fingerprints", self.path, len(self._from_file)
-                )
-            except OSError as e:
-                error = f"cannot read it ({e.strerror})"
-            except ValueError as e:
-                error = str(e)
-            else:
-                error = ""
+            stamp, error = None, f"cannot read it ({e.strerror})"
+        if stamp != self._stamp:
             self._stamp = stamp
+            if stamp is not None:
+                try:
+                    self._from_file = read_fingerprints(self.path)
+                except OSError as e:
+                    error = f"cannot read it ({e.strerror})"
+                except ValueError as e:
+                    error = str(e)
+                else:
+                    error = ""
+                    log.warning("revoked_certificates_file %s read: %d fingerprints", self.path, len(self._from_file))
             if error:
                 log.error("revoked_certificates_file %s: %s; keeping the previous list", self.path, error)
-        elif stamp is None and self._stamp is not None:
-            self._stamp = None
-            log.error("revoked_certificates_file %s: %s; keeping the previous list", self.path, error)
         return self.fixed | self._from_file
 
 
@@ -225,21 +221,24 @@ def revoking(resolver: HubResolver, revoked: RevokedCertificates) -> HubResolver
 
     def resolve(context) -> str | None:
         pems = context.auth_context().get(PEM_CERT_KEY)
-        if pems:
-            fingerprint = pem_fingerprint(pems[0])
-            if fingerprint in revoked.current():
-                now = time.monotonic()
-                if now - last_logged.get(fingerprint, -REVOKED_LOG_INTERVAL) >= REVOKED_LOG_INTERVAL:
-                    last_logged[fingerprint] = now
-                    names = context.auth_context().get("x509_common_name") or [b"?"]
-                    log.warning(
-                        "refused a call with the revoked client certificate %s (CN %r, peer %s)",
-                        show_fingerprint(fingerprint), names[0].decode(errors="replace"), context.peer(),
-                    )
-                raise CertificateRevoked(
-                    f"Your client certificate ({show_fingerprint(fingerprint)}) is revoked on this "
-                    "Outpost (c.Outpost.revoked_certificates): ask the site for a new one."
+        if not pems:  # fail closed: a certificate that cannot be checked is not let in
+            raise Unauthenticated(
+                "The Outpost cannot read your client certificate to check it against its revocation list."
+            )
+        fingerprint = pem_fingerprint(pems[0])
+        if fingerprint in revoked.current():
+            now = time.monotonic()
+            if now - last_logged.get(fingerprint, -REVOKED_LOG_INTERVAL) >= REVOKED_LOG_INTERVAL:
+                last_logged[fingerprint] = now
+                names = context.auth_context().get("x509_common_name") or [b"?"]
+                log.warning(
+                    "refused a call with the revoked client certificate %s (CN %r, peer %s)",
+                    show_fingerprint(fingerprint), names[0].decode(errors="replace"), context.peer(),
                 )
+            raise CertificateRevoked(
+                f"Your client certificate ({show_fingerprint(fingerprint)}) is revoked on this "
+                "Outpost (c.Outpost.revoked_certificates): ask the site for a new one."
+            )
         return resolver(context)
 
     return resolve

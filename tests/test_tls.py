@@ -26,7 +26,14 @@ from outpost_client import CertificateRevoked, ServerNotFound, Unauthenticated, 
 from outpost_client.errors import CERTIFICATE_REVOKED, UNAUTHENTICATED_HUB
 from outpost_server.app import Outpost
 from outpost_server.certs import CertsError, Pair, generate_certs
-from outpost_server.identity import certificate_resolver, normalize_fingerprint, read_fingerprints, show_fingerprint
+from outpost_server.identity import (
+    RevokedCertificates,
+    certificate_resolver,
+    normalize_fingerprint,
+    read_fingerprints,
+    revoking,
+    show_fingerprint,
+)
 from outpost_server.tls import TLSConfigError, load_server_tls
 
 from .harness.hub import hub_client
@@ -427,3 +434,11 @@ def test_generate_certs_lifetime_is_one_year_by_default_and_configurable(tmp_pat
 
     with pytest.raises(CertsError, match="cannot outlive its CA"):
         generate_certs(str(tmp_path / "x"), ["h"], ["a"], days=400, ca_days=365)
+
+
+def test_revocation_fails_closed_without_the_peer_certificate():
+    """grpc puts the peer's certificate in the auth context; were it ever missing, a
+    revocation list that cannot be checked lets nobody in, rather than everybody."""
+    resolve = revoking(lambda context: "hub-a", RevokedCertificates(["ab" * 32]))
+    with pytest.raises(Unauthenticated, match="cannot read your client certificate"):
+        resolve(fake_context(x509_common_name=["hub-a"]))
