@@ -2,8 +2,10 @@
 
 Pure functions: :func:`auth_mode` turns the configuration (TLS, client CA, tokens) into
 one resolver and a description for the log; the resolvers read a call's credentials
-(client certificate, bearer token) and name its hub, or raise Unauthenticated. The
-interceptor (interceptors.py) calls the resolver once per call.
+(client certificate, bearer token) and name its hub, or raise Unauthenticated (a revoked
+client certificate: CertificateRevoked). :func:`unauthenticated_refusal` says why a
+configuration without credentials must not be served. The interceptor (interceptors.py)
+calls the resolver once per call.
 """
 
 from __future__ import annotations
