@@ -2,6 +2,7 @@
 
 from .client import Event, OutpostClient, ServerState, ServerStatus, StopOutcome, TLSConfig
 from .errors import (
+    CertificateRevoked,
     DeadlineExceeded,
     EnvNotAllowed,
     FailedPrecondition,
@@ -28,6 +29,7 @@ from .errors import (
 from .v1 import outpost_pb2 as pb
 
 __all__ = [
+    "CertificateRevoked",
     "DeadlineExceeded",
     "EnvNotAllowed",
     "Event",

@@ -28,6 +28,7 @@ SHUTTING_DOWN = "SHUTTING_DOWN"
 TOO_MANY_STARTS = "TOO_MANY_STARTS"
 TOO_MANY_SERVERS = "TOO_MANY_SERVERS"
 UNAUTHENTICATED_HUB = "UNAUTHENTICATED_HUB"
+CERTIFICATE_REVOKED = "CERTIFICATE_REVOKED"
 
 
 class OutpostError(Exception):
@@ -192,6 +193,13 @@ class TooManyServers(ResourceExhausted):
     reason = TOO_MANY_SERVERS
 
 
+class CertificateRevoked(Unauthenticated):
+    """The hub's client certificate is revoked at the Outpost
+    (c.Outpost.revoked_certificates): the hub needs a new one."""
+
+    reason = CERTIFICATE_REVOKED
+
+
 #: every reason the Outpost sends -> the class it raises and the client decodes
 BY_REASON: dict[str, type[OutpostError]] = {
     cls.reason: cls
@@ -210,6 +218,7 @@ BY_REASON: dict[str, type[OutpostError]] = {
         TooManyStarts,
         TooManyServers,
         Unauthenticated,
+        CertificateRevoked,
     )
 }
 

@@ -32,7 +32,7 @@ from traitlets import (
 from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
 from .hosting import DEFAULT_SITE_ENV_KEYS
-from .identity import TOKEN_HASH
+from .identity import TOKEN_HASH, normalize_fingerprint
 from .policy import check_policy
 from .tls import TLSConfigError, load_server_tls
 
@@ -48,7 +48,7 @@ class ConnectionOptions(HasTraits):
 
         Plaintext is served only on a loopback address unless allow_plaintext is set;
         with mTLS (tls_cert, tls_key, tls_client_ca), or TLS with hub_tokens, any address
-        is fine.
+        is fine. Plaintext without hub_tokens also needs allow_unauthenticated.
         """,
     )
     port = Integer(50051, min=0, max=65535, config=True, help="The port the gRPC server listens on (0: any free port).")
@@ -62,6 +62,21 @@ class ConnectionOptions(HasTraits):
         the default hub; only set this behind a network you trust.
         """,
     )
+    allow_unauthenticated = Bool(
+        False,
+        config=True,
+        help="""Serve callers that present no credentials at all (plaintext gRPC without
+        hub_tokens): every connection is then default_hub.
+
+        Off by default, and the Outpost refuses to start without credentials, with a
+        one-line reason: even on a loopback address every local user, and every notebook a
+        LocalProcessSpawner runs on this host, can reach the port and would be the default
+        hub (start, poll and stop its servers). Set it only where nobody else can open a
+        connection to the port (tests, a single-user laptop); off loopback it also needs
+        allow_plaintext. Otherwise use mTLS (tls_cert, tls_key, tls_client_ca) or
+        hub_tokens, which work over loopback plaintext without this option.
+        """,
+    )
     default_hub = Unicode(
         "default",
         config=True,
@@ -69,8 +84,8 @@ class ConnectionOptions(HasTraits):
 
         A server is identified by (hub, server_name); with mTLS the hub identity comes
         from the client certificate, with hub_tokens from the token, and on plaintext
-        connections without hub_tokens it is this name. The identity always comes from the
-        connection, never from a request.
+        connections without hub_tokens (allow_unauthenticated) it is this name. The
+        identity always comes from the connection, never from a request.
         """,
     )
 
@@ -130,6 +145,31 @@ class ConnectionOptions(HasTraits):
         Empty (default): any hub whose certificate is signed by tls_client_ca. Others get
         UNAUTHENTICATED (reason UNAUTHENTICATED_HUB), with a message naming the hub.""",
     )
+    revoked_certificates = List(
+        Unicode(),
+        config=True,
+        help="""SHA-256 fingerprints of hub client certificates that are revoked (mTLS): a
+        call over a connection with one of them gets UNAUTHENTICATED (reason
+        CERTIFICATE_REVOKED) and is logged, while every other hub is served as before. This
+        revokes one hub (a stolen key) without a new CA for everyone.
+
+        A fingerprint is the SHA-256 of the certificate (DER), as `jupyterhub-outpost
+        fingerprint CERT.pem` or `openssl x509 -noout -fingerprint -sha256 -in CERT.pem`
+        prints it: 64 hex digits, with or without colons and a "SHA256:" prefix, in either
+        case. Anything else stops the Outpost at start-up with a one-line reason, as does a
+        list with no client certificates to check (no tls_client_ca). gRPC's Python server
+        takes no CRL, hence fingerprints. See also revoked_certificates_file.""",
+    )
+    revoked_certificates_file = Unicode(
+        "",
+        config=True,
+        help="""A file of revoked client certificate fingerprints (as in revoked_certificates),
+        one a line; # starts a comment (`jupyterhub-outpost fingerprint CERT >> FILE` adds
+        one). Read at start-up
+        (it must exist then) and again whenever it changes, so a revocation added to the
+        file takes effect from the next call, without a restart. A file that becomes
+        unreadable or malformed keeps the last list it had, and that is logged.""",
+    )
     hub_tokens = Dict(
         value_trait=Unicode(),
         key_trait=Unicode(),
@@ -174,6 +214,13 @@ class ConnectionOptions(HasTraits):
                 raise TraitError(f"hub_tokens: hubs {seen[value]!r} and {hub!r} have the same token")
             seen[value] = hub
         return {hub: value for value, hub in seen.items()}
+
+    @validate("revoked_certificates")
+    def _check_revoked_certificates(self, proposal):
+        try:
+            return [normalize_fingerprint(value) for value in proposal.value]
+        except ValueError as e:
+            raise TraitError(f"revoked_certificates: {e}") from None
 
     @property
     def tls_enabled(self) -> bool:

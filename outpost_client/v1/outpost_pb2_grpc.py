@@ -108,7 +108,9 @@ class OutpostServiceServicer:
         is never refused TOO_MANY_SERVERS.
         - UNAVAILABLE: the Outpost's database could not persist the start (reason
         PERSISTENCE_UNAVAILABLE) or the Outpost is shutting down; safe to retry.
-        - UNAUTHENTICATED: the connection does not identify a hub.
+        - UNAUTHENTICATED: the connection does not identify a hub (reason
+        UNAUTHENTICATED_HUB), or its client certificate is revoked (reason
+        CERTIFICATE_REVOKED); every RPC answers so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
