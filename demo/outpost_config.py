@@ -20,14 +20,18 @@ c.Outpost.ip = "127.0.0.1"
 c.Outpost.port = 50051
 
 # mTLS with the certificates demo/run.sh makes (jupyterhub-outpost generate-certs); the
-# hub's certificate (CN "default") names the demo hub. Without them: plaintext on loopback.
+# hub's certificate (CN "default") names the demo hub. Without them: plaintext on loopback,
+# which every local user could use as the demo hub: an explicit opt-in, for a laptop only.
 certs = os.path.join(data, "certs")
 if os.path.exists(os.path.join(certs, "outpost-server", "outpost-server.crt")):
     c.Outpost.tls_cert = os.path.join(certs, "outpost-server", "outpost-server.crt")
     c.Outpost.tls_key = os.path.join(certs, "outpost-server", "outpost-server.key")
     c.Outpost.tls_client_ca = os.path.join(certs, "outpost-ca", "outpost-ca.crt")
+else:
+    c.Outpost.allow_unauthenticated = True
 c.Outpost.spawner_class = "simple"
 c.Outpost.db_url = f"sqlite:///{data}/outpost.sqlite"
+c.Outpost.state_dir = data  # its own files (internal_ssl certificates) beside the database
 
 # the key that encrypts env (API tokens) and Spawner state in the database: made on first
 # use, mode 0600, and kept in demo-data (deleting it makes the stored servers unreadable)
