@@ -266,11 +266,10 @@ class AddressInUse(Exception):
 
 def address_holder(records: Records, host: str, port: int, *, hub: str) -> Record | None:
     """An active server of a hub other than hub whose address is host:port, if any."""
-    for other in records.values():
+    for other in records.of_other_hubs(hub):
         address = other.address
         if (
-            other.hub != hub
-            and address
+            address
             and address["port"] == port
             and address["host"] == host
             and other.state in ACTIVE
