@@ -6,9 +6,10 @@ state or, for local processes whose state was never stored, through the start ma
 (orphans.py); rows written in plain text or under an older key are written again under
 the first key.
 
-Cleaning up interrupted starts runs in the background (:attr:`Restorer.cleanups`), each
-Spawner's stop() bounded by ``cleanup_timeout``: one hung ``scancel`` never keeps the
-Outpost from serving. Until its clean-up ends, such a server shows STARTING.
+Interrupted starts are failed and cleaned up in the background (each as its record's
+``run``; the orphan sweep after them in :attr:`Restorer.cleanups`), each Spawner's stop()
+bounded by ``cleanup_timeout``: one hung ``scancel`` never keeps the Outpost from serving.
+Until its clean-up ends, such a server shows STARTING.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Restorer:
             rec.state = pb.SERVER_STATE_UNKNOWN
             return
         if rec.state == pb.SERVER_STATE_STARTING:
-            return  # cleaned up in the background (_clean_up)
+            return  # failed and cleaned up in the background (_fail_interrupted)
         try:
             await self.poller.poll_one(rec)
         except Unavailable:
