@@ -7,21 +7,30 @@ so notebooks can reach the hub API. This server allows exactly that:
 - public-key authentication only; the key names the hub (the SSH username is ignored);
 - direct-tcpip only to an address in ``allowed_destinations(hub)``, asked when the
   channel opens (the Outpost passes ``LifecycleManager.forward_targets``);
-- tcpip-forward only on a "host:port" listed for that hub in ``reverse_listen``;
-- no sessions (shell, exec, subsystem, pty), no agent, X11 or UNIX-socket forwarding.
+- tcpip-forward only on a "host:port" listed for that hub in ``reverse_listen``. The
+  forwarder binds every such address itself when it starts and holds it for as long as it
+  runs: while the hub is connected (and has asked for the forward), connections there go
+  through that hub's SSH connection; while it is away they are closed. A notebook user at
+  the site can never bind the port in between and pose as the hub API;
+- no sessions (shell, exec, subsystem, pty), no agent, X11 or UNIX-socket forwarding;
+- per hub at most ``max_connections_per_hub`` SSH connections and ``max_channels_per_hub``
+  open forwards; unauthenticated connections are dropped after ``login_timeout``, and
+  silent ones after ``keepalive_interval`` x ``keepalive_count_max``.
 
 Every refusal is logged at WARNING on ``outpost.forwarder``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
-from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Integer, List, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 log = logging.getLogger("outpost.forwarder")
@@ -156,20 +165,80 @@ class SSHForwarder(Configurable):
 
         Hub name -> list of "host:port" (e.g. {"hub-a": ["127.0.0.1:18081"]}), so notebooks
         can reach the hub API through the hub's SSH connection. Only exactly these
-        addresses are accepted; by default no hub may listen anywhere.
+        addresses are accepted; by default no hub may listen anywhere. An address belongs
+        to one hub.
+
+        The forwarder binds each of them itself when it starts (an address it cannot bind
+        stops the Outpost with an error naming it) and holds it while it runs: while the
+        hub is away, connections there are closed, and no one else at the site can listen
+        there and pose as the hub API.
         """,
+    )
+    max_connections_per_hub = Integer(
+        8,
+        min=1,
+        max=10000,
+        config=True,
+        help="""How many SSH connections one hub may have open at the same time.
+
+        A hub needs one per Outpost (a few more for a moment while it reconnects); one
+        beyond the limit is refused at authentication, with a WARNING naming the hub.
+        """,
+    )
+    max_channels_per_hub = Integer(
+        4096,
+        min=1,
+        max=1000000,
+        config=True,
+        help="""How many forwarded TCP connections (to notebooks, and from the site through
+        reverse forwards) one hub may have open at the same time, over all its SSH
+        connections. One beyond the limit is refused (a WARNING naming the hub); the
+        others, and the other hubs, are not affected.
+        """,
+    )
+    login_timeout = Float(
+        30.0,
+        min=0.01,
+        max=3600.0,
+        config=True,
+        help="""Seconds a client has to authenticate after connecting; then it is
+        disconnected. Short: unauthenticated connections cost the Outpost memory.""",
+    )
+    keepalive_interval = Float(
+        30.0,
+        min=0.0,
+        max=3600.0,
+        config=True,
+        help="""Seconds of silence from a hub's connection after which the forwarder sends
+        an SSH keepalive (0: never). After ``keepalive_count_max`` unanswered ones the
+        connection is closed, and its forwards (and its hold on reverse forwards) with
+        it.""",
+    )
+    keepalive_count_max = Integer(
+        3,
+        min=1,
+        max=100,
+        config=True,
+        help="How many keepalives in a row may go unanswered before a hub's connection is closed.",
     )
 
     @validate("reverse_listen")
     def _check_reverse_listen(self, proposal):
+        owners: dict[tuple[str, int], str] = {}
         for hub, addresses in proposal.value.items():
             for address in addresses:
                 try:
-                    split_host_port(address)
+                    key = split_host_port(address)
                 except ValueError:
                     raise TraitError(
                         f"SSHForwarder.reverse_listen[{hub!r}]: {address!r} is not host:port"
                     ) from None
+                other = owners.setdefault(key, hub)
+                if other != hub:
+                    raise TraitError(
+                        f"SSHForwarder.reverse_listen: {address!r} is listed for both {other!r} and "
+                        f"{hub!r}; an address may belong to one hub"
+                    )
         return proposal.value
 
     def __init__(self, **kwargs):
@@ -179,6 +248,15 @@ class SSHForwarder(Configurable):
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
         self._allowed: AllowedDestinations = lambda hub: set()
+        #: hub -> its authenticated connections
+        self._hub_connections: dict[str, set[_HubConnection]] = {}
+        #: hub -> its open forwarded TCP connections
+        self._channels: dict[str, int] = {}
+        #: every reverse_listen address, bound by the forwarder itself
+        self._held: dict[tuple[str, int], asyncio.AbstractServer] = {}
+        #: reverse_listen address -> the hub connection whose forward it is now
+        self._reverse_owner: dict[tuple[str, int], _HubConnection] = {}
+        self._pipes: set[asyncio.Task] = set()
 
     @property
     def bound_port(self) -> int | None:
@@ -204,10 +282,82 @@ class SSHForwarder(Configurable):
     def reverse_allowed(self, hub: str) -> set[tuple[str, int]]:
         return {split_host_port(address) for address in self.reverse_listen.get(hub, [])}
 
+    def take_channel(self, hub: str) -> bool:
+        """Count one more open forward of hub; False (counted nothing) at its limit."""
+        count = self._channels.get(hub, 0)
+        if count >= self.max_channels_per_hub:
+            return False
+        self._channels[hub] = count + 1
+        return True
+
+    def release_channel(self, hub: str) -> None:
+        count = self._channels.get(hub, 0) - 1
+        if count > 0:
+            self._channels[hub] = count
+        else:
+            self._channels.pop(hub, None)
+
+    async def _hold_reverse_addresses(self) -> None:
+        """Bind every reverse_listen address (ForwarderConfigError if one cannot be)."""
+        for hub, addresses in self.reverse_listen.items():
+            for address in addresses:
+                key = split_host_port(address)
+                try:
+                    self._held[key] = await asyncio.start_server(
+                        functools.partial(self._reverse_client, key), key[0], key[1]
+                    )
+                except OSError as e:
+                    raise ForwarderConfigError(
+                        f"c.SSHForwarder.reverse_listen[{hub!r}]: cannot listen on {address} ({e}); "
+                        "something else holds it, or it is not an address of this host"
+                    ) from None
+                log.info("Holding %s for the reverse forward of hub %r", address, hub)
+
+    async def _reverse_client(self, key: tuple[str, int], reader, writer) -> None:
+        """A connection to a held reverse_listen address: through its hub's SSH
+        connection if the hub asked for the forward, else closed."""
+        host, port = key
+        peer = writer.get_extra_info("peername") or ("", 0)
+        owner = self._reverse_owner.get(key)
+        if owner is None or owner.conn is None:
+            log.info("Closed a connection from %s:%s to %s:%d: its hub has no reverse forward there now",
+                     peer[0], peer[1], host, port)  # fmt: skip
+            writer.close()
+            return
+        hub = owner.hub
+        if not self.take_channel(hub):
+            log.warning(
+                "SSH forwarder refused a connection from %s:%s to the reverse forward %s:%d of hub %r: "
+                "it has %d forwards open (c.SSHForwarder.max_channels_per_hub)",
+                peer[0], peer[1], host, port, hub, self.max_channels_per_hub,
+            )  # fmt: skip
+            writer.close()
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._pipes.add(task)
+        try:
+            try:
+                ssh_reader, ssh_writer = await owner.conn.open_connection(host, port, peer[0], peer[1])
+            except (asyncssh.Error, OSError) as e:
+                log.info("Hub %r did not take the connection to %s:%d: %s", hub, host, port, e)
+                return
+            await _splice(reader, writer, ssh_reader, ssh_writer)
+        finally:
+            writer.close()
+            self.release_channel(hub)
+            if task is not None:
+                self._pipes.discard(task)
+
     async def start(self, allowed_destinations: AllowedDestinations) -> None:
         """Listen; ``allowed_destinations(hub)`` is asked for every direct-tcpip channel."""
         self.load_keys()
         self._allowed = allowed_destinations
+        try:
+            await self._hold_reverse_addresses()
+        except ForwarderConfigError:
+            await self._release_held()
+            raise
         try:
             self._acceptor = await asyncssh.listen(
                 self.ip,
@@ -222,8 +372,12 @@ class SSHForwarder(Configurable):
                 agent_forwarding=False,
                 x11_forwarding=False,
                 allow_pty=False,
+                login_timeout=self.login_timeout,
+                keepalive_interval=self.keepalive_interval,
+                keepalive_count_max=self.keepalive_count_max,
             )
         except OSError as e:
+            await self._release_held()
             raise ForwarderConfigError(
                 f"SSH forwarder cannot listen on {self.ip}:{self.port} ({e})"
             ) from None
@@ -238,6 +392,16 @@ class SSHForwarder(Configurable):
         if self._acceptor is not None:
             await self._acceptor.wait_closed()
             self._acceptor = None
+        await self._release_held()
+
+    async def _release_held(self) -> None:
+        held, self._held = self._held, {}
+        for server in held.values():
+            server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        for server in held.values():
+            await server.wait_closed()
 
 
 class _HubConnection(asyncssh.SSHServer):
@@ -263,6 +427,7 @@ class _HubConnection(asyncssh.SSHServer):
     def connection_lost(self, exc):
         self.forwarder._connections.discard(self.conn)
         if self.hub:
+            self.forwarder._hub_connections.get(self.hub, set()).discard(self)
             log.info(
                 "SSH connection of hub %r from %s closed%s", self.hub, self.peer, f": {exc}" if exc else ""
             )
@@ -289,9 +454,26 @@ class _HubConnection(asyncssh.SSHServer):
         if self.hub is None:
             self._refuse(f"key {self.fingerprint} (user {username!r})", "not an authorized key of any hub")
             return False
+        if len(self.forwarder._hub_connections.get(self.hub, ())) >= self.forwarder.max_connections_per_hub:
+            self._refuse_connection_over_cap()
+            return False
         return True
 
+    def _refuse_connection_over_cap(self) -> None:
+        self._refuse(
+            "another SSH connection",
+            f"the hub has {self.forwarder.max_connections_per_hub} open "
+            "(c.SSHForwarder.max_connections_per_hub)",
+        )
+
     def auth_completed(self):
+        mine = self.forwarder._hub_connections.setdefault(self.hub, set())
+        if len(mine) >= self.forwarder.max_connections_per_hub:
+            # two connections authenticated at once: the limit holds all the same
+            self._refuse_connection_over_cap()
+            self.conn.close()
+            return
+        mine.add(self)
         log.info("SSH connection of hub %r from %s (key %s)", self.hub, self.peer, self.fingerprint)
 
     # --- what a hub may do ---------------------------------------------------------------
@@ -312,16 +494,51 @@ class _HubConnection(asyncssh.SSHServer):
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 f"{dest_host}:{dest_port} is not a running server of hub {self.hub!r} on this Outpost",
             )
+        if not self.forwarder.take_channel(self.hub):
+            limit = self.forwarder.max_channels_per_hub
+            self._refuse(what, f"the hub has {limit} forwards open (c.SSHForwarder.max_channels_per_hub)")
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE,
+                f"hub {self.hub!r} has {limit} forwards open on this Outpost (its limit); close some first",
+            )
         log.debug("Hub %r forwards to %s:%d", self.hub, dest_host, dest_port)
-        return True
+        return self._forward(dest_host, dest_port)
+
+    async def _forward(self, dest_host: str, dest_port: int):
+        """The session of one direct-tcpip channel: asyncssh's own forwarding, counted
+        against the hub's channels until it closes."""
+        hub = self.hub
+        try:
+            session = await self.conn.forward_connection(dest_host, dest_port)
+        except BaseException:
+            self.forwarder.release_channel(hub)
+            raise
+        lost = session.connection_lost
+        released = False
+
+        def connection_lost(exc):
+            nonlocal released
+            if not released:
+                released = True
+                self.forwarder.release_channel(hub)
+            lost(exc)
+
+        session.connection_lost = connection_lost
+        return session
 
     def server_requested(self, listen_host, listen_port):
         what = f"a reverse forward listening on {listen_host}:{listen_port}"
-        if (listen_host, listen_port) not in self.forwarder.reverse_allowed(self.hub):
+        key = (listen_host, listen_port)
+        if key not in self.forwarder.reverse_allowed(self.hub) or key not in self.forwarder._held:
             self._refuse(what, f"not in c.SSHForwarder.reverse_listen[{self.hub!r}]")
             return False
+        previous = self.forwarder._reverse_owner.get(key)
+        if previous is not None and previous is not self:
+            log.info("Hub %r's newer connection from %s takes over the reverse forward %s:%d",
+                     self.hub, self.peer, listen_host, listen_port)  # fmt: skip
+        self.forwarder._reverse_owner[key] = self
         log.info("Hub %r listens on %s:%d at the site (reverse forward)", self.hub, listen_host, listen_port)
-        return True
+        return _ReverseLease(self.forwarder, key, self)
 
     def session_requested(self):
         self._refuse("a session (shell, exec or subsystem)", "sessions are not allowed")
@@ -342,3 +559,50 @@ class _HubConnection(asyncssh.SSHServer):
     def tap_requested(self, unit):
         self._refuse("a tap device", "only TCP forwards are allowed")
         return False
+
+
+class _ReverseLease:
+    """What asyncssh keeps as the listener of a hub's reverse forward: the address is the
+    forwarder's (held from start-up); closing the lease (cancel-tcpip-forward, the
+    connection's end) only hands it back."""
+
+    def __init__(self, forwarder: SSHForwarder, key: tuple[str, int], owner: _HubConnection):
+        self.forwarder = forwarder
+        self.key = key
+        self.owner = owner
+
+    def get_port(self) -> int:
+        return self.key[1]
+
+    def close(self) -> None:
+        if self.forwarder._reverse_owner.get(self.key) is self.owner:
+            del self.forwarder._reverse_owner[self.key]
+            log.info("Hub %r no longer listens on %s:%d; the forwarder holds it", self.owner.hub, *self.key)
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+async def _splice(reader, writer, ssh_reader, ssh_writer) -> None:
+    """Copy both ways until both sides have ended (half-closes passed on); an error on
+    either side ends both."""
+
+    async def copy(src, dst) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+
+    tasks = [asyncio.ensure_future(copy(reader, ssh_writer)), asyncio.ensure_future(copy(ssh_reader, writer))]
+    try:
+        for task in asyncio.as_completed(tasks):
+            try:
+                await task
+            except (OSError, asyncssh.Error, asyncio.IncompleteReadError):
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ssh_writer.close()

@@ -76,6 +76,7 @@ class ManagerSettings:
     max_servers_by_hub: dict[str, int]
     failed_server_retention: float
     exited_server_retention: float
+    cleanup_timeout: float
 
     @classmethod
     def from_traits(cls, app) -> ManagerSettings:
@@ -137,6 +138,8 @@ class LifecycleManager:
             failed_retention=settings.failed_server_retention,
             exited_retention=settings.exited_server_retention,
         )
+        # the restore's clean-ups of interrupted starts, running in the background
+        self._cleanups: set[asyncio.Task] = set()
 
     @property
     def closing(self) -> bool:
@@ -152,8 +155,11 @@ class LifecycleManager:
             journal=self.journal,
             certs_dir=self.certs_dir,
             max_events=self.settings.max_events_per_server,
+            cleanup_timeout=self.settings.cleanup_timeout,
         )
-        return await restorer.restore()
+        count = await restorer.restore()
+        self._cleanups = restorer.cleanups
+        return count
 
     def start_polling(self) -> None:
         """Begin the Outpost's own schedules: Spawner polls, and the expiry of stopped
@@ -301,7 +307,14 @@ class LifecycleManager:
             remove_start_certificates(previous, self.certs_dir)  # a stopped start the hub never stopped
         new.accepted.set_result(None)
         new.accepted = None
-        StartRun(new, self.journal, certs_dir=self.certs_dir, start_message=self.settings.start_message).launch()
+        StartRun(
+            new,
+            self.journal,
+            certs_dir=self.certs_dir,
+            start_message=self.settings.start_message,
+            records=self.records,
+            cleanup_timeout=self.settings.cleanup_timeout,
+        ).launch()
 
     async def wait_terminal(self, rec: Record) -> None:
         while not rec.terminal and self.records.current(rec):
@@ -353,14 +366,27 @@ class LifecycleManager:
     def forward_targets(self, hub: str) -> set[tuple[str, int]]:
         """(host, port) of this hub's servers that may be reached through the SSH forwarder.
 
-        Running (or unknown-but-alive) servers only; a stopped server's address is
-        never reachable, even before the hub calls Stop.
+        Only addresses that are fresh and owned by exactly one server: RUNNING servers
+        whose Spawner the Outpost holds (not UNKNOWN ones, nor ones whose stored state
+        could not be decrypted or restored, nor stopped ones even before the hub calls
+        Stop), and never an address another active server (of this hub or another) also
+        claims: a notebook reports its own port, and two claims mean one of them lies.
         """
-        return {
+        mine = {
             (rec.address["host"], rec.address["port"])
             for rec in self.records.of_hub(hub).values()
-            if rec.address and rec.state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_UNKNOWN)
+            if rec.address and rec.state == pb.SERVER_STATE_RUNNING and rec.spawner is not None
         }
+        if not mine:
+            return mine
+        claims: dict[tuple[str, int], int] = dict.fromkeys(mine, 0)
+        for rec in self.records.values():
+            address = rec.address
+            if address and rec.state in ACTIVE:
+                key = (address["host"], address["port"])
+                if key in claims:
+                    claims[key] += 1
+        return {address for address, count in claims.items() if count == 1}
 
     # --- Stop --------------------------------------------------------------------------
 
@@ -433,6 +459,7 @@ class LifecycleManager:
         polls = self.poller.stop()  # never cancelled; their answers get the grace too
         pending = [r.run.task for r in self.records.values() if r.run is not None and r.run.running]
         pending += [r.stop_task for r in self.records.values() if r.stop_task and not r.stop_task.done()]
+        pending += [task for task in self._cleanups if not task.done()]
         if pending:
             log.info("Waiting up to %gs for %d pending starts/stops", grace, len(pending))
             _, still = await asyncio.wait(pending, timeout=grace)

@@ -553,6 +553,22 @@ class HostingOptions(HasTraits):
         """,
     )
 
+    cleanup_timeout = Float(
+        60.0,
+        min=0.01,
+        max=3600.0,
+        config=True,
+        help="""Seconds a clean-up ``stop(now=True)`` of a Spawner may take before the
+        Outpost gives up on it (a WARNING in the log; what it should have stopped may still
+        run at the site).
+
+        Clean-ups are the stops of failed starts and of starts a restart interrupted. The
+        latter run in the background after a restart, so a hung ``scancel`` never keeps
+        the Outpost from serving; the FAILED event of a start waits for its clean-up at
+        most this long. A Stop a hub asks for is not bounded by this.
+        """,
+    )
+
     @validate("allow_override", "allow_env", "allow_user_options")
     def _check_policy(self, proposal):
         try:

@@ -270,6 +270,12 @@ class Records(Mapping):
     def of_hub(self, hub: str) -> Mapping[str, Record]:
         return self._by_hub.get(hub, {})
 
+    def of_other_hubs(self, hub: str) -> Iterator[Record]:
+        """Every record of every hub but hub (costs the others' share only)."""
+        for other, records in self._by_hub.items():
+            if other != hub:
+                yield from records.values()
+
     def page(self, hub: str, after_name: str, size: int) -> tuple[list[Record], bool]:
         """Up to size of hub's records with names after after_name, in name order, and
         whether more follow."""

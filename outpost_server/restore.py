@@ -5,6 +5,11 @@ restart interrupted are failed and what they made is stopped, through their Spaw
 state or, for local processes whose state was never stored, through the start marker
 (orphans.py); rows written in plain text or under an older key are written again under
 the first key.
+
+Interrupted starts are failed and cleaned up in the background (each as its record's
+``run``; the orphan sweep after them in :attr:`Restorer.cleanups`), each Spawner's stop()
+bounded by ``cleanup_timeout``: one hung ``scancel`` never keeps the Outpost from serving.
+Until its clean-up ends, such a server shows STARTING.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from .journal import Journal
 from .poller import SpawnerPoller
 from .records import Record, Records
 from .spawners import SpawnerFactory
-from .starts import fail_start
+from .starts import StartRun
 from .store import Store
 
 log = logging.getLogger("outpost.manager")
@@ -45,6 +50,7 @@ class Restorer:
         journal: Journal,
         certs_dir: str | None,
         max_events: int,
+        cleanup_timeout: float | None = None,
     ):
         self.store = store
         self.records = records
@@ -53,6 +59,9 @@ class Restorer:
         self.journal = journal
         self.certs_dir = certs_dir
         self.max_events = max_events
+        self.cleanup_timeout = cleanup_timeout
+        #: the background clean-ups of interrupted starts (done ones drop out)
+        self.cleanups: set[asyncio.Task] = set()
 
     async def restore(self) -> int:
         """Load every persisted server and reconcile it; the number of servers loaded."""
@@ -80,7 +89,8 @@ class Restorer:
         }
         await asyncio.gather(*(self._reconcile(r) for r in list(self.records.values()) if r not in unreadable))
         if interrupted:
-            await self._sweep_orphans(interrupted)
+            runs = self._fail_interrupted(interrupted)
+            self._in_background(self._sweep_after(runs, interrupted), "sweep-interrupted-starts")
         await self._reencrypt(stale)
         return len(rows)
 
@@ -94,14 +104,42 @@ class Restorer:
             rec.state = pb.SERVER_STATE_UNKNOWN
             return
         if rec.state == pb.SERVER_STATE_STARTING:
-            log.warning("%s/%s was starting when the Outpost stopped; cleaning up", rec.hub, rec.name)
-            await fail_start(rec, RestartDuringStart(RESTART_DURING_START), self.journal, self.certs_dir)
-            return
+            return  # failed and cleaned up in the background (_fail_interrupted)
         try:
             await self.poller.poll_one(rec)
         except Unavailable:
             pass  # the database is down: the next poll writes what changed
         log.info("Restored %s/%s: %s", rec.hub, rec.name, convert.STATE_NAMES[rec.state])
+
+    def _in_background(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.cleanups.add(task)
+        task.add_done_callback(self.cleanups.discard)
+
+    def _fail_interrupted(self, interrupted: dict[str, Record]) -> list[asyncio.Task]:
+        """Fail the starts the restart interrupted, in the background, and stop what they
+        made (each stop() bounded by cleanup_timeout): their tasks.
+
+        Each runs as its record's ``run`` (StartRun.launch_failure): a Stop meanwhile
+        cancels it and stops the Spawner itself; a Start of the name is refused until
+        then (the server is STARTING)."""
+        runs = []
+        for rec in interrupted.values():
+            if rec.spawner is None:
+                continue  # its Spawner could not be made again: UNKNOWN (_reconcile)
+            log.warning("%s/%s was starting when the Outpost stopped; cleaning up", rec.hub, rec.name)
+            run = StartRun(rec, self.journal, certs_dir=self.certs_dir, start_message="",
+                           cleanup_timeout=self.cleanup_timeout)  # fmt: skip
+            run.launch_failure(RestartDuringStart(RESTART_DURING_START))
+            runs.append(run.task)
+        return runs
+
+    async def _sweep_after(self, runs: list[asyncio.Task], interrupted: dict[str, Record]) -> None:
+        """Once the interrupted starts' clean-ups ended, sweep what their Spawners could
+        not reach."""
+        if runs:
+            await asyncio.wait(runs)
+        await self._sweep_orphans(interrupted)
 
     async def _sweep_orphans(self, interrupted: dict[str, Record]) -> None:
         """Stop what the interrupted starts' Spawners could not reach (their state was

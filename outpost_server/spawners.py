@@ -59,6 +59,7 @@ class SpawnerFactory:
             overrides=spec.config_overrides,
             log=log.getChild(f"{rec.hub}.{rec.name}"),
         )
+        spawner._outpost_hub = rec.hub  # which hub it serves (for the Outpost's own logs and tests)
         # passed on to local notebook processes: a restart can find them (orphans.py)
         spawner._outpost_hub_env[orphans.START_MARKER_ENV] = orphans.start_marker(
             rec.hub, rec.name, rec.start_id

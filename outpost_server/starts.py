@@ -5,6 +5,12 @@ state as soon as it changes (what lets a restarted Outpost stop what a crashed s
 made), and a follower that turns the Spawner's ``progress()`` into events. The start
 ends in the READY event (address stored) or in :func:`fail_start` (FAILED event, the
 Spawner stopped, its certificates removed).
+
+The address a start ends with is checked before it is stored: an address an active server
+of another hub already has fails the start. A notebook reports its own port (the
+batchspawner callback), so without the check a notebook user could claim another hub's
+server's address. (Two servers of one hub with one address are not refused here; the SSH
+forwarder forwards to neither.)
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from . import convert
 from .aio import cancel_and_wait, wait_event
 from .hosting import certs_location, install_certificates, maybe_await, normalise_address
 from .journal import Journal
-from .records import Record
+from .records import ACTIVE, Record, Records
 from .spawners import recall_state, remove_start_certificates, run_post_stop_hook, safe_state, user_message
 
 log = logging.getLogger("outpost.manager")
@@ -33,17 +39,44 @@ class StartRun:
     #: seconds between two comparisons of the Spawner's state with the stored one
     checkpoint_interval = 1.0
 
-    def __init__(self, rec: Record, journal: Journal, *, certs_dir: str | None, start_message: str):
+    def __init__(
+        self,
+        rec: Record,
+        journal: Journal,
+        *,
+        certs_dir: str | None,
+        start_message: str,
+        records: Records | None = None,
+        cleanup_timeout: float | None = None,
+    ):
         self.rec = rec
         self.journal = journal
         self.certs_dir = certs_dir
         self.start_message = start_message
+        #: every server (to refuse an address another one has); None: not checked
+        self.records = records
+        self.cleanup_timeout = cleanup_timeout
         self.task: asyncio.Task | None = None
 
     def launch(self) -> None:
         rec = self.rec
         rec.run = self
         self.task = asyncio.create_task(self._run(), name=f"start-{rec.hub}-{rec.name}")
+
+    def launch_failure(self, error: BaseException) -> None:
+        """Fail the start in the background (a start the Outpost's restart interrupted):
+        :func:`fail_start`, as ``rec.run`` until it ends, so a Stop meanwhile cancels the
+        clean-up and stops the Spawner itself, and a shutdown waits for it as for a start."""
+        rec = self.rec
+        rec.run = self
+        self.task = asyncio.create_task(self._fail(error), name=f"clean-up-{rec.hub}-{rec.name}")
+
+    async def _fail(self, error: BaseException) -> None:
+        try:
+            await fail_start(self.rec, error, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
+        finally:
+            if self.rec.run is self:
+                self.rec.run = None
 
     @property
     def running(self) -> bool:
@@ -88,6 +121,7 @@ class StartRun:
                 await cancel_and_wait(start)
                 raise asyncio.TimeoutError()
             scheme, host, port = normalise_address(start.result(), spawner)
+            self._check_address(host, port)
             spawner._spawn_pending = spawner._start_pending = False
             await self._stop_progress(progress_task)
             progress_task = None
@@ -107,10 +141,32 @@ class StartRun:
         except Exception as e:
             if progress_task is not None:
                 await self._stop_progress(progress_task)
-            await fail_start(rec, e, self.journal, self.certs_dir)
+            await fail_start(rec, e, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
         finally:
             if rec.run is self:
                 rec.run = None
+
+    def _check_address(self, host: str, port: int) -> None:
+        """AddressInUse if an active server of another hub has host:port already.
+
+        Two starts that end with the same address at the same moment can both pass;
+        the SSH forwarder then forwards to neither (LifecycleManager.forward_targets).
+        """
+        if self.records is None:
+            return
+        holder = address_holder(self.records, host, port, hub=self.rec.hub)
+        if holder is None:
+            return
+        rec = self.rec
+        log.warning(
+            "Start of %s/%s ended with the address %s:%d, which %s/%s (%s) already has: failing it",
+            rec.hub, rec.name, host, port, holder.hub, holder.name, convert.STATE_NAMES[holder.state],
+        )  # fmt: skip
+        raise AddressInUse(
+            f"The server reported the address {host}:{port}, which another server on this "
+            "Outpost already uses, so it was stopped. Please start it again; if this "
+            "repeats, ask the site's administrators (the notebook may report a wrong port)."
+        )
 
     async def _ready(self, spawner: Spawner, address: dict) -> None:
         rec = self.rec
@@ -204,20 +260,71 @@ class StartRun:
             pass
 
 
-async def fail_start(rec: Record, error: BaseException, journal: Journal, certs_dir: str | None) -> None:
-    """End rec's start as failed: stop its Spawner (with the state the checkpoint stored),
-    remove its certificates, then the FAILED event with a message for the user."""
+class AddressInUse(Exception):
+    """A start ended with an address another active server already has."""
+
+
+def address_holder(records: Records, host: str, port: int, *, hub: str) -> Record | None:
+    """An active server of a hub other than hub whose address is host:port, if any."""
+    for other in records.of_other_hubs(hub):
+        address = other.address
+        if (
+            address
+            and address["port"] == port
+            and address["host"] == host
+            and other.state in ACTIVE
+        ):
+            return other
+    return None
+
+
+async def stop_bounded(rec: Record, spawner: Spawner, timeout: float | None) -> None:
+    """``spawner.stop(now=True)`` for a clean-up, given up after ``timeout`` seconds.
+
+    A clean-up stop that hangs (an ``scancel`` that never returns) must not hold up
+    what waits for it (a failed start's FAILED event, the restore at start-up): it is
+    cancelled and left behind, with a WARNING; what it should have stopped may still run.
+    """
+    task = asyncio.ensure_future(spawner.stop(now=True))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()  # not awaited: a stop() that ignores the cancel is left behind
+        log.warning(
+            "Clean-up stop() of %s/%s did not finish within %gs (c.Outpost.cleanup_timeout): "
+            "abandoned it; what it should have stopped may still run at the site",
+            rec.hub, rec.name, timeout,
+        )  # fmt: skip
+        return
+    try:
+        task.result()
+    except Exception:
+        log.exception("Cleanup stop() of %s/%s raised", rec.hub, rec.name)
+
+
+async def fail_start(
+    rec: Record,
+    error: BaseException,
+    journal: Journal,
+    certs_dir: str | None,
+    *,
+    cleanup_timeout: float | None = None,
+) -> None:
+    """End rec's start as failed: stop its Spawner (with the state the checkpoint stored;
+    given up after ``cleanup_timeout`` seconds), remove its certificates, then the FAILED
+    event with a message for the user."""
     message = user_message(error)
     if isinstance(error, asyncio.TimeoutError) and rec.spawner is not None:
         message = f"The server did not start within {rec.spawner.start_timeout:g} seconds."
     log.error("Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error)
     if rec.spawner is not None:
         recall_state(rec.spawner, rec.spawner_state)  # what the checkpoint stored
-        try:
-            await rec.spawner.stop(now=True)
-        except Exception:
-            log.exception("Cleanup stop() of %s/%s raised", rec.hub, rec.name)
-        run_post_stop_hook(rec.spawner)
+        spawner = rec.spawner
+        await stop_bounded(rec, spawner, cleanup_timeout)
+        run_post_stop_hook(spawner)
     remove_start_certificates(rec, certs_dir)
     error_class = type(error).__name__
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import zlib
 
 from jupyterhub.spawner import Spawner
 from traitlets import Float, Integer, Unicode
@@ -37,11 +38,22 @@ def reset_class_state() -> None:
             setattr(cls, name, copy.deepcopy(value))
 
 
+def zoo_port(spawner: Spawner, port: int) -> int:
+    """port for the servers of hub "default"; another port for each other hub.
+
+    The Outpost fails a start whose address an active server of another hub has
+    (starts.py): the fixed addresses of these Spawners stay apart between hubs.
+    """
+    hub = getattr(spawner, "_outpost_hub", "default")
+    return port if hub == "default" else port + 1 + zlib.crc32(hub.encode()) % 20000
+
+
 class InstantSpawner(Spawner):
-    """start() returns at once, poll() says running: measures the Outpost, not a Spawner."""
+    """start() returns at once, poll() says running: measures the Outpost, not a Spawner.
+    Its address is 127.0.0.1:12345 for hub "default" (:func:`zoo_port`)."""
 
     async def start(self):
-        return ("127.0.0.1", 12345)
+        return ("127.0.0.1", zoo_port(self, 12345))
 
     async def poll(self):
         return None
@@ -57,7 +69,8 @@ class InstantSpawner(Spawner):
 
 @class_state("stopped")
 class SlowSpawner(Spawner):
-    """Takes `delay` seconds to start, yielding progress events on the way."""
+    """Takes `delay` seconds to start, yielding progress events on the way. Its address
+    is 127.0.0.1:23456 for hub "default" (:func:`zoo_port`)."""
 
     delay = Float(1.0, config=True, help="Seconds start() takes.")
     steps = Integer(4, config=True, help="Progress events during the start.")
@@ -65,7 +78,7 @@ class SlowSpawner(Spawner):
 
     async def start(self):
         await asyncio.sleep(self.delay)
-        return ("127.0.0.1", 23456)
+        return ("127.0.0.1", zoo_port(self, 23456))
 
     async def progress(self):
         for i in range(self.steps):
@@ -213,3 +226,32 @@ class LatePortSpawner(Spawner):
 
     async def stop(self, now=False):
         return None
+
+
+@class_state("start_hangs", "starts", "stops_begun", "stops_abandoned")
+class HangingStopSpawner(InstantSpawner):
+    """stop() never returns (a hung ``scancel``) until it is cancelled; start() hangs too
+    while ``start_hangs`` (a test clears it to start servers normally).
+
+    Over all instances: ``starts`` counts the start() calls, ``stops_begun`` the stop()
+    calls and ``stops_abandoned`` the stop() calls that were cancelled.
+    """
+
+    start_hangs = True
+    starts = 0
+    stops_begun = 0
+    stops_abandoned = 0
+
+    async def start(self):
+        HangingStopSpawner.starts += 1
+        if HangingStopSpawner.start_hangs:
+            await asyncio.Event().wait()
+        return await super().start()
+
+    async def stop(self, now=False):
+        HangingStopSpawner.stops_begun += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            HangingStopSpawner.stops_abandoned += 1
+            raise

@@ -15,7 +15,7 @@ from jupyterhub.spawner import Spawner
 from outpost_client import ResourceExhausted, ServerNotFound, TooManyServers, pb
 from outpost_client.errors import TOO_MANY_SERVERS
 from outpost_client.spawner import OutpostStartFailed
-from outpost_server.testing import class_state
+from outpost_server.testing import class_state, zoo_port
 
 from .harness.hub import hub_client, make_spawner
 from .harness.outpost import outpost_config, running_outpost
@@ -38,7 +38,7 @@ class FloodSpawner(Spawner):
         await asyncio.sleep(0)
         if self.user.name.startswith("fail"):
             raise RuntimeError(f"no room for {self.user.name}")
-        return ("127.0.0.1", 12345)
+        return ("127.0.0.1", zoo_port(self, 12345))  # apart between hubs
 
     async def poll(self):
         return 0 if self.user.name.startswith("exit") else None

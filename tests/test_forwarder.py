@@ -7,15 +7,21 @@ through ``op.client`` belong to it; hub "other" only has an SSH key (given as a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import logging
 import signal
+import socket
 import stat
 from contextlib import asynccontextmanager
 
 import asyncssh
 import pytest
+from traitlets import TraitError
 
-from outpost_server.forwarder import ForwarderConfigError
+from outpost_client import pb
+from outpost_server.forwarder import ForwarderConfigError, SSHForwarder
+from outpost_server.records import EventLog, Record
 from outpost_server.testing import InstantSpawner, class_state
 
 from .harness.outpost import one_line, run_outpost
@@ -290,3 +296,202 @@ async def test_console_script_runs_and_stops_the_forwarder(outpost_process, keys
     conn = await ssh_connect(ssh_port, keys["default"], known_hosts=([host_key], [], []))
     assert op.kill(signal.SIGTERM) == 0
     await asyncio.wait_for(conn.wait_closed(), 10)
+
+
+# --- only fresh addresses owned by exactly one server ----------------------------------
+
+
+def plant(op, like, hub: str, state=None, name: str = "nb") -> Record:
+    """A record of ``hub`` with the address of record ``like`` (what a restored row or a
+    notebook's port callback could leave), put straight into the manager's table."""
+    rec = Record(
+        hub=hub,
+        spec=dataclasses.replace(like.spec, server_name=name),
+        state=state or pb.SERVER_STATE_RUNNING,
+        start_time=like.start_time,
+        events=EventLog(10),
+        address=dict(like.address),
+    )
+    op.manager.records.put(rec)
+    return rec
+
+
+async def test_only_fresh_addresses_are_forwarded(start_outpost, traits, keys, echo_port, forwarder_log):
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        rec = op.manager.records[("default", "nb")]
+        async with ssh_connect(op.app.forwarder.bound_port, keys["default"]) as conn:
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+            # UNKNOWN (its last poll failed): its notebook may be gone, the port reused
+            rec.state = pb.SERVER_STATE_UNKNOWN
+            with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                await conn.open_connection("127.0.0.1", echo_port)
+            # RUNNING, but without a Spawner: a row that could not be decrypted or restored
+            rec.state, spawner, rec.spawner = pb.SERVER_STATE_RUNNING, rec.spawner, None
+            with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                await conn.open_connection("127.0.0.1", echo_port)
+            rec.spawner = spawner
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+
+
+async def test_address_claimed_twice_is_not_forwarded(start_outpost, traits, keys, echo_port, forwarder_log):
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        rec = op.manager.records[("default", "nb")]
+        port = op.app.forwarder.bound_port
+        # another hub's server claims the same address: neither hub is forwarded there
+        other = plant(op, rec, "other")
+        for hub in ("default", "other"):
+            async with ssh_connect(port, keys[hub]) as conn:
+                with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                    await conn.open_connection("127.0.0.1", echo_port)
+        op.manager.records.remove(other)
+        # two servers of one hub: the same
+        twin = plant(op, rec, "default", state=pb.SERVER_STATE_UNKNOWN, name="twin")
+        async with ssh_connect(port, keys["default"]) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError, match="not a running server"):
+                await conn.open_connection("127.0.0.1", echo_port)
+            op.manager.records.remove(twin)
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+
+
+async def test_start_cannot_take_another_hubs_address(start_outpost, traits, keys, echo_port, caplog):
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        rec = op.manager.records[("default", "nb")]
+        # hub "other"'s active server has the address the next start of "default" reports
+        # (a notebook's port callback can report any port)
+        await op.client.stop("nb")
+        other = plant(op, rec, "other")
+        with caplog.at_level(logging.WARNING, logger="outpost.manager"):
+            result = await op.client.start("nb", "s2", user_name="alice", wait_until_ready=True)
+        assert result.status.state == pb.SERVER_STATE_STOPPED
+        assert f"reported the address 127.0.0.1:{echo_port}, which another server" in result.status.failure_message
+        assert "'other'" not in result.status.failure_message  # no other hub's names for the user
+        assert "which other/nb (running) already has: failing it" in caplog.text
+        assert other.address == {"scheme": "http", "host": "127.0.0.1", "port": echo_port}  # kept
+        # once that server is gone, the address is free again
+        op.manager.records.remove(other)
+        result = await op.client.start("nb", "s3", user_name="alice", wait_until_ready=True)
+        assert result.status.state == pb.SERVER_STATE_RUNNING
+
+
+# --- reverse forwards: the forwarder holds the address ---------------------------------
+
+
+async def test_reverse_listen_port_cannot_be_squatted(start_outpost, traits, keys, echo_port, forwarder_log):
+    """While the hub is away, a notebook user at the site cannot listen on the hub's
+    reverse_listen port (and pose as the hub API): the forwarder holds it from start-up."""
+    listen = free_port()
+    traits["SSHForwarder.reverse_listen"] = {"default": [f"127.0.0.1:{listen}"]}
+
+    def squat() -> None:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", listen))
+            s.listen()
+
+    async def through_listen() -> bytes:
+        """What comes back through the listen port (b"": closed, or reset, at once)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        try:
+            writer.write(b"to the hub API")
+            return await asyncio.wait_for(reader.readexactly(14), 10)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return b""
+        finally:
+            writer.close()
+
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        port = op.app.forwarder.bound_port
+        # no hub connected yet: held, and a connection there is closed
+        with pytest.raises(OSError) as squatted:
+            squat()
+        assert squatted.value.errno == errno.EADDRINUSE
+        assert await through_listen() == b""
+        async with ssh_connect(port, keys["default"]) as conn:
+            await conn.forward_remote_port("127.0.0.1", listen, "127.0.0.1", echo_port)
+            assert await through_listen() == b"to the hub API"
+        # the hub disconnected: still held
+        await wait_for(lambda: not op.app.forwarder._reverse_owner)
+        with pytest.raises(OSError) as squatted:
+            squat()
+        assert squatted.value.errno == errno.EADDRINUSE
+        assert await through_listen() == b""
+        # the hub reconnects: a request reaches the hub's side again
+        async with ssh_connect(port, keys["default"]) as conn:
+            await conn.forward_remote_port("127.0.0.1", listen, "127.0.0.1", echo_port)
+            assert await through_listen() == b"to the hub API"
+    # the Outpost stopped: the port is free
+    squat()
+
+
+def test_reverse_listen_address_belongs_to_one_hub():
+    with pytest.raises(TraitError, match="is listed for both 'a' and 'b'; an address may belong to one hub"):
+        SSHForwarder(reverse_listen={"a": ["127.0.0.1:18081"], "b": ["127.0.0.1:18081"]})
+
+
+async def test_reverse_listen_address_in_use_stops_the_outpost(start_outpost, traits):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        traits["SSHForwarder.reverse_listen"] = {"default": [f"127.0.0.1:{taken}"]}
+        with pytest.raises(ForwarderConfigError) as error:
+            async with forwarding_outpost(start_outpost, **traits):
+                pass
+    assert f"reverse_listen['default']: cannot listen on 127.0.0.1:{taken}" in str(error.value)
+
+
+# --- caps and timeouts -----------------------------------------------------------------
+
+
+async def test_unauthenticated_connection_dropped_after_login_timeout(start_outpost, traits):
+    traits["SSHForwarder.login_timeout"] = 0.5
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        reader, writer = await asyncio.open_connection("127.0.0.1", op.app.forwarder.bound_port)
+        try:
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"SSH-2.0-")
+            # says nothing more: the forwarder hangs up (the guard only keeps a broken
+            # forwarder from hanging the test)
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+        finally:
+            writer.close()
+
+
+async def test_connections_over_the_hub_cap_refused(start_outpost, traits, keys, echo_port, forwarder_log):
+    traits["SSHForwarder.max_connections_per_hub"] = 1
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        port = op.app.forwarder.bound_port
+        first = await ssh_connect(port, keys["default"])
+        with pytest.raises(asyncssh.PermissionDenied):
+            await ssh_connect(port, keys["default"])
+        # another hub is not affected
+        async with ssh_connect(port, keys["other"]):
+            pass
+        assert await round_trip(first, "127.0.0.1", echo_port) == b"hello notebook"
+        first.close()
+        await first.wait_closed()
+        await wait_for(lambda: not op.app.forwarder._hub_connections.get("default"))
+        async with ssh_connect(port, keys["default"]) as again:
+            assert await round_trip(again, "127.0.0.1", echo_port) == b"hello notebook"
+    assert "refused another SSH connection from hub 'default'" in warnings(forwarder_log)
+    assert "c.SSHForwarder.max_connections_per_hub" in warnings(forwarder_log)
+
+
+async def test_forwards_over_the_hub_cap_refused(start_outpost, traits, keys, echo_port, forwarder_log):
+    traits["SSHForwarder.max_channels_per_hub"] = 2
+    async with forwarding_outpost(start_outpost, **traits) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        async with ssh_connect(op.app.forwarder.bound_port, keys["default"]) as conn:
+            open_ = [await conn.open_connection("127.0.0.1", echo_port) for _ in range(2)]
+            with pytest.raises(asyncssh.ChannelOpenError) as refused:
+                await conn.open_connection("127.0.0.1", echo_port)
+            assert refused.value.code == asyncssh.OPEN_RESOURCE_SHORTAGE
+            assert "has 2 forwards open" in refused.value.reason
+            for _, writer in open_:
+                writer.close()
+            await wait_for(lambda: not op.app.forwarder._channels.get("default"))
+            assert await round_trip(conn, "127.0.0.1", echo_port) == b"hello notebook"
+    assert "c.SSHForwarder.max_channels_per_hub" in warnings(forwarder_log)

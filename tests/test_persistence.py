@@ -65,11 +65,16 @@ async def test_start_interrupted_by_restart_is_failed_and_cleaned_up(tmp_path, d
         await op.client.start("dan", "d1", user_name="dan")
         await asyncio.sleep(0.1)
     async with running_outpost(cfg) as op:
-        status = await op.client.poll("dan")
-        assert status.state == pb.SERVER_STATE_STOPPED
+        # cleaned up in the background (restore.py): STARTING until then
+        status = await wait_for(lambda: _stopped(op.client, "dan"), message="the interrupted start never failed")
         assert "restarted while this server was starting" in status.failure_message
         events = [e async for e in op.client.events("dan")]
         assert events[-1].kind == pb.EVENT_KIND_FAILED
+
+
+async def _stopped(client, name: str):
+    status = await client.poll(name)
+    return status if status.state == pb.SERVER_STATE_STOPPED else None
 
 
 LOCALPROCESS_CONFIG = """

@@ -20,6 +20,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+import asyncssh
 import pytest
 from tornado import httputil, netutil, web
 from tornado.httpclient import HTTPRequest
@@ -40,7 +41,7 @@ from outpost_server.relay import (
     token_from,
 )
 
-from .harness.util import wait_for
+from .harness.util import free_port, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -466,18 +467,28 @@ async def test_request_without_token_not_forwarded(start_outpost, upstream, http
 
 
 async def test_upstream_defaults_to_the_hubs_reverse_forward(start_outpost, upstream, metadata, http, tmp_path):
+    # the hub's reverse forward for real: the forwarder holds the listen port, and the
+    # hub's SSH connection carries what arrives there to the hub API (upstream)
+    listen = free_port()
+    key = asyncssh.generate_private_key("ssh-ed25519")
     forwarder = {
         "SSHForwarder.enabled": True,
         "SSHForwarder.port": 0,
         "SSHForwarder.host_key_file": str(tmp_path / "host_key"),
-        "SSHForwarder.reverse_listen": {"default": [f"127.0.0.1:{upstream.port}"]},
+        "SSHForwarder.authorized_keys": {"default": [key.export_public_key().decode()]},
+        "SSHForwarder.reverse_listen": {"default": [f"127.0.0.1:{listen}"]},
     }
     async with start_outpost(LATE, **RELAY, **forwarder) as op:
-        assert op.app.relay.upstream_for("default") == upstream.origin
-        _, nb_env = await start_server(op.client, op, "default", "judy", notebook_env(metadata, "judy"))
-        r = await call(http, nb_env["JUPYTERHUB_API_URL"] + "/user", token="t")
-        assert r.code == 200 and upstream.seen[-1].path == "/hub/api/user"
-        await op.client.stop("judy")
+        assert op.app.relay.upstream_for("default") == f"http://127.0.0.1:{listen}"
+        async with asyncssh.connect(
+            "127.0.0.1", op.app.forwarder.bound_port, username="hub", client_keys=[key],
+            known_hosts=None, agent_path=None, config=None,
+        ) as hub:  # fmt: skip
+            await hub.forward_remote_port("127.0.0.1", listen, "127.0.0.1", upstream.port)
+            _, nb_env = await start_server(op.client, op, "default", "judy", notebook_env(metadata, "judy"))
+            r = await call(http, nb_env["JUPYTERHUB_API_URL"] + "/user", token="t")
+            assert r.code == 200 and upstream.seen[-1].path == "/hub/api/user"
+            await op.client.stop("judy")
     assert metadata.seen == []
 
 
