@@ -22,6 +22,7 @@ from .errors import (
     TooManyStarts,
     Unauthenticated,
     Unavailable,
+    UserNotAllowed,
     UserOptionNotAllowed,
 )
 from .v1 import outpost_pb2 as pb
@@ -53,6 +54,7 @@ __all__ = [
     "TooManyStarts",
     "Unauthenticated",
     "Unavailable",
+    "UserNotAllowed",
     "UserOptionNotAllowed",
     "pb",
 ]
