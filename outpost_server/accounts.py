@@ -16,6 +16,7 @@ lifecycle manager's admission.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import pwd
@@ -222,6 +223,8 @@ class AccountPolicy:
     def __init__(self, mapping: UserMapping, allow: Any = True, *, uid_min: int, uid_max: int):
         self.mapping = check_mapping(mapping)
         self.allow = check_policy(allow, "allow_users")
+        if uid_min > uid_max:
+            raise AccountsConfigError(f"account_uid_min ({uid_min}) is above account_uid_max ({uid_max})")
         self.uid_min, self.uid_max = uid_min, uid_max
 
     async def local_account(self, hub: str, name: str) -> str:
@@ -248,7 +251,9 @@ class AccountPolicy:
                 f"{name!r}): a local account name has {ACCOUNT_NAME_RULE}.",
                 metadata=meta,
             )
-        uid = system_account(account, self.uid_min, self.uid_max)
+        # in a thread: with LDAP or sssd behind passwd a lookup may take a while, and the
+        # event loop serves every hub
+        uid = await asyncio.to_thread(system_account, account, self.uid_min, self.uid_max)
         if uid is not None:
             log.warning("Refused account %r (uid %d) to %r of hub %r: a system account", account, uid, name, hub)
             raise UserNotAllowed(

@@ -102,6 +102,8 @@ def test_uid_range_from_login_defs(tmp_path):
     assert Outpost(account_uid_min=500).account_uid_min == 500
     with pytest.raises(TraitError):
         Outpost(account_uid_min=0)  # uid 0 is root, refused whatever the range
+    with pytest.raises(AccountsConfigError, match=r"account_uid_min \(5000\) is above account_uid_max \(4000\)"):
+        Outpost(account_uid_min=5000, account_uid_max=4000).account_policy()
 
 
 def test_which_configurations_have_several_hubs():
