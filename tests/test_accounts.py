@@ -34,7 +34,7 @@ from outpost_server.testing import RecordingSpawner
 from .harness.hub import hub_client
 from .harness.outpost import one_line, outpost_config, run_outpost, running_outpost, stored_rows
 from .harness.procs import process_alive
-from .harness.util import sid, wait_for
+from .harness.util import notebook_account, sid, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -269,7 +269,6 @@ async def test_the_local_account_survives_a_restore_under_a_changed_mapping(tmp_
 # --- the real LocalProcessSpawner, as root ------------------------------------------------------------
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="LocalProcessSpawner switches users only as root")
-NB_ACCOUNT = "outpost-nb"
 
 
 @pytest.fixture
@@ -291,11 +290,9 @@ def local_process_traits(out: Path) -> dict:
 
 @needs_root
 async def test_local_process_spawner_never_starts_root_and_runs_as_the_mapped_account(start_outpost, shared_dir):
-    from .harness.sshd import ensure_user
-
-    ensure_user(NB_ACCOUNT)  # useradd: a uid in the site's range
-    account = pwd.getpwnam(NB_ACCOUNT)
-    mapping = {"default": {"alice": NB_ACCOUNT, "root": "root", "admin": "root"}}  # root never, even so
+    name = notebook_account()  # made with useradd: a uid in the site's range
+    account = pwd.getpwnam(name)
+    mapping = {"default": {"alice": name, "root": "root", "admin": "root"}}  # root never, even so
     traits = local_process_traits(shared_dir)
     async with start_outpost("localprocess", user_mapping=mapping, **traits) as op:
         for user in ("root", "admin"):  # by name, and mapped onto root
