@@ -22,6 +22,8 @@ import logging
 import pwd
 import re
 import string
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -43,6 +45,8 @@ ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")
 ACCOUNT_NAME_RULE = "letters, digits, '.', '_' and '-', at most 32 characters, not starting with '.' or '-'"
 
 LOGIN_DEFS = "/etc/login.defs"
+#: how long (seconds) and for how many accounts a passwd lookup's answer is kept
+LOOKUP_TTL, LOOKUP_CACHE_SIZE = 60.0, 4096
 DEFAULT_UID_MIN, DEFAULT_UID_MAX = 1000, 60000
 
 
@@ -226,6 +230,22 @@ class AccountPolicy:
         if uid_min > uid_max:
             raise AccountsConfigError(f"account_uid_min ({uid_min}) is above account_uid_max ({uid_max})")
         self.uid_min, self.uid_max = uid_min, uid_max
+        self._uids: OrderedDict[str, tuple[float, int | None]] = OrderedDict()  # system_uid()'s
+
+    async def system_uid(self, account: str) -> int | None:
+        """system_account(), looked up in a thread (with LDAP or sssd behind passwd a lookup
+        may take a while, and the event loop serves every hub) and remembered for
+        LOOKUP_TTL seconds (a user's next start costs no lookup)."""
+        now = time.monotonic()
+        known = self._uids.get(account)
+        if known is not None and known[0] > now:
+            return known[1]
+        uid = await asyncio.to_thread(system_account, account, self.uid_min, self.uid_max)
+        self._uids[account] = (now + LOOKUP_TTL, uid)
+        self._uids.move_to_end(account)
+        while len(self._uids) > LOOKUP_CACHE_SIZE:
+            self._uids.popitem(last=False)
+        return uid
 
     async def local_account(self, hub: str, name: str) -> str:
         meta = {"user_name": name}
@@ -251,9 +271,7 @@ class AccountPolicy:
                 f"{name!r}): a local account name has {ACCOUNT_NAME_RULE}.",
                 metadata=meta,
             )
-        # in a thread: with LDAP or sssd behind passwd a lookup may take a while, and the
-        # event loop serves every hub
-        uid = await asyncio.to_thread(system_account, account, self.uid_min, self.uid_max)
+        uid = await self.system_uid(account)
         if uid is not None:
             log.warning("Refused account %r (uid %d) to %r of hub %r: a system account", account, uid, name, hub)
             raise UserNotAllowed(

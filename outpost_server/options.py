@@ -406,7 +406,8 @@ class HostingOptions(HasTraits):
         config=True,
         help="""Existing accounts with a smaller uid are system accounts: no hub's user runs
         as one (PERMISSION_DENIED, reason USER_NOT_ALLOWED). root (uid 0) never.
-        Default: UID_MIN of /etc/login.defs, else 1000.""",
+        Default: UID_MIN of /etc/login.defs, else 1000. The passwd lookup runs in a
+        thread (LDAP, sssd) and its answer is kept for a minute per account.""",
     )
 
     @default("account_uid_min")

@@ -124,6 +124,28 @@ def test_which_configurations_have_several_hubs():
         default_mapping(None)
 
 
+async def test_passwd_is_asked_once_a_minute_per_account(monkeypatch):
+    from outpost_server import accounts
+
+    asked = []
+
+    def lookup(account, uid_min, uid_max):
+        asked.append(account)
+        return 0 if account == "root" else None
+
+    monkeypatch.setattr(accounts, "system_account", lookup)
+    policy = accounts.AccountPolicy("{name}", uid_min=1000, uid_max=60000)
+    assert [await policy.local_account("h", "ann") for _ in range(3)] == ["ann"] * 3
+    for _ in range(2):
+        with pytest.raises(UserNotAllowed):
+            await policy.local_account("h", "root")
+    assert asked == ["ann", "root"]
+    monkeypatch.setattr(accounts, "LOOKUP_TTL", 0.0)  # expired: asked again
+    await policy.local_account("h", "bob")
+    await policy.local_account("h", "bob")
+    assert asked == ["ann", "root", "bob", "bob"]
+
+
 # --- refusals: root, system accounts, what the mapping does not give -------------------------------
 
 
