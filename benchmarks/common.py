@@ -48,6 +48,8 @@ class BenchOutpost(OutpostProcess):
             "--spawner-class", self.spawner_class,
             # traitlets' Application.log_level knows "WARN", not "WARNING"
             "--log-level", "WARN",
+            # one hub with up to 2,000 servers (n=2000, the CPU run): beyond the default cap
+            "--Outpost.max_servers_per_hub=0",
         )  # fmt: skip
 
     def terminate(self) -> None:

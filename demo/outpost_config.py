@@ -20,7 +20,8 @@ c.Outpost.ip = "127.0.0.1"
 c.Outpost.port = 50051
 
 # mTLS with the certificates demo/run.sh makes (jupyterhub-outpost generate-certs); the
-# hub's certificate (CN "default") names the demo hub. Without them: plaintext on loopback.
+# hub's certificate (CN "default") names the demo hub. Without them: plaintext on loopback,
+# which every local user could use as the demo hub: an explicit opt-in, for a laptop only.
 certs = os.path.join(data, "certs")
 if os.path.exists(os.path.join(certs, "outpost-server", "outpost-server.crt")):
     c.Outpost.tls_cert = os.path.join(certs, "outpost-server", "outpost-server.crt")
@@ -29,8 +30,11 @@ if os.path.exists(os.path.join(certs, "outpost-server", "outpost-server.crt")):
     # only the demo hub: a hub's user then runs as the account of the same name ("{name}",
     # the default for one hub); with several hubs the site sets c.Outpost.user_mapping
     c.Outpost.allowed_hubs = ["default"]
+else:
+    c.Outpost.allow_unauthenticated = True
 c.Outpost.spawner_class = "simple"
 c.Outpost.db_url = f"sqlite:///{data}/outpost.sqlite"
+c.Outpost.state_dir = data  # its own files (internal_ssl certificates) beside the database
 
 # the key that encrypts env (API tokens) and Spawner state in the database: made on first
 # use, mode 0600, and kept in demo-data (deleting it makes the stored servers unreadable)

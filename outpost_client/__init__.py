@@ -2,6 +2,7 @@
 
 from .client import Event, OutpostClient, ServerState, ServerStatus, StopOutcome, TLSConfig
 from .errors import (
+    CertificateRevoked,
     DeadlineExceeded,
     EnvNotAllowed,
     FailedPrecondition,
@@ -19,6 +20,7 @@ from .errors import (
     ShuttingDown,
     SpawnerError,
     StartNotFound,
+    TooManyServers,
     TooManyStarts,
     Unauthenticated,
     Unavailable,
@@ -28,6 +30,7 @@ from .errors import (
 from .v1 import outpost_pb2 as pb
 
 __all__ = [
+    "CertificateRevoked",
     "DeadlineExceeded",
     "EnvNotAllowed",
     "Event",
@@ -51,6 +54,7 @@ __all__ = [
     "StartNotFound",
     "StopOutcome",
     "TLSConfig",
+    "TooManyServers",
     "TooManyStarts",
     "Unauthenticated",
     "Unavailable",

@@ -27,7 +27,9 @@ INTERNAL_ERROR = "INTERNAL_ERROR"
 PERSISTENCE_UNAVAILABLE = "PERSISTENCE_UNAVAILABLE"
 SHUTTING_DOWN = "SHUTTING_DOWN"
 TOO_MANY_STARTS = "TOO_MANY_STARTS"
+TOO_MANY_SERVERS = "TOO_MANY_SERVERS"
 UNAUTHENTICATED_HUB = "UNAUTHENTICATED_HUB"
+CERTIFICATE_REVOKED = "CERTIFICATE_REVOKED"
 
 
 class OutpostError(Exception):
@@ -190,6 +192,24 @@ class TooManyStarts(ResourceExhausted):
     reason = TOO_MANY_STARTS
 
 
+class TooManyServers(ResourceExhausted):
+    """The hub already holds as many servers on the Outpost as the site allows it
+    (c.Outpost.max_servers_per_hub), stopped and failed ones included; metadata "limit".
+
+    Its message is the sentence the user reads on the spawn page: it says to stop a
+    server no longer needed (or to ask the hub's administrators) before starting another.
+    """
+
+    reason = TOO_MANY_SERVERS
+
+
+class CertificateRevoked(Unauthenticated):
+    """The hub's client certificate is revoked at the Outpost
+    (c.Outpost.revoked_certificates): the hub needs a new one."""
+
+    reason = CERTIFICATE_REVOKED
+
+
 #: every reason the Outpost sends -> the class it raises and the client decodes
 BY_REASON: dict[str, type[OutpostError]] = {
     cls.reason: cls
@@ -207,7 +227,9 @@ BY_REASON: dict[str, type[OutpostError]] = {
         PersistenceUnavailable,
         ShuttingDown,
         TooManyStarts,
+        TooManyServers,
         Unauthenticated,
+        CertificateRevoked,
     )
 }
 

@@ -91,7 +91,20 @@ class OutpostConfig:
         Unicode(
             None,
             allow_none=True,
-            help="known_hosts file with the SSH server's host key. None: the host key is not checked (not for production).",
+            help="""known_hosts file with the SSH server's host key, e.g. a line "[host]:port
+        <key>" with the key the Outpost's forwarder writes to <host_key_file>.pub. Required
+        with ssh_host: without it, or with a file that does not exist, no tunnel is opened
+        (and the start fails) unless ssh_insecure_no_host_key_check is set.""",
+        ),
+    )
+    ssh_insecure_no_host_key_check: bool = option(
+        "ssh_insecure_no_host_key_check",
+        Bool(
+            False,
+            help="""Open the tunnel without ssh_known_hosts, accepting whatever host key the SSH
+        server shows (a warning is logged). Anyone who can intercept the connection then sees
+        and changes the traffic to notebooks: only for tests and throw-away setups. With
+        ssh_known_hosts set, the key is checked anyway.""",
         ),
     )
     ssh_fast_path: bool = option(
@@ -171,6 +184,7 @@ class OutpostConfig:
             username=self.ssh_user,
             client_keys=(self.ssh_key,) if self.ssh_key else (),
             known_hosts=self.ssh_known_hosts,
+            insecure_no_host_key_check=self.ssh_insecure_no_host_key_check,
             reverse_forwards=reverse,
             fast_path=self.ssh_fast_path,
         )

@@ -42,24 +42,86 @@ from .outposts import TRAIT_NAMES, DefaultOutpostTraits, OutpostConfig, default_
 from .registry import REGISTRY, OutpostResources
 from .v1 import outpost_pb2 as pb
 
-SERVER_NAME_ALLOWED = re.compile(r"[^A-Za-z0-9._@+-]")
+# what the Outpost takes as a server name (outpost_server/validation.py)
+SERVER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,254}")
+_KEPT = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.@+")
+_HEX = frozenset("0123456789abcdef")
+# a name that starts with no letter or digit, or with x...x and then none, gets an "x" in
+# front (the Outpost wants a letter or digit first): so a name that starts with x...x and
+# then no letter or digit always had one added, and removing it gives the name back
+_NEEDS_X = re.compile(r"x*[^A-Za-z0-9]")
 
 # with internal_ssl: the notebook's cert files on the hub's machine (not sent; see move_certs)
 _HUB_SSL_ENV_KEYS = ("JUPYTERHUB_SSL_KEYFILE", "JUPYTERHUB_SSL_CERTFILE", "JUPYTERHUB_SSL_CLIENT_CA")
 
 
-def remote_server_name(template: str, username: str, servername: str) -> str:
-    """The Outpost-side server name: the template, made of allowed characters only.
+def _hex_escape(char: str) -> str:
+    return "".join(f"_{b:02x}" for b in char.encode())
 
-    Characters the Outpost does not allow become ``_xx`` (their hex code).
+
+def escape_name_field(text: str) -> str:
+    """One field of a remote server name (a user name, a server name), made of the
+    characters the Outpost allows, such that the field can be read back and never runs
+    into the next one.
+
+    - letters, digits, ``.``, ``@``, ``+`` stay;
+    - ``-`` stays, except at either end or next to another ``-``: so a field never holds
+      ``--`` (the template's separator) nor starts or ends with ``-``;
+    - ``_`` stays unless what follows it in the result are two lower-case hex digits (or
+      nothing: the next field's start is not known here);
+    - everything else, and the exceptions above, becomes ``_xx`` per UTF-8 byte.
+
+    Reading back: ``_`` and two lower-case hex digits is always an escaped byte, any other
+    ``_`` is itself. Names made only of the first kind of characters (and single ``-`` or
+    ``_``) are as they were before this escaping was made injective.
     """
-    name = template.format(username=username, servername=servername)
+    tail = ""  # the result from position i on (built right to left: a "_" depends on it)
+    last = len(text) - 1
+    for i in range(last, -1, -1):
+        char = text[i]
+        if char in _KEPT:
+            piece = char
+        elif char == "-":
+            lone = 0 < i < last and text[i - 1] != "-" and text[i + 1] != "-"
+            piece = "-" if lone else "_2d"
+        elif char == "_":
+            ambiguous = i == last or (len(tail) >= 2 and tail[0] in _HEX and tail[1] in _HEX)
+            piece = "_5f" if ambiguous else "_"
+        else:
+            piece = _hex_escape(char)
+        tail = piece + tail
+    return tail
+
+
+def remote_server_name(template: str, username: str, servername: str) -> str:
+    """The Outpost-side server name of a user's server: ``template`` with the escaped
+    user name and server name (:func:`escape_name_field`).
+
+    Injective for a template that separates ``{username}`` and ``{servername}`` with
+    ``--`` (the default ``{username}--{servername}``): neither field can hold ``--``, so
+    user ``a`` with server ``b`` (``a--b``) and user ``a--b`` (``a_2d_2db``) never share a
+    name. For the default server (empty servername) a trailing ``--`` is dropped. A name
+    not starting with a letter or digit gets an ``x`` in front (see ``_NEEDS_X``).
+    ValueError if the result is longer than the Outpost's 255 characters (a name is
+    never cut short: two names cut to the same prefix would be one server) or the
+    template itself has characters the Outpost does not allow.
+    """
+    name = template.format(username=escape_name_field(username), servername=escape_name_field(servername))
     if not servername and name.endswith("--"):
         name = name[:-2]
-    name = SERVER_NAME_ALLOWED.sub(lambda m: "".join(f"_{b:02x}" for b in m.group().encode()), name)
-    if not name[:1].isalnum():
+    if _NEEDS_X.match(name):
         name = "x" + name
-    return name[:255]
+    if len(name) > 255:
+        raise ValueError(
+            f"The server's name at the Outpost would be {len(name)} characters long, and at most 255 "
+            "are allowed: choose a shorter server name."
+        )
+    if not SERVER_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"OutpostSpawner.server_name_template {template!r} makes {name[:64]!r}, which has characters "
+            "the Outpost does not allow (letters, digits and . _ @ + - only)."
+        )
+    return name
 
 
 def adopt_hub_logging(hub_log) -> None:
@@ -166,8 +228,11 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         "{username}--{servername}",
         config=True,
         help="""The server's name at the Outpost. {username}, {servername} (empty for the
-        default server: a trailing "--" is dropped). Characters outside [A-Za-z0-9._@+-]
-        are escaped.""",
+        default server: a trailing "--" is dropped), each escaped so that no two users'
+        servers share a name: characters outside [A-Za-z0-9._@+-], a "-" next to another
+        or at either end, and a "_" that would read as an escape become _xx (their UTF-8
+        bytes in hex). Keep "--" between the two fields: they never contain it. A server
+        keeps the name it was started with (hub state) when this changes.""",
     )
     custom_env = AnyTrait(
         None, allow_none=True, config=True,
@@ -347,7 +412,12 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                 raise web.HTTPError(403, str(e)) from None
             if not allowed:
                 raise web.HTTPError(403, "This server may not be started with these options.")
-        self.remote_name = remote_server_name(self.server_name_template, self.user.name, self.name)
+        # computed for a new start only: a running server keeps the name in its state
+        # (get_state/load_state), whichever way the hub named servers when it started it
+        try:
+            self.remote_name = remote_server_name(self.server_name_template, self.user.name, self.name)
+        except ValueError as e:
+            raise web.HTTPError(400, str(e)) from None
         self.start_id = uuid.uuid4().hex
         if config.ssh_host and config.hub_api_forward:
             # the notebook reaches the hub API at the site-side end of the reverse forward

@@ -15,7 +15,10 @@ OpenSSH server, or the Outpost's embedded forwarder), and the bytes are piped bo
 - **Reverse forwards** (``SSHTarget.reverse_forwards``: a port at the site that reaches the
   hub API) are requested again after every reconnect, and retried in the background while
   the server refuses them (a stale connection at the site may still hold the port).
-- **Errors.** A host key that does not match ``known_hosts`` or a refused login raises
+- **Host keys are checked.** A target without ``known_hosts`` (or whose file does not
+  exist) is not connected to unless ``insecure_no_host_key_check`` waives the check
+  explicitly; the error says where the key comes from.
+- **Errors.** A missing or non-matching ``known_hosts`` or a refused login raises
   :class:`TunnelError` from the first :meth:`Tunnel.forward`, and is logged while
   reconnecting. A destination the server refuses (``permitopen``) closes that TCP
   connection and is logged once per key.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -96,7 +100,9 @@ class SSHTarget:
     port: int = 22
     username: str = "outpost"
     client_keys: tuple[str, ...] = ()  # private key file paths; () => asyncssh's defaults (~/.ssh)
-    known_hosts: str | None = None  # path; None => host key NOT checked (a warning is logged)
+    known_hosts: str | None = None  # path of the known_hosts file; required unless waived below
+    # True: without known_hosts, accept any host key (a warning is logged); never implied
+    insecure_no_host_key_check: bool = False
     # (site_listen_host, site_listen_port, hub_dest_host, hub_dest_port)
     reverse_forwards: tuple[tuple[str, int, str, int], ...] = ()
     fast_path: bool = True  # False: never the receive fast path (ssh_fastpath.py) on this connection
@@ -296,6 +302,27 @@ class _LocalSide(asyncio.Protocol):
             self.chan.close()
 
 
+# where a hub gets the host key, for the errors below
+HOST_KEY_HINT = (
+    "put the SSH server's host key in a known_hosts file as \"[{host}]:{port} <key>\" and set "
+    "ssh_known_hosts to it (the Outpost's SSH forwarder writes its key to <host_key_file>.pub, "
+    "and logs its fingerprint; for a site's OpenSSH ask the site for /etc/ssh/ssh_host_*_key.pub), "
+    "or set ssh_insecure_no_host_key_check = True (tests only)"
+)
+
+
+def host_key_problem(target: SSHTarget) -> str | None:
+    """Why the tunnel must not connect to target without checking its host key, or None."""
+    hint = HOST_KEY_HINT.format(host=target.host, port=target.port)
+    if not target.known_hosts:
+        if target.insecure_no_host_key_check:
+            return None
+        return f"no known_hosts for the SSH server {target.host}:{target.port}, so its host key cannot be checked: {hint}"
+    if not os.path.exists(target.known_hosts):
+        return f"the known_hosts file {target.known_hosts} for {target.host}:{target.port} does not exist: {hint}"
+    return None
+
+
 def _describe(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     return f"{type(exc).__name__}: {reason or exc}"
@@ -472,7 +499,7 @@ class Tunnel:
             port=t.port,
             username=t.username,
             client_keys=list(t.client_keys) if t.client_keys else (),
-            known_hosts=t.known_hosts,
+            known_hosts=t.known_hosts or None,  # None only when waived (host_key_problem)
             agent_path=None,
             config=None,
             encryption_algs=list(ENCRYPTION_ALGS),
@@ -486,9 +513,14 @@ class Tunnel:
     async def _connect(self) -> asyncssh.SSHClientConnection:
         """One connection attempt; TunnelError with a message for a person if it fails."""
         t = self.target
-        if t.known_hosts is None and t not in Tunnel._warned_unchecked:
+        problem = host_key_problem(t)
+        if problem:
+            raise self._failed(problem)
+        if not t.known_hosts and t not in Tunnel._warned_unchecked:
             Tunnel._warned_unchecked.add(t)
-            log.warning("tunnel to %s: no known_hosts given, the SSH host key is NOT checked", t)
+            log.warning(
+                "tunnel to %s: no known_hosts (ssh_insecure_no_host_key_check), the SSH host key is NOT checked", t
+            )
         try:
             conn = await asyncio.wait_for(asyncssh.connect(**self._connect_options()), CONNECT_TIMEOUT + 5)
         except asyncssh.HostKeyNotVerifiable as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -33,7 +34,15 @@ from .accounts import AccountsConfigError
 from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError
 from .forwarder import ForwarderConfigError, SSHForwarder
-from .identity import auth_mode, hash_token
+from .identity import (
+    AuthConfigError,
+    RevokedCertificates,
+    auth_mode,
+    hash_token,
+    pem_fingerprint,
+    show_fingerprint,
+    unauthenticated_refusal,
+)
 from .interceptors import OutpostInterceptor
 from .manager import LifecycleManager, ManagerSettings, StartPolicies
 from .options import ConnectionOptions, HostingOptions, StorageOptions
@@ -68,6 +77,10 @@ flags = {
         {"Outpost": {"allow_plaintext": True}},
         "Serve plaintext on a non-loopback address (only behind a trusted network).",
     ),
+    "allow-unauthenticated": (
+        {"Outpost": {"allow_unauthenticated": True}},
+        "Serve callers without credentials as the default hub (only where nobody else can reach the port).",
+    ),
     "debug": ({"Application": {"log_level": logging.DEBUG}}, "Log at DEBUG level."),
 }
 
@@ -90,7 +103,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
     """
     examples = """
     jupyterhub-outpost --generate-config
-    jupyterhub-outpost --port 50051 --spawner-class simple
+    jupyterhub-outpost --port 50051 --spawner-class simple --allow-unauthenticated   # a laptop: no credentials
     jupyterhub-outpost -f /etc/outpost/outpost_config.py
     jupyterhub-outpost generate-certs --out certs --host outpost.example.org --hub hub1
     jupyterhub-outpost --tls-cert certs/outpost-server/outpost-server.crt \\
@@ -106,6 +119,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         "hash-token": (
             "outpost_server.app.HashToken",
             "Read a hub's bearer token from stdin and print its hash for c.Outpost.hub_tokens.",
+        ),
+        "fingerprint": (
+            "outpost_server.app.Fingerprint",
+            "Print the SHA-256 fingerprint of certificates (PEM files), for c.Outpost.revoked_certificates.",
         ),
     }
     raise_config_file_errors = True
@@ -152,6 +169,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         self.check_accounts()
         self.make_relay()  # a bad c.HubAPIRelay value stops start-up here (TraitError)
         self.check_crypt()
+        self.check_authentication()
 
     def init_logging(self):
         self.log.propagate = False
@@ -183,6 +201,37 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
                 "unencrypted; set tls_cert and tls_key",
                 self.ip,
             )
+
+    def check_authentication(self):
+        """Fail before anything starts if nothing would authenticate hubs (plaintext
+        without hub_tokens needs allow_unauthenticated), or the revocation list is unusable."""
+        try:
+            self.auth_resolver()
+        except AuthConfigError as e:
+            raise one_line_exit(e) from None
+
+    def auth_resolver(self):
+        """The hub resolver of the configured auth mode and its description
+        (AuthConfigError with a one-line message)."""
+        refusal = unauthenticated_refusal(
+            ip=self.ip,
+            tls=self.tls_enabled,
+            hub_tokens=self.hub_tokens,
+            allow_unauthenticated=self.allow_unauthenticated,
+            default_hub=self.default_hub,
+        )
+        if refusal:
+            raise AuthConfigError(refusal)
+        return auth_mode(
+            tls=self.tls_enabled,
+            client_ca=bool(self.tls_client_ca),
+            hub_tokens=self.hub_tokens,
+            identity_from=self.hub_identity_from,
+            identity_map=self.hub_identity_map,
+            allowed_hubs=self.allowed_hubs,
+            default_hub=self.default_hub,
+            revoked=RevokedCertificates(self.revoked_certificates, self.revoked_certificates_file),
+        )
 
     crypt: Crypt | None = None
 
@@ -259,7 +308,12 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         if relay is None:
             return
         records = self.manager.records
-        await relay.start(lambda hub, server_name: records.get((hub, server_name)))
+        # a hub's upstream defaults to its reverse forward (init_forwarder runs later)
+        forwarder = self.forwarder if self.forwarder is not None else SSHForwarder(parent=self)
+        await relay.start(
+            lambda hub, server_name: records.get((hub, server_name)),
+            reverse_listen=forwarder.reverse_listen if forwarder.enabled else {},
+        )
         self.log.info(
             "Hub API relay listening on %s:%d; notebooks reach it at %s", relay.ip, relay.bound_port, relay.base_url
         )
@@ -276,15 +330,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             tls = self.load_tls()
             for warning in tls.warnings:
                 self.log.warning(warning)
-        resolver, mode = auth_mode(
-            tls=self.tls_enabled,
-            client_ca=bool(self.tls_client_ca),
-            hub_tokens=self.hub_tokens,
-            identity_from=self.hub_identity_from,
-            identity_map=self.hub_identity_map,
-            allowed_hubs=self.allowed_hubs,
-            default_hub=self.default_hub,
-        )
+        resolver, mode = self.auth_resolver()  # an Outpost made in-process is checked here
         self.server = grpc.aio.server(
             interceptors=[OutpostInterceptor(resolver)],
             options=[
@@ -340,8 +386,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         What start() runs before it waits for a signal, and what an in-process Outpost
         (tests, benchmarks) runs instead of start(). A step that fails tears down the
         steps before it (cleanup()) and raises: RelayConfigError, TLSConfigError,
-        ForwarderConfigError and AccountsConfigError carry a one-line message for the operator.
+        ForwarderConfigError, AuthConfigError and AccountsConfigError carry a one-line
+        message for the operator.
         """
+        raise_open_files_limit(self.log)
         try:
             await self.init_store()
             await self.init_manager()
@@ -365,7 +413,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.setup()
-        except (RelayConfigError, TLSConfigError, ForwarderConfigError, AccountsConfigError) as e:
+        except (RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError, AccountsConfigError) as e:
             raise one_line_exit(e) from None
         try:
             await stop.wait()
@@ -416,6 +464,27 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         asyncio.run(app.start())
 
 
+def raise_open_files_limit(log: logging.Logger) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; answer (soft before, soft now).
+
+    Notebooks' connections to the hub API relay, SSH channels and gRPC connections all
+    share the process's file descriptors; a distribution's default soft limit (often
+    1024) would let a few hundred idle relay connections starve gRPC of sockets. The
+    relay caps its own connections (HubAPIRelay.max_connections) well below this."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # no hard limit: a million is plenty (some systems refuse an infinite soft limit)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("Could not raise the open-files limit from %d to %d (%s)", soft, target, e)
+        return soft, soft
+    log.info("Raised the open-files limit (RLIMIT_NOFILE) from %d to %d", soft, target)
+    return soft, target
+
+
 #: secrets the Outpost may read from its environment
 SECRET_ENV = (CRYPT_KEY_ENV,)
 
@@ -459,6 +528,41 @@ class HashToken(Application):
                 'e.g. from python -c "import secrets; print(secrets.token_urlsafe(32))"'
             )
         print(hash_token(token))
+
+
+class Fingerprint(Application):
+    """The `fingerprint` subcommand: certificates in (PEM files), fingerprints out."""
+
+    name = "jupyterhub-outpost fingerprint"
+    version = __version__
+    description = """Print the SHA-256 fingerprint of each certificate given (PEM files), as
+    c.Outpost.revoked_certificates takes it, with its subject and expiry. To revoke a hub's
+    certificate, add its fingerprint to revoked_certificates (restart) or to
+    revoked_certificates_file (no restart)."""
+    examples = """
+    jupyterhub-outpost fingerprint certs/hub-a/hub-a.crt
+    jupyterhub-outpost fingerprint certs/hub-a/hub-a.crt >> /etc/outpost/revoked
+    """
+    aliases = {}
+    flags = {}
+
+    def start(self):
+        from cryptography import x509
+
+        if not self.extra_args:
+            raise SystemExit(f"{self.name}: give one or more certificate files (PEM)")
+        for path in self.extra_args:
+            try:
+                with open(path, "rb") as f:
+                    pem = f.read()
+                fingerprint = pem_fingerprint(pem)
+                cert = x509.load_pem_x509_certificate(pem)
+            except OSError as e:
+                raise SystemExit(f"{self.name}: cannot read {path}: {e.strerror}") from None
+            except ValueError:
+                raise SystemExit(f"{self.name}: {path} holds no PEM certificate") from None
+            expires = cert.not_valid_after_utc.strftime("%Y-%m-%d")
+            print(f"{show_fingerprint(fingerprint)}  # {path}: {cert.subject.rfc4514_string()}, expires {expires}")
 
 
 main = Outpost.launch_instance

@@ -2,7 +2,9 @@
 
 A CA (made with certipy, JupyterHub's own certificate helper), the Outpost's server
 certificate with a subjectAltName per --host, and one client certificate per --hub whose
-CN is the hub's name (the hub identity the Outpost sees). Keys are written mode 0600.
+CN is the hub's name (the hub identity the Outpost sees). Keys are created mode 0600.
+The server and hub certificates are valid --days (365 by default), the CA --ca-days
+(3650), so that new certificates can be issued from the same CA when they expire.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from traitlets import Integer, List, TraitError, Unicode, validate
+from traitlets import Integer, List, Unicode
 from traitlets.config import Application
 
 from . import __version__
@@ -50,8 +52,15 @@ def alt_name(host: str) -> str:
         return f"DNS:{host}"
 
 
-def generate_certs(out: str, hosts: list[str], hubs: list[str], years: int = 5) -> GeneratedCerts:
-    """Create the CA, the Outpost's certificate and one client certificate per hub in out."""
+DEFAULT_DAYS = 365  # the server's and the hubs' certificates
+DEFAULT_CA_DAYS = 3650  # the CA's: it outlives the certificates it signs
+
+
+def generate_certs(
+    out: str, hosts: list[str], hubs: list[str], days: int = DEFAULT_DAYS, ca_days: int = DEFAULT_CA_DAYS
+) -> GeneratedCerts:
+    """Create the CA, the Outpost's certificate and one client certificate per hub in out;
+    the certificates are valid ``days`` from now, the CA ``ca_days``."""
     from certipy import Certipy
 
     if not hosts:
@@ -70,6 +79,8 @@ def generate_certs(out: str, hosts: list[str], hubs: list[str], years: int = 5) 
             )
     if len(set(hubs)) != len(hubs):
         raise CertsError("each --hub may be given only once")
+    if not 1 <= days <= ca_days:
+        raise CertsError(f"--days {days}: give 1 to --ca-days ({ca_days}); a certificate cannot outlive its CA")
     out = os.path.abspath(out)
     if os.path.exists(os.path.join(out, "certipy.json")):
         raise CertsError(f"{out} already holds certificates (certipy.json); choose a new --out directory")
@@ -79,24 +90,34 @@ def generate_certs(out: str, hosts: list[str], hubs: list[str], years: int = 5) 
     # umask the key would be readable by everyone in between
     old_umask = os.umask(0o077)
     try:
-        return _generate(Certipy(store_dir=out), out, names, hubs, years)
+        return _generate(Certipy(store_dir=out), out, names, hubs, days, ca_days)
     finally:
         os.umask(old_umask)
 
 
-def _generate(certipy, out: str, names: list[str], hubs: list[str], years: int) -> GeneratedCerts:
+def _generate(certipy, out: str, names: list[str], hubs: list[str], days: int, ca_days: int) -> GeneratedCerts:
     def pair(record) -> Pair:
         return Pair(record["files"]["cert"], record["files"]["key"])
 
+    # certipy counts lifetimes in "years" of 365 days (a float works)
+    years, ca_years = days / 365, ca_days / 365
     result = GeneratedCerts(
         out=out,
-        ca=pair(certipy.create_ca(CA_NAME, years=years)),
+        ca=pair(certipy.create_ca(CA_NAME, years=ca_years)),
         server=pair(certipy.create_signed_pair(SERVER_NAME, CA_NAME, alt_names=names, years=years)),
         server_names=names,
     )
     for hub in hubs:
         result.hubs[hub] = pair(certipy.create_signed_pair(hub, CA_NAME, years=years))
     return result
+
+
+def expiry(cert_file: str) -> str:
+    """When the certificate in cert_file expires (UTC date)."""
+    from cryptography import x509
+
+    with open(cert_file, "rb") as f:
+        return x509.load_pem_x509_certificate(f.read()).not_valid_after_utc.strftime("%Y-%m-%d")
 
 
 def summary(certs: GeneratedCerts, host: str, port: int = 50051) -> str:
@@ -106,13 +127,17 @@ def summary(certs: GeneratedCerts, host: str, port: int = 50051) -> str:
         f"Wrote a CA, the Outpost's certificate and {len(certs.hubs)} hub certificate(s) to {certs.out}",
         "(keys are mode 0600; the CA key signs new certificates: keep it off the Outpost and the hubs)",
         "",
-        f"  CA certificate       {certs.ca.cert}",
+        f"  CA certificate       {certs.ca.cert}  (expires {expiry(certs.ca.cert)})",
         f"  CA key               {certs.ca.key}",
-        f"  Outpost certificate  {certs.server.cert}  ({', '.join(certs.server_names)})",
+        f"  Outpost certificate  {certs.server.cert}  ({', '.join(certs.server_names)}; "
+        f"expires {expiry(certs.server.cert)})",
         f"  Outpost key          {certs.server.key}",
     ]
     for hub, files in certs.hubs.items():
-        lines += [f"  hub {hub!r} certificate  {files.cert}", f"  hub {hub!r} key          {files.key}"]
+        lines += [
+            f"  hub {hub!r} certificate  {files.cert}  (expires {expiry(files.cert)})",
+            f"  hub {hub!r} key          {files.key}",
+        ]
     lines += [
         "",
         "# outpost_config.py",
@@ -149,11 +174,14 @@ class GenerateCerts(Application):
     examples = """
     jupyterhub-outpost generate-certs --out /etc/outpost/certs --host outpost.example.org --hub main
     jupyterhub-outpost generate-certs --out certs --host 10.0.0.5 --host outpost.example.org --hub hub-a --hub hub-b
+    jupyterhub-outpost generate-certs --out certs --host outpost.example.org --hub main --days 90
     """
     aliases = {
         "out": "GenerateCerts.out",
         "host": "GenerateCerts.hosts",
         "hub": "GenerateCerts.hubs",
+        "days": "GenerateCerts.days",
+        "ca-days": "GenerateCerts.ca_days",
         "years": "GenerateCerts.years",
     }
     flags = {}
@@ -171,19 +199,37 @@ class GenerateCerts(Application):
         config=True,
         help="The hubs to make a client certificate for (--hub, repeatable); the CN is the hub's name.",
     )
-    years = Integer(5, min=1, config=True, help="How many years the certificates are valid.")
-
-    @validate("years")
-    def _check_years(self, proposal):
-        if not 1 <= proposal.value <= 50:
-            raise TraitError(f"years must be 1 to 50, not {proposal.value}")
-        return proposal.value
+    days = Integer(
+        DEFAULT_DAYS,
+        min=1,
+        max=18250,
+        config=True,
+        help="""How many days the Outpost's and the hubs' certificates are valid (--days). A
+        stolen hub key is good until then unless its certificate is revoked
+        (c.Outpost.revoked_certificates); issue new ones from the same CA before they expire.""",
+    )
+    ca_days = Integer(
+        DEFAULT_CA_DAYS,
+        min=1,
+        max=18250,
+        config=True,
+        help="How many days the CA certificate is valid (--ca-days); at least --days.",
+    )
+    years = Integer(
+        0,
+        min=0,
+        max=50,
+        config=True,
+        help="Deprecated (before: default 5): the certificates' lifetime in years of 365 days; use --days.",
+    )
 
     def start(self):
         if not self.out:
             raise SystemExit(f"{self.name}: --out DIR is required")
+        days = self.years * 365 if self.years else self.days
+        ca_days = max(self.ca_days, days) if self.years else self.ca_days
         try:
-            certs = generate_certs(self.out, self.hosts, self.hubs, years=self.years)
+            certs = generate_certs(self.out, self.hosts, self.hubs, days=days, ca_days=ca_days)
         except (CertsError, OSError) as e:
             raise SystemExit(f"{self.name}: {e}") from None
         print(summary(certs, self.hosts[0].strip("[]")))

@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,8 +363,45 @@ CERT_FILES = {
 }
 
 
-def default_certs_base() -> Path:
-    return Path(tempfile.gettempdir()) / f"jupyterhub-outpost-certs-{os.getuid()}"
+#: the subdirectory of the Outpost's state_dir that holds internal_ssl files by default
+CERTS_SUBDIR = "internal-ssl"
+
+
+def default_certs_base(state_dir: str | Path | None = None) -> Path:
+    """Where internal_ssl files go when certs_dir is not set: internal-ssl in the Outpost's
+    own state directory (None: the working directory), as an absolute path.
+
+    Not a fixed name under /tmp: there any local user could create it first (a directory
+    of theirs, or a symlink), and every start with internal_ssl would fail.
+    """
+    return Path(os.path.abspath(state_dir or os.getcwd())) / CERTS_SUBDIR
+
+
+def certs_base_warning(base: str | Path) -> str:
+    """A warning for the log when base is in a directory every local user may write to
+    (like /tmp): one could take its name first, and starts with internal_ssl would fail."""
+    parent = Path(base).parent
+    try:
+        others_write = os.stat(parent).st_mode & 0o002
+    except OSError:
+        return ""
+    if not others_write:
+        return ""
+    return (
+        f"The internal_ssl certificates go to {base}, in {parent}, which every local user may "
+        "write to: one could take that name first (the Outpost then refuses to write "
+        "certificates there). Set c.Outpost.state_dir (or certs_dir) to a directory of the "
+        "Outpost's own."
+    )
+
+
+def _is_private_dir(path: Path) -> bool:
+    """Whether path is a directory (not a symlink) of this process's uid, mode 0700."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 def _private_dir(path: Path) -> None:
@@ -374,11 +410,11 @@ def _private_dir(path: Path) -> None:
         path.mkdir(mode=0o700)
     except FileExistsError:
         pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if not _is_private_dir(path):
         raise PermissionError(
-            f"{path} must be a directory of uid {os.getuid()} with mode 0700 (refusing to "
-            "write certificates there)"
+            f"The Outpost's directory for internal_ssl certificates, {path}, must be a "
+            f"directory of uid {os.getuid()} with mode 0700, not a symlink (refusing to write "
+            "certificates there); the site's administrators must remove or fix it."
         )
 
 
@@ -414,8 +450,8 @@ def write_certificates(certs: dict[str, str], base: Path, name: str) -> dict[str
 def remove_certificates(base: Path, name: str) -> bool:
     """Remove what write_certificates wrote (True if there was something)."""
     directory = base / name
-    if not os.path.lexists(directory):
-        return False
+    if not _is_private_dir(base) or not os.path.lexists(directory):
+        return False  # nothing of ours (never follow someone else's directory or symlink)
     shutil.rmtree(directory, ignore_errors=True)
     return True
 

@@ -7,11 +7,12 @@ rooms of that job, each in its own module:
 - journal.py: the database write before anything changes in memory;
 - starts.py: one running start and its tasks (start, checkpoint, progress);
 - poller.py: the Outpost's own schedule of Spawner polls;
+- expiry.py: stopped servers their hub never stopped, forgotten after a retention time;
 - restore.py: servers restored and reconciled after a restart;
 - spawners.py: making a record's Spawner, and the guarded calls into it.
 
-What stays here is admission (Start: idempotency, the per-hub start limit, override
-policy) and the other RPCs' operations: Events, Poll, BatchPoll, ListServers, Stop, and
+What stays here is admission (Start: idempotency, the per-hub limits of starts and of
+servers, override policy) and the other RPCs' operations: Events, Poll, BatchPoll, ListServers, Stop, and
 the SSH forwarder's question, which addresses a hub may reach.
 """
 
@@ -30,6 +31,7 @@ from outpost_client.errors import (
     ShuttingDown,
     SpawnerError,
     StartNotFound,
+    TooManyServers,
     TooManyStarts,
     Unavailable,
 )
@@ -37,6 +39,8 @@ from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
 from .accounts import AccountPolicy
+from .expiry import RecordExpiry
+from .hosting import certs_base_warning, default_certs_base
 from .journal import Journal
 from .policy import KeyPolicy
 from .poller import SpawnerPoller
@@ -68,6 +72,11 @@ class ManagerSettings:
     max_concurrent_starts_per_hub: int
     start_message: str
     certs_dir: str
+    state_dir: str
+    max_servers_per_hub: int
+    max_servers_by_hub: dict[str, int]
+    failed_server_retention: float
+    exited_server_retention: float
 
     @classmethod
     def from_traits(cls, app) -> ManagerSettings:
@@ -115,7 +124,11 @@ class LifecycleManager:
         self.policies = policies or StartPolicies()
         self.records = Records()
         self.journal = Journal(store)
-        self.certs_dir = settings.certs_dir or None  # None: <tmp>/jupyterhub-outpost-certs-<uid>
+        # never None: a start's certificates must not go to hosting's fallback (the
+        # working directory of whoever calls it)
+        self.certs_dir = settings.certs_dir or str(default_certs_base(settings.state_dir or None))
+        if warning := certs_base_warning(self.certs_dir):
+            log.warning(warning)
         self.poller = SpawnerPoller(
             self.records,
             self.journal,
@@ -125,6 +138,12 @@ class LifecycleManager:
         )
         # hub -> records this manager put in STARTING (pruned lazily; only with a limit)
         self._starting: dict[str, set[Record]] = {}
+        self.expiry = RecordExpiry(
+            self.records,
+            self.stop,
+            failed_retention=settings.failed_server_retention,
+            exited_retention=settings.exited_server_retention,
+        )
 
     @property
     def closing(self) -> bool:
@@ -144,7 +163,10 @@ class LifecycleManager:
         return await restorer.restore()
 
     def start_polling(self) -> None:
+        """Begin the Outpost's own schedules: Spawner polls, and the expiry of stopped
+        servers their hubs never stopped."""
         self.poller.start()
+        self.expiry.start()
 
     # --- admission (Start) -------------------------------------------------------------
 
@@ -180,6 +202,27 @@ class LifecycleManager:
                 metadata={"limit": str(limit)},
             )
 
+    def server_limit(self, hub: str) -> int:
+        """How many servers hub may hold (0: no limit)."""
+        return self.settings.max_servers_by_hub.get(hub, self.settings.max_servers_per_hub)
+
+    def _check_server_limit(self, hub: str) -> None:
+        """Refuse a new server (RESOURCE_EXHAUSTED) while hub holds as many as it may, in any
+        state: a stopped or failed one counts until the hub stops it or it expires."""
+        limit = self.server_limit(hub)
+        if limit <= 0:
+            return
+        held = len(self.records.of_hub(hub))
+        if held >= limit:
+            log.warning("Refused a new server of hub %r: it holds %d servers (the limit)", hub, held)
+            servers = "1 server" if held == 1 else f"{held} servers"
+            raise TooManyServers(
+                f"This Outpost already holds {servers} of your hub {hub!r}, the most it "
+                "allows (stopped and failed ones count until they are stopped). Stop a "
+                "server you no longer need, or ask your hub's administrators, then try again.",
+                metadata={"limit": str(limit)},
+            )
+
     async def start(self, hub: str, spec: convert.StartSpec) -> tuple[pb.ServerStatus, bool]:
         if self.closing:
             raise ShuttingDown("The Outpost is shutting down; try again shortly.")
@@ -202,7 +245,10 @@ class LifecycleManager:
                 metadata={"server_name": spec.server_name, "start_id": rec.start_id},
             )
         # refused early (cheap under a flood), and checked again below right before the
-        # record is taken: an idempotent retry (above) is never refused
+        # record is taken: an idempotent retry (above) is never refused, and a new start
+        # of a name the hub holds (a stopped one) takes no new record
+        if rec is None:
+            self._check_server_limit(hub)
         self._check_start_limit(hub)
         await self.policies.check(hub, spec)
 
@@ -228,7 +274,10 @@ class LifecycleManager:
         if self.records.get(key) is not rec:
             # another Start or Stop changed this server while we awaited: decide again
             return await self.start(hub, spec)
-        self._check_start_limit(hub)  # no await between this check and taking the record
+        # no await between these checks and taking the record
+        if rec is None:
+            self._check_server_limit(hub)
+        self._check_start_limit(hub)
         new.accepted = asyncio.get_running_loop().create_future()
         self.records.put(new)
         if self.settings.max_concurrent_starts_per_hub > 0:
@@ -387,6 +436,7 @@ class LifecycleManager:
     async def shutdown(self, grace: float) -> None:
         """Stop polling; give pending starts `grace` seconds; keep running servers running."""
         self.journal.closing = True
+        self.expiry.stop()  # its stops under way are stop tasks: waited for below
         polls = self.poller.stop()  # never cancelled; their answers get the grace too
         pending = [r.run.task for r in self.records.values() if r.run is not None and r.run.running]
         pending += [r.stop_task for r in self.records.values() if r.stop_task and not r.stop_task.done()]

@@ -33,7 +33,7 @@ from .accounts import AccountPolicy, check_mapping, configured_hubs, default_map
 from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
 from .hosting import DEFAULT_SITE_ENV_KEYS
-from .identity import TOKEN_HASH
+from .identity import TOKEN_HASH, normalize_fingerprint
 from .policy import check_policy
 from .tls import TLSConfigError, load_server_tls
 
@@ -49,7 +49,7 @@ class ConnectionOptions(HasTraits):
 
         Plaintext is served only on a loopback address unless allow_plaintext is set;
         with mTLS (tls_cert, tls_key, tls_client_ca), or TLS with hub_tokens, any address
-        is fine.
+        is fine. Plaintext without hub_tokens also needs allow_unauthenticated.
         """,
     )
     port = Integer(50051, min=0, max=65535, config=True, help="The port the gRPC server listens on (0: any free port).")
@@ -63,6 +63,21 @@ class ConnectionOptions(HasTraits):
         the default hub; only set this behind a network you trust.
         """,
     )
+    allow_unauthenticated = Bool(
+        False,
+        config=True,
+        help="""Serve callers that present no credentials at all (plaintext gRPC without
+        hub_tokens): every connection is then default_hub.
+
+        Off by default, and the Outpost refuses to start without credentials, with a
+        one-line reason: even on a loopback address every local user, and every notebook a
+        LocalProcessSpawner runs on this host, can reach the port and would be the default
+        hub (start, poll and stop its servers). Set it only where nobody else can open a
+        connection to the port (tests, a single-user laptop); off loopback it also needs
+        allow_plaintext. Otherwise use mTLS (tls_cert, tls_key, tls_client_ca) or
+        hub_tokens, which work over loopback plaintext without this option.
+        """,
+    )
     default_hub = Unicode(
         "default",
         config=True,
@@ -70,8 +85,8 @@ class ConnectionOptions(HasTraits):
 
         A server is identified by (hub, server_name); with mTLS the hub identity comes
         from the client certificate, with hub_tokens from the token, and on plaintext
-        connections without hub_tokens it is this name. The identity always comes from the
-        connection, never from a request.
+        connections without hub_tokens (allow_unauthenticated) it is this name. The
+        identity always comes from the connection, never from a request.
         """,
     )
 
@@ -131,6 +146,31 @@ class ConnectionOptions(HasTraits):
         Empty (default): any hub whose certificate is signed by tls_client_ca. Others get
         UNAUTHENTICATED (reason UNAUTHENTICATED_HUB), with a message naming the hub.""",
     )
+    revoked_certificates = List(
+        Unicode(),
+        config=True,
+        help="""SHA-256 fingerprints of hub client certificates that are revoked (mTLS): a
+        call over a connection with one of them gets UNAUTHENTICATED (reason
+        CERTIFICATE_REVOKED) and is logged, while every other hub is served as before. This
+        revokes one hub (a stolen key) without a new CA for everyone.
+
+        A fingerprint is the SHA-256 of the certificate (DER), as `jupyterhub-outpost
+        fingerprint CERT.pem` or `openssl x509 -noout -fingerprint -sha256 -in CERT.pem`
+        prints it: 64 hex digits, with or without colons and a "SHA256:" prefix, in either
+        case. Anything else stops the Outpost at start-up with a one-line reason, as does a
+        list with no client certificates to check (no tls_client_ca). gRPC's Python server
+        takes no CRL, hence fingerprints. See also revoked_certificates_file.""",
+    )
+    revoked_certificates_file = Unicode(
+        "",
+        config=True,
+        help="""A file of revoked client certificate fingerprints (as in revoked_certificates),
+        one a line; # starts a comment (`jupyterhub-outpost fingerprint CERT >> FILE` adds
+        one). Read at start-up
+        (it must exist then) and again whenever it changes, so a revocation added to the
+        file takes effect from the next call, without a restart. A file that becomes
+        unreadable or malformed keeps the last list it had, and that is logged.""",
+    )
     hub_tokens = Dict(
         value_trait=Unicode(),
         key_trait=Unicode(),
@@ -176,6 +216,13 @@ class ConnectionOptions(HasTraits):
             seen[value] = hub
         return {hub: value for value, hub in seen.items()}
 
+    @validate("revoked_certificates")
+    def _check_revoked_certificates(self, proposal):
+        try:
+            return [normalize_fingerprint(value) for value in proposal.value]
+        except ValueError as e:
+            raise TraitError(f"revoked_certificates: {e}") from None
+
     @property
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert or self.tls_key or self.tls_client_ca)
@@ -215,6 +262,17 @@ class StorageOptions(HasTraits):
         to the working directory), sqlite:////absolute/path/file.sqlite, or
         postgresql://user@host:5432/dbname. The asyncio drivers (aiosqlite, asyncpg) are
         picked for you.""",
+    )
+
+    state_dir = Unicode(
+        "",
+        config=True,
+        help="""The Outpost's own directory for files it keeps outside the database: by
+        default the internal_ssl certificates go to its subdirectory internal-ssl
+        (certs_dir). Keep it a directory only the Outpost's user may write to (not /tmp).
+
+        Empty (default): the working directory the Outpost starts in (where the default
+        SQLite database, outpost.sqlite, is too).""",
     )
 
     db_timeout = Float(
@@ -439,9 +497,12 @@ class HostingOptions(HasTraits):
         config=True,
         help="""Where the Outpost writes the internal_ssl certificates hubs send with Start
         (a private directory, mode 0700; one subdirectory per start, removed at stop or
-        failed start).
-        Empty: <tmp>/jupyterhub-outpost-certs-<uid>. The certificates never go to the
-        database.""",
+        failed start). The Outpost creates it, or refuses to write certificates into one
+        that is not a directory of its own user with mode 0700 (a symlink included): the
+        start fails with a message naming it. The certificates never go to the database.
+
+        Empty (default): the directory internal-ssl in state_dir. (Before, the default was
+        <tmp>/jupyterhub-outpost-certs-<uid>: a name any local user could take first.)""",
     )
 
     poll_interval = Float(
@@ -476,6 +537,59 @@ class HostingOptions(HasTraits):
         user may then try again.
         Retrying a start already accepted (same start_id) is never refused. The limit
         is per hub, so one hub flooding Starts does not keep the others from starting.
+        """,
+    )
+    max_servers_per_hub = Integer(
+        1000,
+        min=0,
+        config=True,
+        help="""How many servers one hub may hold on this Outpost, in any state (0: no limit).
+
+        Every server counts until the hub stops it or it expires (see
+        failed_server_retention, exited_server_retention): starting, running, unknown,
+        and stopped or failed ones the hub has not stopped yet. A Start of a new
+        server_name beyond it is answered at once with RESOURCE_EXHAUSTED (reason
+        TOO_MANY_SERVERS, metadata limit) and leaves nothing behind; the hub's user reads
+        that a server must be stopped first. Retrying an accepted start (same start_id)
+        and starting again a server_name the hub already holds are never refused by it.
+        The limit is per hub: a hub that floods Starts keeps no other hub from starting.
+        max_servers_by_hub sets other limits for named hubs.
+        """,
+    )
+    max_servers_by_hub = Dict(
+        value_trait=Integer(min=0),
+        key_trait=Unicode(),
+        config=True,
+        help="""Hub name -> its own max_servers_per_hub (0: no limit for that hub), e.g.
+        {"main": 5000, "guests": 50}. Hubs it does not name get max_servers_per_hub.""",
+    )
+    failed_server_retention = Float(
+        86400.0,
+        min=0,
+        config=True,
+        help="""Seconds a failed start (state STOPPED with a failure_message) is kept when its
+        hub does not stop it (0: until the hub stops it).
+
+        A failed start keeps its record, events and encrypted env (with the notebook's API
+        token) so the hub can read why it failed; a hub normally stops it at once. Past
+        this time a sweep deletes it from memory and the database (with its events), as a
+        Stop would, and a Poll of it answers NOT_FOUND, which a hub reads as "stopped".
+        The sweep runs every min(60, retention / 4) seconds and deletes at most 500
+        servers a round; each deletion is logged.
+        """,
+    )
+    exited_server_retention = Float(
+        86400.0,
+        min=0,
+        config=True,
+        help="""Seconds a server that exited on its own (poll() returned an exit code: state
+        STOPPED, exit_code set) is kept when its hub does not stop it (0: until the hub
+        stops it).
+
+        A hub stops such a server on its next poll; one that does not (a hub that is down,
+        or misbehaves) would keep its record and encrypted env for ever. Past this time the
+        sweep stops it as the hub's Stop would (the Spawner's stop() and post_stop_hook
+        run, then its row and events are deleted).
         """,
     )
     max_events_per_server = Integer(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from jupyterhub.spawner import Spawner
 
@@ -145,6 +146,7 @@ class SpawnerPoller:
         if current():
             log.info("%s/%s exited with status %s", rec.hub, rec.name, result)
             rec.state = pb.SERVER_STATE_STOPPED
+            rec.stopped_at = time.time()  # expires after exited_server_retention (expiry.py)
             rec.exit_code = exit_code
             rec.spawner_state = new_state
             rec.changed()

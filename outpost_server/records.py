@@ -13,7 +13,7 @@ import bisect
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from jupyterhub.spawner import Spawner
@@ -89,6 +89,9 @@ class Record:
     error_class: str = ""
     spawner: Spawner | None = None
     spawner_state: dict | None = None
+    #: when the server was seen stopped (seconds since the epoch), for expiry.py; None:
+    #: not known here (a failed start's FAILED event has the time)
+    stopped_at: float | None = None
     #: the start while it runs (its tasks: start, checkpoint, progress); see starts.py
     run: StartRun | None = None
     #: set while the start is being persisted (Start returns when it is done)
@@ -198,6 +201,11 @@ class Record:
             error_class=row["error_class"] or "",
             spawner_state=row["spawner_state"],
         )
+        if rec.state == pb.SERVER_STATE_STOPPED and isinstance(row.get("updated"), datetime):
+            updated = row["updated"]  # its last write: when it stopped
+            if updated.tzinfo is None:  # SQLite gives naive datetimes; they are UTC
+                updated = updated.replace(tzinfo=timezone.utc)
+            rec.stopped_at = updated.timestamp()
         if row["host"]:
             rec.address = {"scheme": row["scheme"], "host": row["host"], "port": row["port"]}
         for ev in events:

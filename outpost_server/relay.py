@@ -6,8 +6,8 @@ notebook picks a free port and reports it with ``POST $JUPYTERHUB_API_URL/batchs
 handler sets the port on the Spawner, whose start() has been waiting for it. Here that
 Spawner lives in the Outpost, so the callback must be answered at the site. Everything
 else the notebook asks the hub (token checks, the OAuth code exchange, activity) must
-still reach the hub, through whatever the hub put in JUPYTERHUB_API_URL (usually the
-site-side end of its SSH reverse forward, which compute nodes cannot reach).
+still reach the hub, usually through the site-side end of the hub's SSH reverse forward,
+which compute nodes cannot reach.
 
 With ``c.HubAPIRelay.enabled``, every hosted Spawner's notebook gets
 
@@ -19,14 +19,25 @@ moves along) and the relay
 - answers ``POST .../batchspawner`` itself: the request's token must be that server's
   JUPYTERHUB_API_TOKEN; only the keys in :data:`CALLBACK_KEYS` are set, on the live
   Spawner of a server that is still starting;
-- passes every other request below the original API path to the original
-  JUPYTERHUB_API_URL of that server's start (method, path, query, headers, body), and the
-  answer back. It adds no credentials: the hub checks every request as it always does.
+- passes every other request below the hub's API path (``<base_url>hub/api``, the path of
+  the JUPYTERHUB_API_URL that server's start carried) that has a token (``Authorization:
+  token|bearer X`` or ``?token=``; exempt: ``GET`` of the API root itself, the hub's
+  version, which jupyterhub-singleuser asks without one at start) to the hub's upstream,
+  and the answer back. It adds no credentials: the hub checks every request as it always
+  does.
+
+The relay is not a proxy a hub can aim: the upstream (scheme, host, port) of each hub is
+the site's choice, ``c.HubAPIRelay.hub_urls[hub]``, by default the hub's own reverse
+forward (its one ``c.SSHForwarder.reverse_listen`` address). Of what the hub sends only
+the path is used, and only if it ends in ``/hub/api``. A hub without an upstream gets
+502 for everything but the callback. A request without a token never leaves the relay
+(401).
 
 Hub and server come from the path, so one relay serves every hub of the Outpost and a
-request can only ever reach the upstream that server's own hub sent. Bodies are bounded,
-upstream calls time out, and tokens are never logged (access lines carry no query
-string).
+request can only ever reach its own hub's upstream. Bounded: bodies, upstream time,
+a connection's idle and body time, relayed requests in flight per hub (503 with
+Retry-After past the cap) and open connections in all (closed at accept past the cap).
+Tokens are never logged (access lines carry no query string).
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
@@ -45,10 +57,12 @@ from tornado import httputil, netutil, web
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
-from traitlets import Bool, Float, Integer, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Integer, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
 from outpost_client.v1 import outpost_pb2 as pb
+
+from .forwarder import split_host_port
 
 log = logging.getLogger("outpost.relay")
 
@@ -78,6 +92,12 @@ _SKIP_REQUEST_HEADERS = frozenset(
 _SKIP_RESPONSE_HEADERS = _SKIP_REQUEST_HEADERS - {"host"}
 _AUTH = re.compile(r"(?:token|bearer)\s+(\S+)\s*$", re.IGNORECASE)
 _WILDCARD = ("", "0.0.0.0", "::", "[::]")
+# every JupyterHub's API lives at <base_url>hub/api; nothing else of a hub is relayed
+API_SUFFIX = "/hub/api"
+# what a 503 (a hub's relayed requests at their cap) asks the notebook to wait, seconds
+RETRY_AFTER = 5
+# refused connections (over max_connections) are logged at most this often, seconds
+REFUSAL_LOG_INTERVAL = 60.0
 
 # (hub, server_name) -> what the relay needs of that server, or None
 Lookup = Callable[[str, str], Any]
@@ -115,6 +135,61 @@ def _origin(url: str) -> str:
     return f"{parsed.scheme}://{parsed.netloc}"
 
 
+def check_hub_url(hub: str, value: str) -> str:
+    """A hub's upstream as the site configures it: an http(s) origin, nothing more.
+
+    Returns it without a trailing slash; ValueError with a message naming the hub if it
+    has a path, a query, credentials or no host."""
+    parsed = urlparse(value.strip())
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or parsed.path not in ("", "/")
+        or parsed.query
+        or parsed.fragment
+        or parsed.username is not None
+    ):
+        raise ValueError(
+            f"HubAPIRelay.hub_urls[{hub!r}] must be http(s)://host:port with no path, not {value!r} "
+            "(the path comes from the hub's JUPYTERHUB_API_URL)"
+        )
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def reverse_forward_url(addresses: Sequence[str]) -> str | None:
+    """The upstream a hub's reverse forward gives: its one "host:port" as an http URL
+    (a wildcard host is reached on loopback); None unless there is exactly one."""
+    if len(addresses) != 1:
+        return None
+    host, port = split_host_port(addresses[0])
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def api_path_of(api_url: str) -> str | None:
+    """The path of a hub's JUPYTERHUB_API_URL if it is a hub API path (ends in /hub/api),
+    without a trailing slash; None otherwise (the relay passes nothing on for it)."""
+    path = urlparse(api_url).path.rstrip("/")
+    if not path.endswith(API_SUFFIX) or not path.startswith("/"):
+        return None
+    if any(segment in (".", "..") for segment in unquote(path).split("/")):
+        return None
+    return path
+
+
+def has_token(request: httputil.HTTPServerRequest) -> bool:
+    """Whether a request carries a hub API token (``Authorization: token|bearer X`` or
+    ``?token=X``): the relay passes nothing else on."""
+    if token_from(request.headers):
+        return True
+    return any(value for value in request.query_arguments.get("token", []))
+
+
 def token_from(headers: httputil.HTTPHeaders) -> str:
     """The token of ``Authorization: token X`` or ``Bearer X`` ("" if none)."""
     match = _AUTH.match(headers.get("Authorization", "").strip())
@@ -139,8 +214,9 @@ class HubAPIRelay(Configurable):
         Needed for Spawners whose notebooks report their port to the hub API once they
         run (batchspawner's SlurmSpawner and friends: batchspawner-singleuser POSTs it to
         $JUPYTERHUB_API_URL/batchspawner): the relay answers that callback at the site
-        and passes every other hub API request on to the hub (through its reverse
-        forward, or directly). Off: the notebook gets the hub's JUPYTERHUB_API_URL as it is.
+        and passes every other hub API request with a token on to the hub's upstream
+        (hub_urls: by default its reverse forward). Off: the notebook gets the hub's
+        JUPYTERHUB_API_URL as it is.
         """,
     )
     ip = Unicode(
@@ -150,8 +226,9 @@ class HubAPIRelay(Configurable):
 
         Notebooks must reach it: on a batch cluster, an address of the Outpost host the
         compute nodes can reach (or "0.0.0.0"), not 127.0.0.1. Anyone who can reach it
-        can reach the hub API of every hub with a server here, exactly as notebooks can
-        (the hub still checks every request's token): keep it to the cluster's network.
+        can reach the hub API (and only that) of every hub with a server here, exactly as
+        notebooks can (the hub still checks every request's token): keep it to the
+        cluster's network.
         """,
     )
     port = Integer(8082, min=0, max=65535, config=True, help="The port the relay listens on (0: any free port).")
@@ -176,9 +253,60 @@ class HubAPIRelay(Configurable):
     upstream_timeout = Float(
         30.0,
         min=0.01,
+        max=3600.0,
         config=True,
         help="""Seconds a relayed request may take at the hub (connecting included) before the
         notebook gets 504. A hub that refuses the connection (its reverse forward down) is 502.""",
+    )
+    hub_urls = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="""Where the relay reaches each hub's API: hub name -> "http(s)://host:port".
+
+        The site's choice, never the hub's: of the JUPYTERHUB_API_URL a hub sends only the
+        path (its base_url, ending in /hub/api) is used. A hub not listed here is reached
+        through its reverse forward, when c.SSHForwarder.reverse_listen lists exactly one
+        address for it (a wildcard host as 127.0.0.1). A hub with neither has no upstream:
+        its notebooks' hub API requests get 502 (their batchspawner callback still works),
+        and the Outpost logs it once. E.g. {"hub-a": "http://127.0.0.1:18081",
+        "hub-b": "https://hub-b.example.org"}.
+        """,
+    )
+    idle_connection_timeout = Float(
+        60.0,
+        min=1.0,
+        max=3600.0,
+        config=True,
+        help="""Seconds a notebook's connection to the relay may sit idle (also: the time it
+        has to send a request's headers) before the relay closes it.""",
+    )
+    body_timeout = Float(
+        30.0,
+        min=1.0,
+        max=3600.0,
+        config=True,
+        help="Seconds a notebook has to send a request's body to the relay before it closes the connection.",
+    )
+    max_requests_per_hub = Integer(
+        32,
+        min=1,
+        max=10000,
+        config=True,
+        help="""Relayed requests of one hub's notebooks that may be in flight at once (waiting
+        for the hub). One more gets 503 with Retry-After and never reaches the hub; other
+        hubs are not affected. The batchspawner callback is answered at the site and is
+        not counted.""",
+    )
+    max_connections = Integer(
+        1000,
+        min=1,
+        max=1000000,
+        config=True,
+        help="""Open connections to the relay, of all hubs' notebooks together. A connection
+        past the cap is closed as soon as it is accepted (logged at most once a minute),
+        so the relay's sockets cannot starve the Outpost's gRPC server of file descriptors
+        (the Outpost also raises its soft open-files limit to the hard limit at start).""",
     )
 
     @validate("url")
@@ -190,12 +318,33 @@ class HubAPIRelay(Configurable):
                 raise TraitError(f"HubAPIRelay.url must be an http(s) URL with a host, not {value!r}")
         return value.rstrip("/")
 
+    @validate("hub_urls")
+    def _check_hub_urls(self, proposal):
+        try:
+            return {hub: check_hub_url(hub, value) for hub, value in proposal.value.items()}
+        except ValueError as e:
+            raise TraitError(str(e)) from None
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self._server: HTTPServer | None = None
-        self._client: SimpleAsyncHTTPClient | None = None
+        self._server: _CappedHTTPServer | None = None
+        self._clients: dict[str, SimpleAsyncHTTPClient] = {}
         self._lookup: Lookup = lambda hub, server_name: None
+        self._reverse_urls: dict[str, str] = {}
+        self._in_flight: dict[str, int] = {}
+        self._warned_no_route: set[str] = set()
+        self._refused_connections = 0
+        self._refusal_logged_at: float | None = None
         self.bound_port: int | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections to the relay open now (0 when it is not running)."""
+        return self._server.open_connections if self._server is not None else 0
+
+    def upstream_for(self, hub: str) -> str | None:
+        """The origin the relay passes ``hub``'s requests to (the site's choice), or None."""
+        return self.hub_urls.get(hub) or self._reverse_urls.get(hub)
 
     @property
     def base_url(self) -> str:
@@ -220,7 +369,20 @@ class HubAPIRelay(Configurable):
         original = original or env.get("JUPYTERHUB_API_URL", "")
         if not original:
             return env
+        if self.upstream_for(hub) is None:
+            self._warn_no_route(hub)
         return relayed_env(env, original, relay_prefix(self.base_url, hub, server_name))
+
+    def _warn_no_route(self, hub: str) -> None:
+        if hub in self._warned_no_route:
+            return
+        self._warned_no_route.add(hub)
+        log.warning(
+            "Hub API relay: no upstream for hub %r (neither c.HubAPIRelay.hub_urls[%r] nor exactly "
+            "one c.SSHForwarder.reverse_listen address): its notebooks' hub API requests get 502",
+            hub,
+            hub,
+        )
 
     def attach(self, spawner, hub: str, server_name: str) -> None:
         """Make a hosted Spawner's get_env() point its notebook at this relay."""
@@ -228,57 +390,107 @@ class HubAPIRelay(Configurable):
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    async def start(self, lookup: Lookup) -> None:
-        """Listen; ``lookup(hub, server_name)`` answers the server's manager Record (or None)."""
+    async def start(self, lookup: Lookup, reverse_listen: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Listen; ``lookup(hub, server_name)`` answers the server's manager Record (or None);
+        ``reverse_listen`` is the SSH forwarder's (hub -> "host:port" list): a hub's one
+        address there is its upstream unless ``hub_urls`` names one."""
         self._lookup = lookup
-        self._client = SimpleAsyncHTTPClient(
-            force_instance=True, max_clients=100, max_body_size=self.max_body_bytes
-        )
+        self._reverse_urls = {}
+        for hub, addresses in (reverse_listen or {}).items():
+            url = reverse_forward_url(addresses)
+            if url is not None:
+                self._reverse_urls[hub] = url
+            elif addresses and hub not in self.hub_urls:
+                log.warning(
+                    "Hub API relay: %r has %d reverse_listen addresses, so no upstream; "
+                    "set c.HubAPIRelay.hub_urls[%r]",
+                    hub,
+                    len(addresses),
+                    hub,
+                )
         app = web.Application(
             [(r"/.*", RelayHandler, {"relay": self})],
             log_function=_access_log,
             xsrf_cookies=False,
         )
-        self._server = HTTPServer(app, max_body_size=self.max_body_bytes, xheaders=False)
+        server = _CappedHTTPServer(
+            app,
+            max_body_size=self.max_body_bytes,
+            xheaders=False,
+            idle_connection_timeout=self.idle_connection_timeout,
+            body_timeout=self.body_timeout,
+        )
+        server.max_connections = self.max_connections
+        server.on_refused = self._connection_refused
         try:
             sockets = netutil.bind_sockets(self.port, address=self.ip or None)
         except OSError as e:
-            self._client.close()
-            self._client = None
-            self._server = None
             raise RelayConfigError(f"hub API relay cannot listen on {self.ip}:{self.port} ({e})") from None
-        self._server.add_sockets(sockets)
+        server.add_sockets(sockets)
+        self._server = server
         self.bound_port = sockets[0].getsockname()[1]
+        for hub in sorted(set(self.hub_urls) | set(self._reverse_urls)):
+            log.info("Hub API relay: %s's API is reached at %s", hub, self.upstream_for(hub))
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
             await self._server.close_all_connections()
             self._server = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            client.close()
+
+    def _connection_refused(self, address) -> None:
+        """A connection past max_connections was closed; log it at most once a minute."""
+        self._refused_connections += 1
+        now = time.monotonic()
+        if self._refusal_logged_at is not None and now - self._refusal_logged_at < REFUSAL_LOG_INTERVAL:
+            return
+        self._refusal_logged_at = now
+        log.warning(
+            "Hub API relay: %d open connections, the cap (c.HubAPIRelay.max_connections); "
+            "closed %d new connection(s) at accept (the latest from %s); next report in a minute at most",
+            self.max_connections,
+            self._refused_connections,
+            address[0] if address else "?",
+        )
+        self._refused_connections = 0
+
+    def _client_for(self, hub: str) -> SimpleAsyncHTTPClient:
+        client = self._clients.get(hub)
+        if client is None:
+            client = SimpleAsyncHTTPClient(
+                force_instance=True, max_clients=self.max_requests_per_hub, max_body_size=self.max_body_bytes
+            )
+            self._clients[hub] = client
+        return client
 
     # --- requests ------------------------------------------------------------------------
 
     def resolve(self, path: str):
         """Take /hubs/<hub>/servers/<server><rest> apart: (hub, server_name, record, rest,
-        the server's original JUPYTERHUB_API_URL, its path), or raise an HTTPError."""
+        the hub's API path), or raise an HTTPError. ``rest`` is under the API path."""
         parts = path.split("/", 6)
         if len(parts) < 6 or parts[0] or parts[1] != "hubs" or parts[3] != "servers":
             raise web.HTTPError(404, "not a relay path: /hubs/<hub>/servers/<server>/...")
         hub, server_name = unquote(parts[2]), unquote(parts[4])
         rest = "/" + "/".join(parts[5:])
-        if any(unquote(segment) in (".", "..") for segment in rest.split("/")):
-            raise web.HTTPError(400, "dot segments are not allowed")
+        decoded = unquote(rest)
+        if "\\" in decoded or any(segment in (".", "..") for segment in decoded.split("/")):
+            raise web.HTTPError(400, "dot segments and backslashes are not allowed")
         record = self._lookup(hub, server_name)
         original = record.spec.env.get("JUPYTERHUB_API_URL", "") if record is not None else ""
         if not original:
             raise web.HTTPError(404, "no such server")
-        api_path = urlparse(original).path.rstrip("/")
+        api_path = api_path_of(original)
+        if api_path is None:
+            raise web.HTTPError(
+                404, "nothing is relayed for this server: its JUPYTERHUB_API_URL does not end in /hub/api"
+            )
         if rest != api_path and not rest.startswith(api_path + "/"):
-            raise web.HTTPError(404, "only the hub API is relayed")
-        return hub, server_name, record, rest, original, api_path
+            raise web.HTTPError(404, f"only the hub API ({api_path}/...) is relayed")
+        return hub, server_name, record, rest, api_path
 
     def set_from_callback(self, hub: str, server_name: str, record, token: str, body: bytes) -> dict:
         """Check and apply one batchspawner callback; answer an HTTPError if refused."""
@@ -318,7 +530,32 @@ class HubAPIRelay(Configurable):
         )
         return CALLBACK_ANSWER
 
-    async def forward(self, handler: RelayHandler, upstream: str) -> None:
+    async def forward(self, handler: RelayHandler, hub: str, target: str) -> None:
+        """Pass the handler's request on to ``hub``'s upstream at ``target`` (path and query)."""
+        origin = self.upstream_for(hub)
+        if origin is None:
+            self._warn_no_route(hub)
+            raise web.HTTPError(
+                502,
+                f"this Outpost has no route to hub {hub!r}'s API; the site's admin sets it "
+                f"with c.HubAPIRelay.hub_urls",
+            )
+        if self._in_flight.get(hub, 0) >= self.max_requests_per_hub:
+            raise RelayRefusal(
+                503,
+                f"hub {hub!r} has {self.max_requests_per_hub} requests in flight through this relay, "
+                f"its cap (c.HubAPIRelay.max_requests_per_hub); retry in {RETRY_AFTER} seconds",
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
+        self._in_flight[hub] = self._in_flight.get(hub, 0) + 1
+        try:
+            await self._fetch(handler, hub, origin + target)
+        finally:
+            self._in_flight[hub] -= 1
+            if not self._in_flight[hub]:
+                del self._in_flight[hub]
+
+    async def _fetch(self, handler: RelayHandler, hub: str, upstream: str) -> None:
         request = handler.request
         headers = httputil.HTTPHeaders()
         for name, value in request.headers.get_all():
@@ -326,7 +563,6 @@ class HubAPIRelay(Configurable):
                 headers.add(name, value)
         body = handler.body
         method = request.method
-        assert self._client is not None
         outgoing = HTTPRequest(
             upstream,
             method=method,
@@ -339,7 +575,7 @@ class HubAPIRelay(Configurable):
             request_timeout=self.upstream_timeout,
         )
         try:
-            response = await self._client.fetch(outgoing, raise_error=False)
+            response = await self._client_for(hub).fetch(outgoing, raise_error=False)
         except HTTPTimeoutError:
             status, reason = 504, "the hub did not answer in time"
         except (HTTPClientError, httputil.HTTPInputError):
@@ -366,6 +602,35 @@ class HubAPIRelay(Configurable):
         await handler.finish()
 
 
+class RelayRefusal(web.HTTPError):
+    """An HTTPError whose answer carries headers (Retry-After)."""
+
+    def __init__(self, status_code: int, message: str, *, headers: dict[str, str]):
+        super().__init__(status_code, message)
+        self.headers = headers
+
+
+class _CappedHTTPServer(HTTPServer):
+    """Tornado's HTTPServer that closes a new connection at accept when ``max_connections``
+    are open (and tells ``on_refused``)."""
+
+    max_connections = 1000
+    open_connections = 0
+    on_refused: Callable[[Any], None] = staticmethod(lambda address: None)
+
+    def handle_stream(self, stream, address) -> None:
+        if self.open_connections >= self.max_connections:
+            stream.close()
+            self.on_refused(address)
+            return
+        self.open_connections += 1
+        super().handle_stream(stream, address)
+
+    def on_close(self, server_conn) -> None:
+        self.open_connections -= 1
+        super().on_close(server_conn)
+
+
 @web.stream_request_body
 class RelayHandler(web.RequestHandler):
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -382,9 +647,7 @@ class RelayHandler(web.RequestHandler):
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise web.HTTPError(413, f"the body may have at most {limit} bytes")
         self.request.connection.set_max_body_size(limit)
-        self.hub, self.server_name, self.record, self.rest, self.original, self.api_path = self.relay.resolve(
-            self.request.path
-        )
+        self.hub, self.server_name, self.record, self.rest, self.api_path = self.relay.resolve(self.request.path)
 
     def data_received(self, chunk: bytes) -> None:
         self._size += len(chunk)
@@ -413,6 +676,9 @@ class RelayHandler(web.RequestHandler):
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, web.HTTPError) and exc.log_message:
             message = exc.log_message
+        if isinstance(exc, RelayRefusal):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"status": status_code, "message": message}))
 
@@ -425,10 +691,20 @@ class RelayHandler(web.RequestHandler):
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps(answer))
             return
-        upstream = _origin(self.original) + self.rest
+        # jupyterhub-singleuser's first call, before it uses its token: GET <api_url> (the
+        # hub's version, which the hub serves to anyone; singleuser/extension.py
+        # check_hub_version); it exits if that fails
+        version_check = method in ("GET", "HEAD") and self.rest.rstrip("/") == self.api_path
+        if not version_check and not has_token(self.request):
+            raise web.HTTPError(
+                401,
+                "a hub API request needs a token (Authorization: token <token>); "
+                "the relay passes nothing on without one",
+            )
+        target = self.rest
         if self.request.query:
-            upstream += "?" + self.request.query
-        await self.relay.forward(self, upstream)
+            target += "?" + self.request.query
+        await self.relay.forward(self, self.hub, target)
 
     get = head = post = put = patch = delete = options = _handle
 

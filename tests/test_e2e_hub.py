@@ -405,7 +405,8 @@ async def test_internal_ssl_end_to_end(make_site, hub_factory):
     # certificates are not in the Outpost's database; the files it wrote exist until stop
     db = site.op.workdir / "outpost.sqlite"
     assert b"BEGIN" not in sqlite_bytes(db)
-    directory = Path(*certs_location("default", "alice", remote.start_id))
+    # by default in the Outpost's working directory (its state_dir), never under /tmp
+    directory = Path(*certs_location("default", "alice", remote.start_id, site.op.workdir / "internal-ssl"))
     assert directory.is_dir() and stat.S_IMODE(os.lstat(directory).st_mode) == 0o700
     assert stat.S_IMODE(os.lstat(directory / CERT_FILES["key_pem"][1]).st_mode) == 0o600
 

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import stat
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -21,11 +22,11 @@ from jupyterhub.spawner import Spawner
 from traitlets import Bool
 
 from outpost_client import pb
-from outpost_server.hosting import CERT_FILES, certs_location
+from outpost_server.hosting import CERT_FILES, certs_location, default_certs_base
 from outpost_server.testing import class_state
 
 from .harness.hub import make_spawner
-from .harness.outpost import outpost_config, running_outpost, sqlite_bytes
+from .harness.outpost import ROOT, outpost_config, running_outpost, sqlite_bytes
 from .harness.util import wait_for
 
 pytestmark = pytest.mark.rpc
@@ -254,3 +255,87 @@ async def test_outpost_spawner_refuses_internal_ssl_without_certificates(start_o
         with pytest.raises(web.HTTPError, match="no certificates"):
             await spawner.start()
         assert not CertSpawner.calls
+
+
+# --- where the files go by default (issue 11, part 9) --------------------------------------
+
+
+def test_the_default_certs_dir_is_in_the_outposts_state_not_tmp(monkeypatch, tmp_path):
+    """No fixed name under the temp directory (any local user could create it first): the
+    default follows the state directory (or the working directory) only."""
+    monkeypatch.chdir(ROOT)  # read only: the path is computed, nothing is made
+    assert default_certs_base() == ROOT / "internal-ssl"
+    assert default_certs_base(tmp_path / "state") == tmp_path / "state" / "internal-ssl"
+    (tmp_path / "tmp").mkdir()
+    for tmp in ("/tmp", str(tmp_path / "tmp")):
+        monkeypatch.setenv("TMPDIR", tmp)
+        monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+        assert tempfile.gettempdir() == tmp
+        assert default_certs_base() == ROOT / "internal-ssl"
+
+
+@pytest.mark.parametrize("configured", ["state_dir", "working directory"])
+async def test_by_default_certificates_go_to_a_private_directory_of_the_state_dir(
+    start_outpost, tmp_path, monkeypatch, configured
+):
+    state = tmp_path / "state"
+    state.mkdir()
+    traits = {"certs_dir": ""}  # the harness sets one; here the default
+    if configured == "state_dir":
+        traits["state_dir"] = str(state)
+    else:
+        monkeypatch.chdir(state)
+    async with start_outpost(CertSpawner, **traits) as op:
+        assert op.manager.certs_dir == str(state / "internal-ssl")
+        start_id = uuid.uuid4().hex
+        await op.client.start("gwen", start_id, user_name="gwen", env=HUB_ENV, internal_ssl=PEMS, wait_until_ready=True)
+        base, name = certs_location("default", "gwen", start_id, op.manager.certs_dir)
+        assert base == state / "internal-ssl" and mode(base) == 0o700
+        assert os.lstat(base).st_uid == os.getuid()
+        assert Path(_move_call()["move_certs"]["keyfile"]).parent == base / name
+        await op.client.stop("gwen", start_id)
+        assert not (base / name).exists()
+
+
+@pytest.mark.parametrize("hostile", ["symlink", "others-directory", "group-writable"])
+async def test_a_hostile_certs_dir_is_refused(start_outpost, tmp_path, hostile):
+    """Something already at the certificates' place that is not the Outpost's own private
+    directory fails the start with a message, and nothing is written into it."""
+    state, elsewhere = tmp_path / "state", tmp_path / "attacker"
+    state.mkdir()
+    elsewhere.mkdir(mode=0o777)
+    base = state / "internal-ssl"
+    if hostile == "symlink":
+        base.symlink_to(elsewhere)
+    else:
+        base.mkdir(mode=0o700)
+        if hostile == "others-directory":
+            if os.getuid() != 0:
+                pytest.skip("needs root to give a directory to another user")
+            os.chown(base, 65534, 65534)
+        else:
+            os.chmod(base, 0o770)
+    async with start_outpost(CertSpawner, certs_dir="", state_dir=str(state)) as op:
+        start_id = uuid.uuid4().hex
+        r = await op.client.start(
+            "hana", start_id, user_name="hana", env=HUB_ENV, internal_ssl=PEMS, wait_until_ready=True
+        )
+        assert r.status.state == pb.SERVER_STATE_STOPPED
+        assert f"{base}, must be a directory of uid {os.getuid()} with mode 0700" in r.status.failure_message
+        assert not any("move_certs" in c or c.get("start") for c in CertSpawner.calls)
+        assert not list(elsewhere.iterdir()) and (hostile == "symlink" or not list(base.iterdir()))
+        await op.client.stop("hana", start_id)
+        assert base.is_symlink() == (hostile == "symlink")  # left as it was, for the admin
+
+
+async def test_a_state_dir_anyone_may_write_to_is_warned_about(start_outpost, tmp_path, caplog):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    async with start_outpost(CertSpawner, certs_dir="", state_dir=str(shared)):
+        pass
+    assert f"certificates go to {shared / 'internal-ssl'}, in {shared}, which every local user" in caplog.text
+    caplog.clear()
+    async with start_outpost(CertSpawner):  # the harness's certs_dir, in a private tmp_path
+        pass
+    assert "which every local user" not in caplog.text

@@ -1,10 +1,13 @@
 """The hub API relay (outpost_server/relay.py): batchspawner's port callback answered at
-the site, everything else passed on to the hub.
+the site, everything else with a token passed on to the hub's upstream, which the site
+chooses (never the hub).
 
 A real Outpost in this process with the relay on, hosting ``LatePortSpawner`` (its
 start() waits for its port like batchspawner's does); a real HTTP server stands in for
-the hub API (what the relay talks to) and records what reaches it; the tests play the
-notebook. The real chain (JupyterHub, reverse forward, Slurm, batchspawner-singleuser) is
+the hub API (what the relay talks to) and records what reaches it; another stands in
+for an address a hostile hub names (a metadata service) and must see nothing; the tests
+play the notebook. Connection and request caps: tests/test_relay_limits.py. The real
+chain (JupyterHub, reverse forward, Slurm, batchspawner-singleuser) is
 tests/test_e2e_slurm.py.
 """
 
@@ -27,7 +30,15 @@ from traitlets.config import Config
 
 from outpost_client import OutpostClient, pb
 from outpost_server.identity import hash_token
-from outpost_server.relay import HubAPIRelay, RelayConfigError, relay_prefix, relayed_env, token_from
+from outpost_server.relay import (
+    HubAPIRelay,
+    RelayConfigError,
+    api_path_of,
+    relay_prefix,
+    relayed_env,
+    reverse_forward_url,
+    token_from,
+)
 
 from .harness.util import wait_for
 
@@ -55,9 +66,15 @@ class Seen:
 class Upstream:
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
+    # requests to .../hold wait for this
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hub/api"
+        return f"{self.origin}/hub/api"
 
 
 class UpstreamHandler(web.RequestHandler):
@@ -74,6 +91,8 @@ class UpstreamHandler(web.RequestHandler):
         self.upstream.seen.append(Seen(r.method, r.path, r.query, r.headers, r.body))
         if r.path.endswith("/slow"):
             await asyncio.sleep(3)
+        if r.path.endswith("/hold"):
+            await self.upstream.release.wait()
         self.set_status(int(self.get_query_argument("status", "200")))
         self.set_header("X-Upstream", "hub")
         self.add_header("Set-Cookie", "a=1; Path=/")
@@ -87,8 +106,8 @@ class UpstreamHandler(web.RequestHandler):
     get = head = post = put = patch = delete = options = _any
 
 
-@pytest.fixture
-async def upstream():
+async def serve_upstream():
+    """An HTTP server recording every request (an async generator: start, then stop)."""
     state = Upstream()
     # no access log of its own: the tests look for tokens in what the Outpost logs
     app = web.Application([(r"/.*", UpstreamHandler, {"upstream": state})], log_function=lambda handler: None)
@@ -97,8 +116,29 @@ async def upstream():
     server.add_sockets(sockets)
     state.port = sockets[0].getsockname()[1]
     yield state
+    state.release.set()
     server.stop()
     await server.close_all_connections()
+
+
+@pytest.fixture
+async def upstream():
+    """The hub API, as the site routes to it."""
+    async for state in serve_upstream():
+        yield state
+
+
+@pytest.fixture
+async def metadata():
+    """What a hostile hub names as its API: must never be contacted."""
+    async for state in serve_upstream():
+        yield state
+
+
+def routed(upstream: Upstream, *hubs: str, **traits) -> dict:
+    """RELAY with ``hubs`` (default: "default") routed to upstream, plus ``traits``."""
+    urls = {hub: upstream.origin for hub in hubs or ("default",)}
+    return {**RELAY, "HubAPIRelay.hub_urls": urls, **traits}
 
 
 @pytest.fixture
@@ -251,7 +291,7 @@ async def test_another_hubs_token_cannot_set_this_hubs_port(start_outpost, upstr
 
 async def test_other_requests_pass_through(start_outpost, upstream, http, caplog):
     caplog.set_level(logging.DEBUG)
-    async with start_outpost(LATE, **RELAY) as op:
+    async with start_outpost(LATE, **routed(upstream)) as op:
         _, nb_env = await start_server(op.client, op, "default", "dave", notebook_env(upstream, "dave"))
         api = nb_env["JUPYTERHUB_API_URL"]
 
@@ -276,25 +316,36 @@ async def test_other_requests_pass_through(start_outpost, upstream, http, caplog
         seen = upstream.seen[-1]
         assert (seen.method, seen.path, seen.body) == ("POST", "/hub/api/users/dave/activity", body)
 
-        # OAuth code exchange (form body, no Authorization header), other methods
-        r = await call(http, f"{api}/oauth2/token", "POST", body=b"code=c&client_id=x",
+        # OAuth code exchange: a form body, and the notebook's token in Authorization, as
+        # jupyterhub's HubOAuth sends it (services/auth.py: _api_request sets it for every
+        # call, token_for_code too); other methods
+        r = await call(http, f"{api}/oauth2/token", "POST", body=b"code=c&client_id=x", token="nb-token",
                        headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
         assert r.code == 200 and upstream.seen[-1].body == b"code=c&client_id=x"
-        assert "Authorization" not in upstream.seen[-1].headers
+        assert upstream.seen[-1].headers["Authorization"] == "token nb-token"
         for method in ("DELETE", "PATCH", "PUT", "HEAD", "OPTIONS"):
             r = await call(
-                http, f"{api}/users/dave", method, body=b"{}" if method in ("PATCH", "PUT") else None
+                http, f"{api}/users/dave", method, token="t", body=b"{}" if method in ("PATCH", "PUT") else None
             )
             assert r.code == 200 and upstream.seen[-1].method == method, method
         # GET .../batchspawner is not the callback: passed on
-        r = await call(http, f"{api}/batchspawner")
+        r = await call(http, f"{api}/batchspawner", token="t")
         assert r.code == 200 and upstream.seen[-1].path == "/hub/api/batchspawner"
 
         # only the hub API: nothing else of the hub, no dot segments
         count = len(upstream.seen)
         prefix = api[: -len("/hub/api")]
-        for path in ("/hub/login", "/hub/apix", "/hub/api/../login", "/hub/api/%2e%2e/login", "/user/dave/"):
-            r = await call(http, prefix + path)
+        for path in (
+            "/hub/login",
+            "/hub/apix",
+            "/hub/api/../login",
+            "/hub/api/%2e%2e/login",
+            "/hub/api/..%2F..%2Flogin",
+            "/hub/api/x%5C..%5C..%5Clogin",
+            "/user/dave/",
+            "/",
+        ):
+            r = await call(http, prefix + path, token="t")
             assert r.code in (400, 404), (path, r.code)
         assert len(upstream.seen) == count
 
@@ -309,28 +360,143 @@ async def test_other_requests_pass_through(start_outpost, upstream, http, caplog
 
 
 async def test_bounds_and_upstream_failures(start_outpost, upstream, http):
-    traits = dict(RELAY, **{"HubAPIRelay.max_body_bytes": 8192, "HubAPIRelay.upstream_timeout": 1.0})
+    traits = routed(upstream, **{"HubAPIRelay.max_body_bytes": 8192, "HubAPIRelay.upstream_timeout": 1.0})
     async with start_outpost(LATE, **traits) as op:
         env = notebook_env(upstream, "erin")
         _, nb_env = await start_server(op.client, op, "default", "erin", env)
         api = nb_env["JUPYTERHUB_API_URL"]
-        r = await call(http, f"{api}/users/erin/activity", "POST", body=b"x" * 9000)
+        r = await call(http, f"{api}/users/erin/activity", "POST", token="t", body=b"x" * 9000)
         assert r.code == 413
         assert not upstream.seen, "an oversized body never reaches the hub"
-        r = await call(http, f"{api}/big")  # the hub's answer is larger than the bound
+        r = await call(http, f"{api}/big", token="t")  # the hub's answer is larger than the bound
         assert r.code == 502
-        r = await call(http, f"{api}/slow")
+        r = await call(http, f"{api}/slow", token="t")
         assert r.code == 504
         assert json.loads(r.body)["message"] == "the hub did not answer in time"
 
         # the hub unreachable (its reverse forward down): 502, not a hang
-        dead = notebook_env(upstream, "fred")
-        dead["JUPYTERHUB_API_URL"] = "http://127.0.0.1:9/hub/api"
-        _, fred_env = await start_server(op.client, op, "default", "fred", dead)
-        r = await call(http, fred_env["JUPYTERHUB_API_URL"] + "/user")
+        op.app.relay.hub_urls = {"default": "http://127.0.0.1:9"}
+        r = await call(http, f"{api}/user", token="t")
         assert r.code == 502
-        for name in ("erin", "fred"):
+        assert json.loads(r.body)["message"] == "cannot reach the hub (ConnectionRefusedError)"
+        await op.client.stop("erin")
+
+
+# --- not an open proxy: the site chooses the upstream, only the hub API, only with a token --
+
+
+async def test_hub_named_address_never_contacted(start_outpost, upstream, metadata, http):
+    """A hostile hub names another address (a metadata service) as its API: of its URL only
+    the path is used, the request goes to the site's upstream for that hub; and a path of
+    "/" opens nothing."""
+    async with start_outpost(LATE, **routed(upstream)) as op:
+        env = notebook_env(upstream, "mal")
+        env["JUPYTERHUB_API_URL"] = f"{metadata.origin}/jh/hub/api"  # a base_url of /jh/
+        _, nb_env = await start_server(op.client, op, "default", "mal", env)
+        api = nb_env["JUPYTERHUB_API_URL"]
+        assert api.endswith("/hubs/default/servers/mal/jh/hub/api")
+        r = await call(http, f"{api}/user", token="t")
+        assert r.code == 200
+        assert upstream.seen[-1].path == "/jh/hub/api/user"
+        assert upstream.seen[-1].headers["Host"] == f"127.0.0.1:{upstream.port}"
+
+        # the API URL's path is "/": nothing is relayed for that server, whatever the path
+        env = notebook_env(upstream, "slash")
+        env["JUPYTERHUB_API_URL"] = f"{metadata.origin}/"
+        _, root_env = await start_server(op.client, op, "default", "slash", env)
+        prefix = relay_prefix(op.app.relay.base_url, "default", "slash")
+        assert root_env["JUPYTERHUB_API_URL"] == prefix
+        count = len(upstream.seen)
+        for path in ("/latest/meta-data/", "/hub/api/user", "/hub/login", "/"):
+            r = await call(http, prefix + path, token="t")
+            assert r.code == 404, (path, r.code)
+        assert len(upstream.seen) == count
+        for name in ("mal", "slash"):
             await op.client.stop(name)
+    assert metadata.seen == [], "the address the hub named was contacted"
+
+
+async def test_hub_without_route_gets_502(start_outpost, metadata, http, caplog):
+    """No hub_urls entry and no reverse forward: 502 naming the setting, logged once; the
+    address the hub named is never contacted; the callback is still answered."""
+    caplog.set_level(logging.INFO, logger="outpost.relay")
+    async with start_outpost(LATE, **RELAY) as op:
+        rec, nb_env = await start_server(op.client, op, "default", "hana", notebook_env(metadata, "hana"))
+        api = nb_env["JUPYTERHUB_API_URL"]
+        for _ in range(2):
+            r = await call(http, f"{api}/user", token=nb_env["JUPYTERHUB_API_TOKEN"])
+            assert r.code == 502
+            assert "c.HubAPIRelay.hub_urls" in json.loads(r.body)["message"]
+        r = await call(http, f"{api}/batchspawner", "POST", token=nb_env["JUPYTERHUB_API_TOKEN"],
+                       body={"port": 4250})  # fmt: skip
+        assert r.code == 200
+        assert (await ready_event(op.client, "hana")).address.port == 4250
+        await op.client.stop("hana")
+    assert metadata.seen == []
+    assert caplog.text.count("no upstream for hub 'default'") == 1
+
+
+async def test_request_without_token_not_forwarded(start_outpost, upstream, http):
+    async with start_outpost(LATE, **routed(upstream)) as op:
+        _, nb_env = await start_server(op.client, op, "default", "ivan", notebook_env(upstream, "ivan"))
+        api = nb_env["JUPYTERHUB_API_URL"]
+        for url, method, headers in (
+            (f"{api}/user", "GET", {}),
+            (f"{api}/user", "GET", {"Authorization": "Basic aXZhbjpwdw=="}),
+            (f"{api}/user?token=", "GET", {}),
+            (f"{api}/users/ivan/activity", "POST", {"Content-Type": "application/json"}),
+            (f"{api}/oauth2/token", "POST", {"Content-Type": "application/x-www-form-urlencoded"}),
+        ):
+            r = await call(http, url, method, headers=headers, body=b"{}" if method == "POST" else None)
+            assert r.code == 401, (url, headers, r.code)
+            assert "needs a token" in json.loads(r.body)["message"]
+        assert upstream.seen == []
+        # a token in the query string counts (passed on as it is)
+        r = await call(http, f"{api}/user?token=query-token")
+        assert r.code == 200 and upstream.seen[-1].query == "token=query-token"
+        # but for the API root: jupyterhub-singleuser asks the hub's version there without a
+        # token at start (singleuser/extension.py check_hub_version), and exits if it fails
+        for url in (api, f"{api}/"):
+            r = await call(http, url)
+            assert r.code == 200 and upstream.seen[-1].path == url[url.index("/hub/api") :]
+        count = len(upstream.seen)
+        r = await call(http, api, "POST", body=b"{}")
+        assert r.code == 401 and len(upstream.seen) == count
+        await op.client.stop("ivan")
+
+
+async def test_upstream_defaults_to_the_hubs_reverse_forward(start_outpost, upstream, metadata, http, tmp_path):
+    forwarder = {
+        "SSHForwarder.enabled": True,
+        "SSHForwarder.port": 0,
+        "SSHForwarder.host_key_file": str(tmp_path / "host_key"),
+        "SSHForwarder.reverse_listen": {"default": [f"127.0.0.1:{upstream.port}"]},
+    }
+    async with start_outpost(LATE, **RELAY, **forwarder) as op:
+        assert op.app.relay.upstream_for("default") == upstream.origin
+        _, nb_env = await start_server(op.client, op, "default", "judy", notebook_env(metadata, "judy"))
+        r = await call(http, nb_env["JUPYTERHUB_API_URL"] + "/user", token="t")
+        assert r.code == 200 and upstream.seen[-1].path == "/hub/api/user"
+        await op.client.stop("judy")
+    assert metadata.seen == []
+
+
+def test_hub_urls_and_reverse_forward_routes():
+    relay = HubAPIRelay(config=Config({"HubAPIRelay": {"hub_urls": {"a": "http://127.0.0.1:18081/"}}}))
+    assert relay.hub_urls == {"a": "http://127.0.0.1:18081"}
+    for bad in ("http://127.0.0.1:18081/hub/api", "ftp://x:1", "http://u:p@x:1", "http://x:1/?a=1", "x:1"):
+        with pytest.raises(TraitError, match="hub_urls"):
+            relay.hub_urls = {"a": bad}
+    assert reverse_forward_url(["127.0.0.1:18081"]) == "http://127.0.0.1:18081"
+    assert reverse_forward_url(["0.0.0.0:18081"]) == "http://127.0.0.1:18081"
+    assert reverse_forward_url(["[::]:18081"]) == "http://[::1]:18081"
+    assert reverse_forward_url(["[fd00::1]:18081"]) == "http://[fd00::1]:18081"
+    assert reverse_forward_url(["127.0.0.1:1", "127.0.0.1:2"]) is None
+    assert reverse_forward_url([]) is None
+    assert api_path_of("http://x/hub/api/") == "/hub/api"
+    assert api_path_of("http://x/jh/hub/api") == "/jh/hub/api"
+    for url in ("http://x/", "http://x", "http://x/latest/meta-data", "http://x/a/../hub/api"):
+        assert api_path_of(url) is None, url
 
 
 async def test_relay_off_changes_nothing(start_outpost, upstream):

@@ -4,13 +4,17 @@ hooks, state, polling, naming. The end-to-end tests cover it inside a real Jupyt
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jupyterhub.spawner import Spawner
 from tornado import web
 from traitlets import Unicode
 
-from outpost_client.spawner import OutpostSpawner, OutpostStartFailed, remote_server_name
+from outpost_client import pb
+from outpost_client.spawner import SERVER_NAME_RE, OutpostSpawner, OutpostStartFailed, remote_server_name
 from outpost_server.hosting import StandInHub, StandInUser
 
 from .harness.hub import make_spawner
@@ -18,17 +22,114 @@ from .harness.hub import make_spawner
 pytestmark = pytest.mark.rpc
 
 
+TEMPLATE = "{username}--{servername}"
+
+
 @pytest.mark.parametrize(
     "template, user, server, expected",
     [
-        ("{username}--{servername}", "alice", "", "alice"),
-        ("{username}--{servername}", "alice", "gpu", "alice--gpu"),
-        ("{username}--{servername}", "a b/c", "", "a_20b_2fc"),
+        # the names of usual users and servers are as they always were
+        (TEMPLATE, "alice", "", "alice"),
+        (TEMPLATE, "alice", "gpu", "alice--gpu"),
+        (TEMPLATE, "john_doe", "my-server", "john_doe--my-server"),
+        (TEMPLATE, "alice@example.org", "a.b+c", "alice@example.org--a.b+c"),
+        (TEMPLATE, "a b/c", "", "a_20b_2fc"),
         ("{username}", "_hidden", "", "x_hidden"),
+        # what could be read two ways is escaped
+        (TEMPLATE, "a--b", "", "a_2d_2db"),
+        (TEMPLATE, "a-", "b", "a_2d--b"),
+        (TEMPLATE, "a", "-b", "a--_2db"),
+        (TEMPLATE, "a_20b", "", "a_5f20b"),
+        (TEMPLATE, "a_", "b", "a_5f--b"),
+        (TEMPLATE, "x_x", "", "xx_x"),
+        (TEMPLATE, "Ünï", "", "x_c3_9cn_c3_af"),
     ],
 )
 def test_remote_server_name(template, user, server, expected):
     assert remote_server_name(template, user, server) == expected
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (("a", "b"), ("a--b", "")),  # the issue's example
+        (("a", "b--c"), ("a--b", "c")),
+        (("a-", "b"), ("a", "-b")),
+        (("a", ""), ("a--", "")),
+        (("a b", ""), ("a_20b", "")),  # an escape and the same text typed in
+        (("a_", "b"), ("a", "_b")),
+        (("_x", ""), ("x_x", "")),  # the "x" put in front and a name starting with x
+        (("x", "-y"), ("x-", "y")),
+        (("a", "b_2d_2dc"), ("a--b", "--c")),
+    ],
+)
+def test_remote_server_names_of_different_servers_never_collide(first, second):
+    assert remote_server_name(TEMPLATE, *first) != remote_server_name(TEMPLATE, *second)
+
+
+def read_back(name: str) -> tuple[str, str]:
+    """(user name, server name) from a remote server name of TEMPLATE: the inverse that
+    shows remote_server_name is injective."""
+    if re.match(r"x+[^A-Za-z0-9]", name):
+        name = name[1:]
+
+    def unescape(field: str) -> str:
+        out, i = bytearray(), 0
+        while i < len(field):
+            if field[i] == "_" and re.fullmatch(r"[0-9a-f]{2}", field[i + 1 : i + 3]):
+                out.append(int(field[i + 1 : i + 3], 16))
+                i += 3
+            else:
+                out += field[i].encode()
+                i += 1
+        return out.decode()
+
+    user, _, server = name.partition("--")
+    return unescape(user), unescape(server)
+
+
+NAME_CHARS = st.sampled_from("ax_-.5f2d@+/ Ü")
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+@given(user=st.text(NAME_CHARS, min_size=1, max_size=12), server=st.text(NAME_CHARS, max_size=12))
+def test_remote_server_names_read_back_to_user_and_server(user, server):
+    name = remote_server_name(TEMPLATE, user, server)
+    assert SERVER_NAME_RE.fullmatch(name), name  # what the Outpost accepts
+    assert read_back(name) == (user, server)
+
+
+def test_a_name_too_long_for_the_outpost_is_refused_not_cut():
+    """Cut to 255 characters, two long names would be one server."""
+    assert len(remote_server_name(TEMPLATE, "u" * 200, "s" * 53)) == 255
+    with pytest.raises(ValueError, match="would be 256 characters long.*choose a shorter server name"):
+        remote_server_name(TEMPLATE, "u" * 200, "s" * 54)
+    with pytest.raises(ValueError, match="server_name_template '{username}/{servername}'"):
+        remote_server_name("{username}/{servername}", "alice", "gpu")
+
+
+async def test_a_server_started_under_the_old_names_is_still_found(start_outpost):
+    """A hub upgraded while notebooks run: the name a server got at its start is in the
+    hub's state (remote_name), and poll and stop use that, never a name made anew. The
+    old naming kept "_20" as typed: alice's server "my_2024" was "alice--my_2024" (now
+    "alice--my_5f2024"), and user "alice--b"'s default server was "alice--b", which is now
+    the name of alice's server "b": that start is refused while the old one runs, never
+    attached to it."""
+    async with start_outpost("outpost_server.testing.InstantSpawner") as op:
+        await op.client.start("alice--my_2024", "old-1", user_name="alice", wait_until_ready=True)
+        await op.client.start("alice--b", "old-2", user_name="alice--b", wait_until_ready=True)
+        spawner = make_spawner(op, name="my_2024")
+        spawner.load_state({"outpost_name": "default", "remote_name": "alice--my_2024", "start_id": "old-1"})
+        assert await spawner.poll() is None  # found, running
+        assert remote_server_name(TEMPLATE, "alice", "my_2024") == "alice--my_5f2024"
+        await spawner.stop()
+        assert await spawner.poll() == 0
+        assert [s.server_name for s in await op.client.list_servers()] == ["alice--b"]
+
+        with pytest.raises(OutpostStartFailed, match="is running under start_id 'old-2'"):
+            await make_spawner(op, name="b").start()
+        (status,) = await op.client.list_servers()
+        assert (status.server_name, status.start_id, status.state) == ("alice--b", "old-2", pb.SERVER_STATE_RUNNING)
 
 
 async def test_start_poll_stop_and_state(start_outpost):

@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import ipaddress
 import json
+import logging
 import shutil
 import stat
 import uuid
@@ -19,12 +20,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from traitlets import TraitError
 
-from outpost_client import ServerNotFound, Unauthenticated, Unavailable, pb
-from outpost_client.errors import UNAUTHENTICATED_HUB
+from outpost_client import CertificateRevoked, ServerNotFound, Unauthenticated, Unavailable, pb
+from outpost_client.errors import CERTIFICATE_REVOKED, UNAUTHENTICATED_HUB
 from outpost_server.app import Outpost
 from outpost_server.certs import CertsError, Pair, generate_certs
-from outpost_server.identity import certificate_resolver
+from outpost_server.identity import (
+    RevokedCertificates,
+    certificate_resolver,
+    normalize_fingerprint,
+    read_fingerprints,
+    revoking,
+    show_fingerprint,
+)
 from outpost_server.tls import TLSConfigError, load_server_tls
 
 from .harness.hub import hub_client
@@ -290,3 +299,152 @@ def test_generate_certs_keys_are_private_from_the_first_byte(tmp_path, monkeypat
     for key in keys:
         mode = stat.S_IMODE(Path(key).stat().st_mode)
         assert mode & 0o077 == 0, (key, oct(mode))
+
+
+# --- revoking one hub's certificate ----------------------------------------------------------
+
+
+def fingerprint_of(path: str) -> str:
+    """The certificate's SHA-256 fingerprint, computed here without the Outpost's code."""
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).fingerprint(hashes.SHA256()).hex()
+
+
+def test_fingerprint_command_prints_what_revoked_certificates_takes(pki, tmp_path):
+    out = run_outpost("fingerprint", pki.hubs["hub-a"].cert, pki.hubs["hub-b"].cert, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2
+    printed, comment = lines[0].split("  # ", 1)
+    assert printed.startswith("SHA256:") and printed.count(":") == 32  # openssl's spelling
+    assert normalize_fingerprint(printed) == fingerprint_of(pki.hubs["hub-a"].cert)
+    assert pki.hubs["hub-a"].cert in comment and "CN=hub-a" in comment and "expires" in comment
+    # a line of its output is a line of revoked_certificates_file as it is
+    listing = tmp_path / "revoked"
+    listing.write_text(out.stdout)
+    assert read_fingerprints(str(listing)) == {fingerprint_of(pki.hubs[h].cert) for h in ("hub-a", "hub-b")}
+    missing = run_outpost("fingerprint", str(tmp_path / "nope.crt"), cwd=tmp_path)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+def test_fingerprints_are_accepted_as_openssl_and_people_write_them():
+    digits = "ab" * 32
+    for spelling in (
+        digits,
+        digits.upper(),
+        "SHA256:" + ":".join(["AB"] * 32),
+        "sha256 Fingerprint=" + ":".join(["AB"] * 32),  # openssl x509 -noout -fingerprint -sha256
+        "  sha256:" + digits + "  ",
+    ):
+        assert normalize_fingerprint(spelling) == digits, spelling
+    for wrong in ("", "ab" * 31, "SHA1:" + "ab" * 32, "md5 Fingerprint=" + "ab" * 32, "zz" * 32):
+        with pytest.raises(ValueError, match="is not a SHA-256 certificate fingerprint"):
+            normalize_fingerprint(wrong)
+    with pytest.raises(TraitError, match="revoked_certificates: 'nope' is not a SHA-256"):
+        Outpost(revoked_certificates=["nope"])
+    assert Outpost(revoked_certificates=["SHA256:" + ":".join(["AB"] * 32)]).revoked_certificates == [digits]
+
+
+async def test_a_revoked_hub_certificate_is_refused_and_other_hubs_are_served(start_outpost, pki, tmp_path, caplog):
+    revoked = fingerprint_of(pki.hubs["hub-a"].cert)
+    renewed = issue(pki, tmp_path, "hub-a")  # the site's new certificate for the same hub
+    caplog.set_level(logging.WARNING, logger="outpost.auth")
+    async with start_outpost(**tls_traits(pki, revoked_certificates=[revoked])) as op:
+        async with hub_client(op.address, pki, pki.hubs["hub-a"]) as a:
+            for call in (a.list_servers(), a.start("alice", "s1", user_name="alice")):
+                with pytest.raises(CertificateRevoked) as info:
+                    await call
+                assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+                assert info.value.reason == CERTIFICATE_REVOKED
+                assert "is revoked on this Outpost" in str(info.value) and "ask the site for a new one" in str(info.value)
+            with pytest.raises(CertificateRevoked):
+                async for _ in a.events("alice"):
+                    pass
+        assert op.manager.records == {}  # nothing was started
+        # every other hub is served as before, and hub-a with its new certificate
+        async with hub_client(op.address, pki, pki.hubs["hub-b"]) as b, hub_client(op.address, pki, renewed) as a2:
+            await b.start("bob", "s1", user_name="bob", wait_until_ready=True)
+            await a2.start("alice", "s2", user_name="alice", wait_until_ready=True)
+        assert set(op.manager.records) == {("hub-b", "bob"), ("hub-a", "alice")}
+    refusals = [r.getMessage() for r in caplog.records if "revoked client certificate" in r.getMessage()]
+    assert len(refusals) == 1, refusals  # logged, once a minute per certificate, not per call
+    assert show_fingerprint(revoked) in refusals[0] and "CN 'hub-a'" in refusals[0]
+
+
+async def test_revocation_file_takes_effect_without_a_restart(start_outpost, pki, tmp_path, caplog):
+    listing = tmp_path / "revoked"
+    listing.write_text("# revoked hub certificates\n")
+    async with start_outpost(**tls_traits(pki, revoked_certificates_file=str(listing))) as op:
+        async with hub_client(op.address, pki, pki.hubs["hub-a"]) as a, hub_client(
+            op.address, pki, pki.hubs["hub-b"]
+        ) as b:
+            assert await a.list_servers() == []
+            with listing.open("a") as f:
+                f.write(run_outpost("fingerprint", pki.hubs["hub-a"].cert, check=True).stdout)
+            with pytest.raises(CertificateRevoked):
+                await a.list_servers()
+            assert await b.list_servers() == []
+            # a broken file keeps the list it had (and says so in the log)
+            caplog.set_level(logging.ERROR, logger="outpost.auth")
+            with listing.open("a") as f:
+                f.write("not a fingerprint\n")
+            with pytest.raises(CertificateRevoked):
+                await a.list_servers()
+            assert "keeping the previous list" in caplog.text and "line 3" in caplog.text
+            assert await b.list_servers() == []
+
+
+def test_revocation_needs_certificates_to_check_and_a_readable_file(pki, tmp_path):
+    token = {"hub-a": "sha256:" + "0" * 64}
+    app = Outpost(tls_cert=pki.server.cert, tls_key=pki.server.key, hub_tokens=token, revoked_certificates=["ab" * 32])
+    with pytest.raises(SystemExit, match="revoked_certificates lists client certificates, but this Outpost asks"):
+        app.check_authentication()
+    with pytest.raises(SystemExit, match=f"cannot read revoked_certificates_file {tmp_path}/missing"):
+        Outpost(**tls_traits(pki, revoked_certificates_file=str(tmp_path / "missing"))).check_authentication()
+    (tmp_path / "bad").write_text("ab" * 32 + "\nnope\n")
+    with pytest.raises(SystemExit, match="revoked_certificates_file .*bad line 2: 'nope' is not a SHA-256"):
+        Outpost(**tls_traits(pki, revoked_certificates_file=str(tmp_path / "bad"))).check_authentication()
+
+
+def not_after(path: str) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(Path(path).read_bytes()).not_valid_after_utc
+
+
+def test_generate_certs_lifetime_is_one_year_by_default_and_configurable(tmp_path):
+    """A hub's certificate (and so a stolen hub key) is good for a year unless the site says
+    otherwise; the CA outlives it, so new certificates can come from the same CA."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+    made = generate_certs(str(tmp_path / "default"), ["127.0.0.1"], ["hub-a"])
+    for cert in (made.server.cert, made.hubs["hub-a"].cert):
+        assert abs(not_after(cert) - (now + 365 * day)) < day, cert
+    assert abs(not_after(made.ca.cert) - (now + 3650 * day)) < day
+
+    out = run_outpost(
+        "generate-certs", "--out", str(tmp_path / "short"), "--host", "127.0.0.1", "--hub", "hub-a",
+        "--days", "30", "--ca-days", "400", timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    short = tmp_path / "short"
+    for cert in ("outpost-server/outpost-server.crt", "hub-a/hub-a.crt"):
+        assert abs(not_after(str(short / cert)) - (now + 30 * day)) < day, cert
+        assert f"expires {(now + 30 * day).date()}" in out.stdout or f"expires {(now + 31 * day).date()}" in out.stdout
+    assert abs(not_after(str(short / "outpost-ca/outpost-ca.crt")) - (now + 400 * day)) < day
+
+    # --years (the old option) still works, in years of 365 days
+    old = run_outpost(
+        "generate-certs", "--out", str(tmp_path / "old"), "--host", "127.0.0.1", "--hub", "hub-a", "--years", "2",
+        timeout=60,
+    )  # fmt: skip
+    assert old.returncode == 0, old.stderr
+    assert abs(not_after(str(tmp_path / "old/hub-a/hub-a.crt")) - (now + 730 * day)) < day
+
+    with pytest.raises(CertsError, match="cannot outlive its CA"):
+        generate_certs(str(tmp_path / "x"), ["h"], ["a"], days=400, ca_days=365)
+
+
+def test_revocation_fails_closed_without_the_peer_certificate():
+    """grpc puts the peer's certificate in the auth context; were it ever missing, a
+    revocation list that cannot be checked lets nobody in, rather than everybody."""
+    resolve = revoking(lambda context: "hub-a", RevokedCertificates(["ab" * 32]))
+    with pytest.raises(Unauthenticated, match="cannot read your client certificate"):
+        resolve(fake_context(x509_common_name=["hub-a"]))

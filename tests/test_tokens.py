@@ -23,7 +23,7 @@ from outpost_server.app import Outpost
 from outpost_server.identity import certificate_resolver, hash_token, token_resolver
 
 from .harness.hub import hub_client, make_spawner
-from .harness.outpost import run_outpost
+from .harness.outpost import one_line, run_outpost
 
 pytestmark = pytest.mark.rpc
 
@@ -162,13 +162,38 @@ def test_token_resolver_with_a_certificate():
 
 
 async def test_plaintext_tokens_on_loopback(start_outpost):
-    async with start_outpost(hub_tokens=HUB_TOKENS, default_hub="default") as op:
+    # tokens authenticate: no opt-in to credential-less plaintext needed
+    async with start_outpost(hub_tokens=HUB_TOKENS, default_hub="default", allow_unauthenticated=False) as op:
         async with hub_client(op.address, token=TOKEN_A) as a:
             await a.start("alice", "s1", user_name="alice", wait_until_ready=True)
         # default_hub is not an identity any more: op.client sends no token
         with pytest.raises(Unauthenticated):
             await op.client.list_servers()
         assert set(op.manager.records) == {("hub-a", "alice")}
+
+
+def test_credentialless_loopback_refuses_to_start_without_the_opt_in(tmp_path):
+    """Plaintext without hub_tokens makes every local user (and every notebook a
+    LocalProcessSpawner runs on the host) the default hub: one line naming the fixes,
+    nothing started, no database made."""
+    out = run_outpost("--port", "0", cwd=tmp_path)
+    line = one_line(out)
+    assert line.startswith("jupyterhub-outpost: refusing to serve gRPC without credentials on 127.0.0.1")
+    assert "every local user" in line and "--allow-unauthenticated" in line and "hub_tokens" in line
+    assert "tls_client_ca" in line
+    assert not (tmp_path / "outpost.sqlite").exists()
+    # off loopback allow_plaintext alone is not the opt-in either
+    out = run_outpost("--ip", "0.0.0.0", "--allow-plaintext", "--port", "0", cwd=tmp_path)
+    assert "refusing to serve gRPC without credentials on 0.0.0.0" in one_line(out)
+
+
+async def test_credentialless_loopback_needs_the_explicit_opt_in_in_process_too(start_outpost):
+    with pytest.raises(identity.AuthConfigError, match="without credentials on 127.0.0.1"):
+        async with start_outpost(allow_unauthenticated=False):
+            pass
+    async with start_outpost(allow_unauthenticated=True, default_hub="laptop") as op:
+        await op.client.start("alice", "s1", user_name="alice", wait_until_ready=True)
+        assert set(op.manager.records) == {("laptop", "alice")}
 
 
 def test_plaintext_tokens_off_loopback_refused_or_warned(caplog):

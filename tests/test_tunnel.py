@@ -16,7 +16,9 @@ import pytest
 
 from outpost_client import ssh_fastpath
 from outpost_client import tunnel as tunnel_mod
+from outpost_client.outposts import OutpostConfig
 from outpost_client.tunnel import SSHTarget, Tunnel, TunnelError
+from outpost_server.testing import InstantSpawner, class_state
 
 from .harness.util import free_port, wait_for
 
@@ -449,13 +451,35 @@ async def test_a_requested_local_port_is_used_exactly(sshd_server, tunnels):
         assert str(wanted) in str(err.value)
 
 
-async def test_no_known_hosts_warns_once(sshd_server, tunnels, caplog):
+@pytest.mark.parametrize("known_hosts", [None, "", "missing"])
+async def test_no_known_hosts_is_refused_before_connecting(sshd_server, tunnels, tmp_path, known_hosts):
+    """The hub checks the Outpost's host key by default: no known_hosts (None and "" are no
+    waiver), or a file that is not there, is an error saying where the key comes from, and
+    nothing is sent to the SSH server."""
+    sshd = sshd_server()
+    key = sshd.add_client_key("hub")
+    sshd.start()
+    if known_hosts == "missing":
+        known_hosts = str(tmp_path / "known_hosts")
+    tunnel = tunnels(target_for(sshd, key, known_hosts=known_hosts))
+    probes = sshd.log.read_text().count("Connection from")  # sshd.start()'s own
+    with pytest.raises(TunnelError) as err:
+        await tunnel.forward("alice", "127.0.0.1", 9)
+    message = str(err.value)
+    expected = "does not exist" if known_hosts else "no known_hosts for the SSH server"
+    assert expected in message and f"127.0.0.1:{sshd.port}" in message
+    assert "<host_key_file>.pub" in message and "ssh_insecure_no_host_key_check = True" in message
+    assert not tunnel.connected and tunnel.local_port("alice") is None
+    assert sshd.log.read_text().count("Connection from") == probes
+
+
+async def test_the_explicit_waiver_connects_unchecked_and_warns_once(sshd_server, tunnels, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
     sshd = sshd_server()
     key = sshd.add_client_key("hub")
     sshd.start()
     async with EchoServer() as echo:
-        target = target_for(sshd, key, known_hosts=None)
+        target = target_for(sshd, key, known_hosts=None, insecure_no_host_key_check=True)
         tunnel = tunnels(target)
         port = await tunnel.forward("alice", "127.0.0.1", echo.port)
         assert await round_trip(port) == b"ping"
@@ -463,6 +487,67 @@ async def test_no_known_hosts_warns_once(sshd_server, tunnels, caplog):
         await wait_for(lambda: works(port), timeout=10, interval=0.1)
     warnings = [r for r in caplog.records if "NOT checked" in r.getMessage()]
     assert len(warnings) == 1
+
+
+@class_state("port")
+class EchoAddressSpawner(InstantSpawner):
+    """Starts at once and reports 127.0.0.1:<port>, where the test's echo server listens."""
+
+    port = 0
+
+    async def start(self):
+        return ("127.0.0.1", EchoAddressSpawner.port)
+
+
+async def test_outpost_options_check_the_forwarders_host_key(start_outpost, tunnels, tmp_path):
+    """An Outpost's options as a hub gives them (OutpostConfig: the OutpostSpawner traits, or
+    an ``outposts`` entry) against the Outpost's embedded forwarder: the key the forwarder
+    writes to <host_key_file>.pub, in known_hosts, is what lets the hub in; no known_hosts
+    or another key is refused; only the explicit waiver connects unchecked."""
+    import asyncssh
+
+    hub_key = asyncssh.generate_private_key("ssh-ed25519")
+    hub_key.write_private_key(str(tmp_path / "hub_key"))
+    host_key_file = tmp_path / "outpost_host_key"
+    async with EchoServer() as echo:
+        EchoAddressSpawner.port = echo.port
+        traits = {
+            "SSHForwarder.enabled": True,
+            "SSHForwarder.port": 0,
+            "SSHForwarder.host_key_file": str(host_key_file),
+            "SSHForwarder.authorized_keys": {"default": [hub_key.export_public_key().decode()]},
+        }
+        async with start_outpost("tests.test_tunnel.EchoAddressSpawner", **traits) as op:
+            if op.app.forwarder is None or op.app.forwarder.bound_port is None:
+                await op.app.init_forwarder()
+            await op.client.start("alice", "s1", user_name="alice", wait_until_ready=True)
+            entry = {
+                "address": op.address, "ssh_host": "127.0.0.1", "ssh_port": op.app.forwarder.bound_port,
+                "ssh_user": "hub", "ssh_key": str(tmp_path / "hub_key"),
+            }  # fmt: skip
+
+            def tunnel_for(**options) -> Tunnel:
+                config = OutpostConfig.from_dict("site", {**entry, **options})
+                return tunnels(config.ssh_target("http://127.0.0.1:8081/hub/api"))
+
+            with pytest.raises(TunnelError, match=r"no known_hosts .*<host_key_file>\.pub"):
+                await tunnel_for().forward("alice", "127.0.0.1", echo.port)
+
+            stranger = tmp_path / "stranger_known_hosts"
+            stranger.write_text(
+                f"[127.0.0.1]:{entry['ssh_port']} {asyncssh.generate_private_key('ssh-ed25519').export_public_key().decode()}"
+            )
+            with pytest.raises(TunnelError, match="does not match"):
+                await tunnel_for(ssh_known_hosts=str(stranger)).forward("alice", "127.0.0.1", echo.port)
+
+            known_hosts = tmp_path / "known_hosts"
+            published = (tmp_path / "outpost_host_key.pub").read_text().strip()
+            known_hosts.write_text(f"[127.0.0.1]:{entry['ssh_port']} {published}\n")
+            checked = await tunnel_for(ssh_known_hosts=str(known_hosts)).forward("alice", "127.0.0.1", echo.port)
+            assert await round_trip(checked) == b"ping"
+
+            waived = tunnel_for(ssh_insecure_no_host_key_check=True)
+            assert await round_trip(await waived.forward("alice", "127.0.0.1", echo.port)) == b"ping"
 
 
 def test_fast_path_covers_this_asyncssh():

@@ -103,11 +103,17 @@ class OutpostServiceServicer:
         its allow_users. Nothing is started or stored.
         - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
         or the hub already has as many starts in progress as the Outpost allows (reason
-        TOO_MANY_STARTS; nothing was started, try again when one finishes). A repeated
-        call with the start_id of an accepted start is never refused.
+        TOO_MANY_STARTS; nothing was started, try again when one finishes), or a new
+        server_name would take the hub beyond the servers the Outpost keeps for it, in any
+        state, stopped and failed ones included (reason TOO_MANY_SERVERS, metadata "limit";
+        Stop a server first). A repeated call with the start_id of an accepted start is
+        never refused; a new start of a server_name the hub already holds (a stopped one)
+        is never refused TOO_MANY_SERVERS.
         - UNAVAILABLE: the Outpost's database could not persist the start (reason
         PERSISTENCE_UNAVAILABLE) or the Outpost is shutting down; safe to retry.
-        - UNAUTHENTICATED: the connection does not identify a hub.
+        - UNAUTHENTICATED: the connection does not identify a hub (reason
+        UNAUTHENTICATED_HUB), or its client certificate is revoked (reason
+        CERTIFICATE_REVOKED); every RPC answers so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,7 +130,8 @@ class OutpostServiceServicer:
 
         Read-only and safe to retry: resume with after_sequence set to the last sequence
         received. Events of a start are kept (bounded per server, the terminal event always
-        kept) until the server is stopped or started again.
+        kept) until the server is stopped or started again, or its stopped record expires
+        (the Outpost's failed_server_retention and exited_server_retention).
 
         Status codes:
         - OK: the stream ended after the terminal event.
@@ -147,7 +154,8 @@ class OutpostServiceServicer:
         Status codes:
         - OK: the status.
         - NOT_FOUND: no such server for this hub (reason SERVER_NOT_FOUND). A hub should
-        treat this as "stopped".
+        treat this as "stopped": a stopped server the hub did not Stop is forgotten after
+        the Outpost's retention time.
         - INVALID_ARGUMENT: a malformed field (reason INVALID_FIELD).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -83,6 +83,9 @@ def outpost_config(tmp_path: Path, spawner_class, db_url: str | None = None, **t
     cfg.Outpost.db_url = db_url or f"sqlite:///{tmp_path}/outpost-{uuid.uuid4().hex[:8]}.sqlite"
     cfg.Outpost.shutdown_grace = 1.0
     cfg.Outpost.certs_dir = str(tmp_path / "outpost-certs")  # not the shared /tmp default
+    # plaintext without hub_tokens is the tests' "default" hub: an explicit opt-in (nobody
+    # else on a test machine matters); TLS and token tests are unaffected by it
+    cfg.Outpost.allow_unauthenticated = True
     for key, value in traits.items():
         if "." in key:
             section, name = key.split(".", 1)
@@ -155,8 +158,10 @@ def one_line(out: subprocess.CompletedProcess) -> str:
 class OutpostProcess:
     """The console script with a config file, in its own work dir: start, signal, restart.
 
-    ``start(*args)`` runs ``jupyterhub-outpost -f outpost_config.py --port <port> *args``
-    (inside network namespace ``netns`` if set), with :func:`outpost_env` plus ``env``; every
+    ``start(*args)`` runs ``jupyterhub-outpost -f outpost_config.py --port <port>
+    --allow-unauthenticated *args`` (the tests' and benchmarks' explicit opt-in to plaintext
+    without credentials; TLS and tokens are unaffected by it), inside network namespace
+    ``netns`` if set, with :func:`outpost_env` plus ``env``; every
     run appends to ``outpost.log`` under a ``--- run N ---`` line. ``stop()``: SIGTERM, then
     SIGKILL if it has not exited within the timeout.
     """
@@ -183,7 +188,10 @@ class OutpostProcess:
         logf.flush()
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [*prefix, str(OUTPOST_BIN), "-f", str(self.config), "--port", str(self.port), *extra],
+            [
+                *prefix, str(OUTPOST_BIN), "-f", str(self.config), "--port", str(self.port),
+                "--allow-unauthenticated", *extra,
+            ],  # fmt: skip
             cwd=self.workdir,
             env=outpost_env(self.env),
             stdout=logf,
