@@ -1,8 +1,8 @@
 """Soak test: minutes of steady start/poll/stop against one Outpost hosting real processes.
 
 One ``jupyterhub-outpost`` process (SQLite, JupyterHub's own ``LocalProcessSpawner``)
-runs a small long-lived Python process per server (``time.sleep``, carrying a marker in
-its argv that is unique to this run). The client keeps ``--servers`` servers alive and,
+runs a long-lived ``sleep`` per server (its argv[0] is a marker unique to this run; run
+as this user, or as root as the tests' notebook account: root is never a notebook's). The client keeps ``--servers`` servers alive and,
 ``--rate`` times a second, stops one of them and starts another (each start followed on
 its Events stream to READY); meanwhile it polls continuously (``--poll-rate`` Polls a
 second, a BatchPoll of every running server each second, a ListServers every 5 s), and
@@ -58,6 +58,7 @@ from tests.harness.procs import (  # noqa: E402
     set_child_subreaper,
     threads_of,
 )
+from tests.harness.util import notebook_account  # noqa: E402
 from tests.harness.util import percentile  # noqa: E402
 
 RSS_TOLERANCE = 0.10
@@ -439,12 +440,15 @@ def main(argv=None) -> int:
     source = source_info()  # before the run: the code the Outpost imports
     set_child_subreaper()
     random.seed(0)
-    cmd = [sys.executable, "-c", "import time; time.sleep(1e9)", args.marker]
+    # no Python: the notebook account may not reach this interpreter (e.g. under /root)
+    cmd = ["/bin/bash", "-c", f"exec -a {args.marker} sleep 1000000000"]
     outpost = BenchOutpost(
         spawner_class="localprocess",
         config=OUTPOST_CONFIG.format(poll_interval=args.outpost_poll_interval, cmd=cmd),
     )
-    soak = Soak(outpost, args, pwd.getpwuid(os.getuid()).pw_name)
+    # the notebooks' account: this user, or as root (never a notebook's account) the tests' own
+    user = notebook_account() if os.getuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    soak = Soak(outpost, args, user)
     t0 = time.monotonic()
     try:
         outpost.launch()

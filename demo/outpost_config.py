@@ -27,6 +27,9 @@ if os.path.exists(os.path.join(certs, "outpost-server", "outpost-server.crt")):
     c.Outpost.tls_cert = os.path.join(certs, "outpost-server", "outpost-server.crt")
     c.Outpost.tls_key = os.path.join(certs, "outpost-server", "outpost-server.key")
     c.Outpost.tls_client_ca = os.path.join(certs, "outpost-ca", "outpost-ca.crt")
+    # only the demo hub: a hub's user then runs as the account of the same name ("{name}",
+    # the default for one hub); with several hubs the site sets c.Outpost.user_mapping
+    c.Outpost.allowed_hubs = ["default"]
 else:
     c.Outpost.allow_unauthenticated = True
 c.Outpost.spawner_class = "simple"

@@ -24,6 +24,7 @@ from .errors import (
     TooManyStarts,
     Unauthenticated,
     Unavailable,
+    UserNotAllowed,
     UserOptionNotAllowed,
 )
 from .v1 import outpost_pb2 as pb
@@ -57,6 +58,7 @@ __all__ = [
     "TooManyStarts",
     "Unauthenticated",
     "Unavailable",
+    "UserNotAllowed",
     "UserOptionNotAllowed",
     "pb",
 ]

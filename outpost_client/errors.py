@@ -21,6 +21,7 @@ SERVER_ALREADY_STARTED = "SERVER_ALREADY_STARTED"
 OVERRIDE_NOT_ALLOWED = "OVERRIDE_NOT_ALLOWED"
 ENV_NOT_ALLOWED = "ENV_NOT_ALLOWED"
 USER_OPTION_NOT_ALLOWED = "USER_OPTION_NOT_ALLOWED"
+USER_NOT_ALLOWED = "USER_NOT_ALLOWED"
 SPAWNER_ERROR = "SPAWNER_ERROR"
 INTERNAL_ERROR = "INTERNAL_ERROR"
 PERSISTENCE_UNAVAILABLE = "PERSISTENCE_UNAVAILABLE"
@@ -158,6 +159,15 @@ class UserOptionNotAllowed(PermissionDenied):
     reason = USER_OPTION_NOT_ALLOWED
 
 
+class UserNotAllowed(PermissionDenied):
+    """The site does not run this hub user's servers: its mapping gives the user no local
+    account, or the account is root, a system account or one allow_users does not allow
+    (c.Outpost.user_mapping, c.Outpost.allow_users). The message says which, for the
+    spawn page; metadata "user_name" is the hub's user, "account" the local account."""
+
+    reason = USER_NOT_ALLOWED
+
+
 class SpawnerError(InternalError):
     """The hosted Spawner raised; metadata "error_class" names its exception."""
 
@@ -211,6 +221,7 @@ BY_REASON: dict[str, type[OutpostError]] = {
         OverrideNotAllowed,
         EnvNotAllowed,
         UserOptionNotAllowed,
+        UserNotAllowed,
         SpawnerError,
         OutpostBug,
         PersistenceUnavailable,

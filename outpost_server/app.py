@@ -30,6 +30,7 @@ from outpost_client.client import is_local_address
 from outpost_client.v1 import outpost_pb2, outpost_pb2_grpc
 
 from . import __version__
+from .accounts import AccountsConfigError
 from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError
 from .forwarder import ForwarderConfigError, SSHForwarder
@@ -165,6 +166,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         self.check_tls()
         self.check_network()
         self.check_forwarder()
+        self.check_accounts()
         self.make_relay()  # a bad c.HubAPIRelay value stops start-up here (TraitError)
         self.check_crypt()
         self.check_authentication()
@@ -251,6 +253,17 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             raise one_line_exit(e) from None
         self.forwarder = forwarder
 
+    def check_accounts(self):
+        """Fail before anything starts if no user_mapping is set and several hubs can call."""
+        try:
+            self.make_account_policy()
+        except AccountsConfigError as e:
+            raise one_line_exit(e) from None
+
+    def make_account_policy(self):
+        forwarder = self.forwarder if self.forwarder is not None else SSHForwarder(parent=self)
+        return self.account_policy(forwarder_hubs=forwarder.authorized_keys if forwarder.enabled else ())
+
     async def init_store(self):
         if self.crypt is None:  # not checked by initialize() (an Outpost made in-process)
             self.crypt = self.make_crypt()
@@ -283,6 +296,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             overrides=override_policy(self.allow_override),
             env=env_policy(self.allow_env),
             user_options=user_options_policy(self.allow_user_options),
+            accounts=self.make_account_policy(),
         )
         self.manager = LifecycleManager(self.store, spawners, ManagerSettings.from_traits(self), policies)
 
@@ -371,8 +385,9 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
 
         What start() runs before it waits for a signal, and what an in-process Outpost
         (tests, benchmarks) runs instead of start(). A step that fails tears down the
-        steps before it (cleanup()) and raises: RelayConfigError, TLSConfigError and
-        ForwarderConfigError and AuthConfigError carry a one-line message for the operator.
+        steps before it (cleanup()) and raises: RelayConfigError, TLSConfigError,
+        ForwarderConfigError, AuthConfigError and AccountsConfigError carry a one-line
+        message for the operator.
         """
         raise_open_files_limit(self.log)
         try:
@@ -398,7 +413,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             loop.add_signal_handler(sig, stop.set)
         try:
             await self.setup()
-        except (RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError) as e:
+        except (RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError, AccountsConfigError) as e:
             raise one_line_exit(e) from None
         try:
             await stop.wait()

@@ -144,7 +144,10 @@ def summary(certs: GeneratedCerts, host: str, port: int = 50051) -> str:
         f"c.Outpost.tls_cert = {certs.server.cert!r}",
         f"c.Outpost.tls_key = {certs.server.key!r}",
         f"c.Outpost.tls_client_ca = {certs.ca.cert!r}",
+        f"c.Outpost.allowed_hubs = {list(certs.hubs)!r}",
     ]
+    if len(certs.hubs) > 1:  # the site chooses which account each hub's user runs as
+        lines.append('c.Outpost.user_mapping = "{hub}-{name}"  # or "{name}": hubs share accounts by name')
     for hub, files in certs.hubs.items():
         lines += [
             "",

@@ -55,6 +55,13 @@ HUB_ONLY_ENV_KEYS = frozenset(
 )
 
 
+def escape_user_name(name: str) -> str:
+    """A user name in a URL path, as JupyterHub's User.escaped_name quotes it."""
+    from urllib.parse import quote
+
+    return quote(name, safe="@~")
+
+
 @dataclass
 class StandInGroup:
     name: str
@@ -62,19 +69,27 @@ class StandInGroup:
 
 @dataclass
 class StandInUser:
-    """What a hosted Spawner sees as ``self.user``."""
+    """What a hosted Spawner sees as ``self.user``.
+
+    ``name`` is the local account the site mapped the hub's user to (accounts.py): what
+    the Spawner runs the notebook as. ``hub_name`` is the hub's own name of the user,
+    which the notebook's URLs (``url``) and JUPYTERHUB_USER keep: jupyterhub-singleuser
+    checks the hub's user against them.
+    """
 
     name: str
     id: int = 0
     admin: bool = False
     groups: list[StandInGroup] = field(default_factory=list)
     url: str = ""
+    hub_name: str = ""
+
+    def __post_init__(self):
+        self.hub_name = self.hub_name or self.name
 
     @property
     def escaped_name(self) -> str:
-        from urllib.parse import quote
-
-        return quote(self.name, safe="@~")
+        return escape_user_name(self.name)
 
     def progress_url(self, server_name: str = "") -> str:
         return url_path_join(self.url, server_name, "api/progress")
@@ -94,9 +109,15 @@ class StandInHub:
 
 
 def stand_ins_from_env(
-    env: dict[str, str], user_name: str, user_id: int, admin: bool, groups: list[str]
+    env: dict[str, str],
+    user_name: str,
+    user_id: int,
+    admin: bool,
+    groups: list[str],
+    account: str = "",
 ) -> tuple[StandInUser, StandInHub]:
-    """Build the stand-in user and hub from the env the hub computed for the notebook."""
+    """Build the stand-in user and hub from the env the hub computed for the notebook;
+    the user is named ``account`` (the local account; default: the hub's user_name)."""
     base = env.get("JUPYTERHUB_BASE_URL", "/") or "/"
     hub = StandInHub(
         api_url=env.get("JUPYTERHUB_API_URL", StandInHub.api_url),
@@ -104,11 +125,12 @@ def stand_ins_from_env(
         public_host=env.get("JUPYTERHUB_HOST", ""),
     )
     user = StandInUser(
-        name=user_name,
+        name=account or user_name,
         id=user_id,
         admin=admin,
         groups=[StandInGroup(g) for g in groups],
-        url=url_path_join(base, "user", user_name) + "/",
+        url=url_path_join(base, "user", escape_user_name(user_name)) + "/",
+        hub_name=user_name,
     )
     return user, hub
 
@@ -143,6 +165,7 @@ class HostedSpawnerMixin:
 
     def get_env(self) -> dict[str, str]:
         env = super().get_env()
+        env.update(hub_user_env(env, self.user))
         site_keys = self._outpost_site_env_keys | set(self.environment)
         for key, value in self._outpost_hub_env.items():
             if key in HUB_ONLY_ENV_KEYS:
@@ -152,6 +175,37 @@ class HostedSpawnerMixin:
         if self._outpost_env_filter is not None:
             env = self._outpost_env_filter(env)
         return env
+
+
+def hub_user_env(env: dict[str, str], user: StandInUser) -> dict[str, str]:
+    """What Spawner.get_env() computed from the user's name, with the hub's name where the
+    local account differs: the notebook talks to its hub as the hub's user (a hub that
+    sends these keys overrides them anyway)."""
+    local, hub_name = user.name, getattr(user, "hub_name", user.name)
+    if local == hub_name:
+        return {}
+    fixed = {"JUPYTERHUB_USER": hub_name}
+    activity = env.get("JUPYTERHUB_ACTIVITY_URL", "")
+    suffix = f"/users/{escape_user_name(local)}/activity"
+    if activity.endswith(suffix):
+        fixed["JUPYTERHUB_ACTIVITY_URL"] = activity[: -len(suffix)] + f"/users/{escape_user_name(hub_name)}/activity"
+    return fixed
+
+
+def hub_user_scopes(spawner: Spawner) -> None:
+    """Spawner's default oauth_access_scopes name self.user.name, the local account: the
+    notebook's users are the hub's, so name the hub's user there (a site's own setting
+    of the option stays)."""
+    user = spawner.user
+    local, hub_name = user.name, getattr(user, "hub_name", user.name)
+    if local == hub_name:
+        return
+
+    def scopes(name: str) -> list[str]:
+        return [f"access:servers!server={name}/{spawner.name}", f"access:servers!user={name}"]
+
+    if list(spawner.oauth_access_scopes) == scopes(local):
+        spawner.oauth_access_scopes = scopes(hub_name)
 
 
 _hosted_classes: dict[type, type] = {}
@@ -198,6 +252,7 @@ def make_spawner(
     spawner._outpost_name = spawner_name
     spawner._outpost_hub_env = dict(env)
     spawner._outpost_site_env_keys = frozenset(site_env_keys)
+    hub_user_scopes(spawner)
     prefix = env.get("JUPYTERHUB_SERVICE_PREFIX") or user.url
     spawner._server = Server(base_url=prefix)
     if overrides:

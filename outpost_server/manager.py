@@ -38,6 +38,7 @@ from outpost_client.errors import (
 from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
+from .accounts import AccountPolicy
 from .expiry import RecordExpiry
 from .hosting import certs_base_warning, default_certs_base
 from .journal import Journal
@@ -85,14 +86,18 @@ class ManagerSettings:
 
 @dataclass(frozen=True)
 class StartPolicies:
-    """What a hub may send with Start that reaches the site (policy.py); None: anything."""
+    """What a hub may send with Start that reaches the site (policy.py), and which local
+    account its user runs as (accounts.py); None: anything, and the hub's user name."""
 
     overrides: KeyPolicy | None = None
     env: KeyPolicy | None = None
     user_options: KeyPolicy | None = None
+    accounts: AccountPolicy | None = None
 
     async def check(self, hub: str, spec: convert.StartSpec) -> None:
-        """Refuse (PERMISSION_DENIED) what hub may not send, before anything is made."""
+        """Refuse (PERMISSION_DENIED) what hub may not send, before anything is made; set
+        spec.user["account"], the local account (stored with the record, so a restart
+        under a changed mapping keeps the server's account)."""
         for policy, values in (
             (self.env, spec.env),
             (self.user_options, spec.user_options),
@@ -100,6 +105,8 @@ class StartPolicies:
         ):
             if policy is not None and values:
                 await policy.check(hub, values)
+        if self.accounts is not None:
+            spec.user["account"] = await self.accounts.local_account(hub, spec.user["name"])
 
 
 class LifecycleManager:

@@ -29,6 +29,7 @@ from traitlets import (
     validate,
 )
 
+from .accounts import AccountPolicy, check_mapping, configured_hubs, default_mapping, read_login_defs
 from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
 from .hosting import DEFAULT_SITE_ENV_KEYS
@@ -414,6 +415,75 @@ class HostingOptions(HasTraits):
         """,
     )
 
+    user_mapping = Any(
+        None,
+        allow_none=True,
+        config=True,
+        help="""Which local account a hub's user runs as: what the hosted Spawner sees as
+        self.user.name (LocalProcessSpawner's passwd lookup, batchspawner's
+        `sudo -u {username}`, KubeSpawner's pod names). URLs and JUPYTERHUB_USER keep the
+        hub's user name.
+
+        A template with {hub} and {name}, e.g. "{hub}-{name}" (hub "a"'s alice runs as
+        a-alice). A dict: hub name -> a template, or hub name -> {hub user: local account}
+        (hubs and users it does not name get no account). A callable (hub, name) -> the
+        local account, sync or async (None or raising refuses, with its message as the
+        reason).
+
+        A user the mapping gives no account, or whose account is not a plain user name
+        (letters, digits, "._-", at most 32 characters), root, a system account (see
+        account_uid_min) or not allowed by allow_users, cannot start: PERMISSION_DENIED
+        (reason USER_NOT_ALLOWED), and nothing is started or stored. The account is
+        stored with the server: a changed mapping applies to new starts only.
+
+        Not set (default): "{name}" when only one hub can use this Outpost. When several
+        can (hub_tokens, hub_identity_map, allowed_hubs, SSHForwarder.authorized_keys;
+        mTLS without hub_tokens or allowed_hubs counts as any number), the Outpost
+        refuses to start until this is set: "{hub}-{name}" keeps the hubs' users apart,
+        "{name}" lets two hubs' alice share one account, deliberately.
+        """,
+    )
+
+    allow_users = Any(
+        True,
+        config=True,
+        help="""Which local accounts (after user_mapping) a hub's users may run as, on top
+        of the rule that root and system accounts never may.
+
+        True (default): any other account. A list of account names: those. A dict: hub
+        name -> one of these (hubs it does not name: none). A callable (hub, account) ->
+        True, False or a list, sync or async (raising refuses, with its message as the
+        reason), e.g. membership of a Unix group. A refused account is PERMISSION_DENIED
+        (reason USER_NOT_ALLOWED).
+        """,
+    )
+
+    account_uid_min = Integer(
+        min=1,
+        max=2**32 - 2,
+        config=True,
+        help="""Existing accounts with a smaller uid are system accounts: no hub's user runs
+        as one (PERMISSION_DENIED, reason USER_NOT_ALLOWED). root (uid 0) never.
+        Default: UID_MIN of /etc/login.defs, else 1000. The passwd lookup runs in a
+        thread (LDAP, sssd) and its answer is kept for a minute per account.""",
+    )
+
+    @default("account_uid_min")
+    def _account_uid_min_default(self):
+        return read_login_defs()[0]
+
+    account_uid_max = Integer(
+        min=1,
+        max=2**32 - 2,
+        config=True,
+        help="""Existing accounts with a larger uid (nobody, 65534) are system accounts too.
+        Default: UID_MAX of /etc/login.defs, else 60000.""",
+    )
+
+    @default("account_uid_max")
+    def _account_uid_max_default(self):
+        return read_login_defs()[1]
+
     start_message = Unicode(
         "",
         config=True,
@@ -569,7 +639,34 @@ class HostingOptions(HasTraits):
         """,
     )
 
-    @validate("allow_override", "allow_env", "allow_user_options")
+    @validate("user_mapping")
+    def _check_user_mapping(self, proposal):
+        try:
+            return check_mapping(proposal.value)
+        except ValueError as e:
+            raise TraitError(str(e)) from None
+
+    def account_policy(self, forwarder_hubs=()) -> AccountPolicy:
+        """user_mapping (or its default) and allow_users, enforced. AccountsConfigError
+        (one line) when user_mapping is not set and several hubs can use this Outpost."""
+        mapping = self.user_mapping
+        if mapping is None:
+            mapping = default_mapping(
+                configured_hubs(
+                    tls=self.tls_enabled,
+                    client_ca=bool(self.tls_client_ca),
+                    hub_tokens=self.hub_tokens,
+                    identity_map=self.hub_identity_map,
+                    allowed_hubs=self.allowed_hubs,
+                    default_hub=self.default_hub,
+                    forwarder_hubs=forwarder_hubs,
+                )
+            )
+        return AccountPolicy(
+            mapping, self.allow_users, uid_min=self.account_uid_min, uid_max=self.account_uid_max
+        )
+
+    @validate("allow_override", "allow_env", "allow_user_options", "allow_users")
     def _check_policy(self, proposal):
         try:
             return check_policy(proposal.value, proposal.trait.name)

@@ -46,6 +46,7 @@ class SpawnerFactory:
             spec.user.get("id", 0),
             spec.user.get("admin", False),
             spec.user.get("groups", []),
+            account=spec.user.get("account", ""),  # the local account (accounts.py)
         )
         spawner = make_spawner(
             self.spawner_class,

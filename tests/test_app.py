@@ -14,7 +14,7 @@ from outpost_client import OutpostClient, pb
 
 from .harness.outpost import grpcurl, one_line, run_outpost, stored_rows
 from .harness.procs import children_of, process_alive
-from .harness.util import wait_for
+from .harness.util import notebook_account, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -79,7 +79,7 @@ async def test_sigterm_process_exits_cleanly_notebook_survives(tmp_path, outpost
     op.start()
     await op.wait_serving()
     async with OutpostClient(op.address) as client:
-        await client.start("keep", "k1", user_name="nobody", wait_until_ready=True)
+        await client.start("keep", "k1", user_name=notebook_account(), wait_until_ready=True)
     pid = children_of(op.proc.pid)[0]
     subreaper.pids.add(pid)
     assert op.kill(signal.SIGTERM) == 0

@@ -22,7 +22,7 @@ from outpost_client import OutpostClient, ServerNotFound, Unavailable, pb
 from outpost_server.restore import RESTART_DURING_START
 
 from .harness.procs import process_alive, processes_with_argv
-from .harness.util import wait_for
+from .harness.util import notebook_account, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -68,7 +68,7 @@ async def test_sigkill_mid_start_leaves_no_orphan(mode, tmp_path, db_url, outpos
     await op.wait_serving()
     async with OutpostClient(op.address) as client:
         try:
-            await client.start("nb", "s1", user_name="nobody")
+            await client.start("nb", "s1", user_name=notebook_account())
         except Unavailable:
             assert mode == "die-now"  # it may die before Start's answer left
         notebooks = await wait_for(lambda: processes_with_argv(sleep_arg), timeout=15,

@@ -10,8 +10,8 @@ the hub with the READY event and the hub opens its tunnel. Every other call of t
 notebook to the hub API (token checks, the OAuth code exchange, activity) goes notebook →
 relay → the hub's SSH reverse forward → the hub.
 
-Jobs run as root (as in tests/test_slurm.py), so the hub's user is ``root``: the site's
-SlurmSpawner looks its user up in the site's passwd.
+Jobs run as root (as in tests/test_slurm.py), so the hub's user is ``root``, which the
+site maps to a local account (``SITE_USER_MAPPING``) the SlurmSpawner finds in passwd.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from outpost_client import pb
 from .harness.e2e_driver import browser_oauth, read_progress
 from .harness.hub import TOKEN
 from .harness.outpost import BIN
-from .harness.slurm import JOB_NAME, our_jobs, queue_reason_recipe
+from .harness.slurm import JOB_NAME, SITE_USER_MAPPING, our_jobs, queue_reason_recipe
 from .harness.util import free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.slurm]
@@ -83,7 +83,7 @@ async def slurm_site(slurm, make_site, monkeypatch):
     jobs = slurm.root / "jobs"
     extra = SLURM_SITE.format(relay_port=free_port(), bin=BIN, jobs=jobs, job_name=JOB_NAME)
     # the site shows Slurm's reason for the wait (docs/sites/slurm.md, as written there)
-    return await make_site("site-slurm", extra=extra + queue_reason_recipe())
+    return await make_site("site-slurm", extra=extra + SITE_USER_MAPPING + queue_reason_recipe())
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ protobuf's own, undecodable bytes (invalid UTF-8, truncation, garbage) on every 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import sqlite3
@@ -501,14 +502,20 @@ class World:
     served: float = 0.0  # the slowest answer to the well-behaved client
 
 
+def plain_account(hub: str, name: str) -> str:
+    """Any hub user name as a plain local account name (c.Outpost.user_mapping)."""
+    return "u" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
 async def world(tmp_path_factory):
     # what any env and user_options key may do to the site is the allow policies' business
-    # (tests/test_policies.py); here every key is allowed, so the shapes and sizes reach
-    # the Outpost's validation and its database
+    # (tests/test_policies.py), which local account a user name becomes the accounts'
+    # (tests/test_accounts.py); here every key is allowed and every name maps to a plain
+    # account, so the shapes and sizes reach the Outpost's validation and its database
     cfg = outpost_config(
         tmp_path_factory.mktemp("hostile"), INSTANT, max_message_bytes=LIMIT, poll_interval=0.2,
-        allow_env=True, allow_user_options=True,
+        allow_env=True, allow_user_options=True, user_mapping=plain_account,
     )  # fmt: skip
     async with running_outpost(cfg) as op:
         attacker = OutpostClient(op.address, max_message_bytes=16 * 1024 * 1024, timeout=30)

@@ -12,7 +12,7 @@ from outpost_client import OutpostClient, ServerNotFound, pb
 
 from .harness.outpost import outpost_config, running_outpost
 from .harness.procs import children_of, process_alive
-from .harness.util import wait_for
+from .harness.util import notebook_account, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -95,7 +95,7 @@ async def test_sigkill_restart_keeps_localprocess_servers(db_url, outpost_proces
     names = ["nb-one", "nb-two", "nb-three"]
     async with OutpostClient(op.address) as client:
         for name in names:
-            r = await client.start(name, uuid.uuid4().hex, user_name="nobody", wait_until_ready=True)
+            r = await client.start(name, uuid.uuid4().hex, user_name=notebook_account(), wait_until_ready=True)
             assert r.status.state == pb.SERVER_STATE_RUNNING, r.status.failure_message
     pids = await wait_for(lambda: len(children_of(op.proc.pid)) == 3 and children_of(op.proc.pid))
     subreaper.pids.update(pids)

@@ -402,17 +402,17 @@ async def test_hub_named_address_never_contacted(start_outpost, upstream, metada
         assert upstream.seen[-1].headers["Host"] == f"127.0.0.1:{upstream.port}"
 
         # the API URL's path is "/": nothing is relayed for that server, whatever the path
-        env = notebook_env(upstream, "root")
+        env = notebook_env(upstream, "slash")
         env["JUPYTERHUB_API_URL"] = f"{metadata.origin}/"
-        _, root_env = await start_server(op.client, op, "default", "root", env)
-        prefix = relay_prefix(op.app.relay.base_url, "default", "root")
+        _, root_env = await start_server(op.client, op, "default", "slash", env)
+        prefix = relay_prefix(op.app.relay.base_url, "default", "slash")
         assert root_env["JUPYTERHUB_API_URL"] == prefix
         count = len(upstream.seen)
         for path in ("/latest/meta-data/", "/hub/api/user", "/hub/login", "/"):
             r = await call(http, prefix + path, token="t")
             assert r.code == 404, (path, r.code)
         assert len(upstream.seen) == count
-        for name in ("mal", "root"):
+        for name in ("mal", "slash"):
             await op.client.stop(name)
     assert metadata.seen == [], "the address the hub named was contacted"
 

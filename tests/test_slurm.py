@@ -23,8 +23,9 @@ of its ``squeue`` into "job not found" and forgets the job, so the Outpost never
 a poll() (one that overruns ``poll_timeout`` makes the server UNKNOWN) and gives a
 cancelled start's Spawner back the state it had before the cancel.
 
-Jobs run as root (the tests do): ``exec_prefix = ""`` and the hub's user is ``root``
-(``SlurmSpawner.get_env()`` looks the user up in the site's passwd).
+Jobs run as root (the tests do): ``exec_prefix = ""`` and the hub's user is ``root``,
+which the site maps to the local account ``outpost-slurm`` (``SITE_USER_MAPPING``: root is
+never a notebook's account; ``SlurmSpawner.get_env()`` looks the account up in passwd).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import pytest
 from outpost_client import ServerNotFound, pb
 
 from .harness.site import Site
-from .harness.slurm import JOB_NAME, our_jobs, queue_reason_recipe
+from .harness.slurm import JOB_NAME, SITE_USER_MAPPING, our_jobs, queue_reason_recipe
 from .harness.util import collect, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.slurm]
@@ -147,8 +148,9 @@ async def make_slurm_site(slurm, make_site, monkeypatch):
         nonlocal made
         made += 1
         return await make_site(
-            f"slurm-site-{made}", site_class=SlurmSite, slurm=slurm, notebook_port=free_port(), extra=extra_config
-        )
+            f"slurm-site-{made}", site_class=SlurmSite, slurm=slurm, notebook_port=free_port(),
+            extra=SITE_USER_MAPPING + extra_config,
+        )  # fmt: skip
 
     return make
 

@@ -221,6 +221,8 @@ async def test_generate_certs_then_a_real_outpost(outpost_process, tmp_path):
         assert f"c.OutpostSpawner.outpost_cert = '{certs}/{hub}/{hub}.crt'" in made.stdout
         assert f"c.OutpostSpawner.outpost_key = '{certs}/{hub}/{hub}.key'" in made.stdout
     assert f"c.Outpost.tls_client_ca = '{ca}'" in made.stdout
+    assert "c.Outpost.allowed_hubs = ['A', 'B']" in made.stdout
+    assert 'c.Outpost.user_mapping = "{hub}-{name}"' in made.stdout  # two hubs: the site chooses
     for key in certs.glob("*/*.key"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert len(list(certs.glob("*/*.key"))) == 4
@@ -229,7 +231,11 @@ async def test_generate_certs_then_a_real_outpost(outpost_process, tmp_path):
     assert names.get_values_for_type(x509.DNSName) == ["outpost.example.org"]
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
 
-    op = outpost_process('c.Outpost.spawner_class = "outpost_server.testing.InstantSpawner"\n')
+    # two hubs (A and B): the site chooses their users' accounts (tests/test_accounts.py)
+    op = outpost_process(
+        'c.Outpost.spawner_class = "outpost_server.testing.InstantSpawner"\n'
+        'c.Outpost.user_mapping = "{hub}-{name}"\n'
+    )
     server_key.chmod(0o640)  # the Outpost warns about it, and still serves
     op.start("--tls-cert", str(server_cert), "--tls-key", str(server_key), "--tls-client-ca", str(ca))
     await op.wait_log("serving")

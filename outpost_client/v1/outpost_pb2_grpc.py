@@ -97,7 +97,10 @@ class OutpostServiceServicer:
         not send (reason OVERRIDE_NOT_ALLOWED, ENV_NOT_ALLOWED, USER_OPTION_NOT_ALLOWED;
         metadata "keys" names them). Every hub may send the env keys JupyterHub sets for
         a notebook (JUPYTERHUB_*, JPY_API_TOKEN, MEM_LIMIT, MEM_GUARANTEE, CPU_LIMIT,
-        CPU_GUARANTEE); anything else only as the Outpost's policy allows.
+        CPU_GUARANTEE); anything else only as the Outpost's policy allows. Or the site
+        runs no server for user.name (reason USER_NOT_ALLOWED): its user_mapping gives
+        the user no local account, or the account is root, a system account or not in
+        its allow_users. Nothing is started or stored.
         - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
         or the hub already has as many starts in progress as the Outpost allows (reason
         TOO_MANY_STARTS; nothing was started, try again when one finishes), or a new

@@ -70,8 +70,14 @@ def outpost_config(tmp_path: Path, spawner_class, db_url: str | None = None, **t
     """A traitlets Config for an Outpost on port 0 with its files under tmp_path.
 
     ``traits``: ``name=value`` sets ``Outpost.name``; ``"Section.name"=value`` any other
-    class's trait (``**{"SlowSpawner.delay": 0.1}``)."""
+    class's trait (``**{"SlowSpawner.delay": 0.1}``).
+
+    ``user_mapping`` is "{name}" unless given (``user_mapping=None``: the Outpost's own
+    default): the suite's hubs (hub-a, hub-b, tokens of several hubs) use distinct user
+    names, and their Spawners see the hub's name as before; tests/test_accounts.py covers
+    the mapping and its default."""
     cfg = Config()
+    cfg.Outpost.user_mapping = "{name}"
     cfg.Outpost.port = 0
     cfg.Outpost.spawner_class = spawner_class
     cfg.Outpost.db_url = db_url or f"sqlite:///{tmp_path}/outpost-{uuid.uuid4().hex[:8]}.sqlite"

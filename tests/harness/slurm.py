@@ -42,7 +42,9 @@ from .procs import children_of, process_alive, process_name, stop_process
 from .util import free_port
 
 __all__ = [
+    "ACCOUNT",
     "JOB_NAME",
+    "SITE_USER_MAPPING",
     "Job",
     "SlurmCluster",
     "our_jobs",
@@ -53,6 +55,12 @@ __all__ = [
 
 # the job name of the SlurmSpawner's jobs in the tests' batch scripts
 JOB_NAME = "spawner-jupyterhub"
+
+# Jobs run as root, and so the tests' hub user is "root"; root is never a notebook's local
+# account (c.Outpost.user_mapping, outpost_server/accounts.py): the sites map it to this
+# account, which the cluster fixture creates (SlurmSpawner looks it up in passwd)
+ACCOUNT = "outpost-slurm"
+SITE_USER_MAPPING = f'c.Outpost.user_mapping = {{"default": {{"root": "{ACCOUNT}"}}}}\n'
 
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 
@@ -307,6 +315,9 @@ def private_cluster(subreaper, cpus: int = 2):
     why = slurm_available()
     if why:
         pytest.skip(why)
+    from .sshd import ensure_user
+
+    ensure_user(ACCOUNT)
     cluster = SlurmCluster(cpus=cpus)
     try:
         cluster.start()

@@ -1,4 +1,5 @@
-"""Small helpers of tests and benchmarks alike: ids, ports, waiting, event streams, percentiles."""
+"""Small helpers of tests and benchmarks alike: ids, ports, waiting, event streams, percentiles,
+the local account real notebooks run as."""
 
 from __future__ import annotations
 
@@ -61,3 +62,16 @@ def percentile(samples, q: float) -> float:
         raise ValueError("no samples")
     rank = -(-q * len(ordered) // 100)  # ceil, in exact arithmetic for an integer q
     return ordered[min(max(int(rank), 1), len(ordered)) - 1]
+
+
+#: the local account the tests' real LocalProcessSpawner notebooks run as: root and system
+#: accounts (nobody, daemon) are refused whatever the Spawner (outpost_server/accounts.py)
+NOTEBOOK_ACCOUNT = "outpost-nb"
+
+
+def notebook_account() -> str:
+    """NOTEBOOK_ACCOUNT, created with useradd if missing (needs root, as switching users does)."""
+    from .sshd import ensure_user
+
+    ensure_user(NOTEBOOK_ACCOUNT)
+    return NOTEBOOK_ACCOUNT
