@@ -118,3 +118,40 @@ def test_every_outpost_spawner_option_is_documented():
 def test_readme_names_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert "make demo" in text and "make test" in text
+
+
+# [test_file] or [test_file: `test_a`, `test_b`; test_other: `test_c`] in docs/security.md
+_CITATION = re.compile(r"\[(test_\w+(?:[^\]]*))\]")
+
+
+def security_citations(text: str) -> list[tuple[str, str]]:
+    """(test module, test name or "") for every test docs/security.md names."""
+    cited = []
+    for bracket in _CITATION.findall(text):
+        for part in bracket.split(";"):
+            module, _, names = part.strip().partition(":")
+            module = module.split(",")[0].split()[0]
+            found = re.findall(r"`(test_\w+)", names)
+            cited += [(module, name) for name in found] or [(module, "")]
+    return cited
+
+
+def test_every_test_security_md_names_exists():
+    """Every promise on the security page names tests; a renamed or deleted test must
+    not leave a promise without one."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    cited = security_citations(text)
+    assert len(cited) > 50
+    missing = []
+    for module, name in cited:
+        path = ROOT / "tests" / f"{module}.py"
+        if not path.exists():
+            missing.append(f"{module} (no such file)")
+        elif name and not re.search(rf"^(async )?def {name}\(", path.read_text(), re.MULTILINE):
+            missing.append(f"{module}::{name}")
+    assert not missing, f"docs/security.md names tests that do not exist: {missing}"
+
+
+def test_security_citations_are_read_whole():
+    text = "a [test_x: `test_a`,\n  `test_b`; test_y] b [test_z, on a real cluster] c [not_a_test]"
+    assert security_citations(text) == [("test_x", "test_a"), ("test_x", "test_b"), ("test_y", ""), ("test_z", "")]
