@@ -18,6 +18,7 @@ from traitlets import TraitError
 
 from outpost_client import ServerNotFound, UserNotAllowed, pb
 from outpost_client.errors import USER_NOT_ALLOWED
+from outpost_client.spawner import OutpostStartFailed
 from outpost_server.accounts import (
     AccountsConfigError,
     check_mapping,
@@ -31,7 +32,7 @@ from outpost_server.app import Outpost
 from outpost_server.identity import hash_token
 from outpost_server.testing import RecordingSpawner
 
-from .harness.hub import hub_client
+from .harness.hub import hub_client, make_spawner
 from .harness.outpost import one_line, outpost_config, run_outpost, running_outpost, stored_rows
 from .harness.procs import process_alive
 from .harness.util import notebook_account, sid, wait_for
@@ -165,6 +166,20 @@ async def test_root_and_system_accounts_are_refused_and_nothing_is_made(start_ou
         # an ordinary name of the same hub still starts
         ok = await op.client.start("nb", sid(), user_name="alice", wait_until_ready=True)
         assert ok.status.state == pb.SERVER_STATE_RUNNING
+
+
+async def test_the_hubs_user_reads_why_on_the_spawn_page(start_outpost):
+    """Through OutpostSpawner, as on the spawn page: the sentence says the account is a
+    system account; nothing was started, so there is nothing to poll or stop."""
+    async with start_outpost(RECORDING, user_mapping=None, **FAST) as op:
+        spawner = make_spawner(op)
+        spawner.user.name = "root"
+        with pytest.raises(OutpostStartFailed) as err:
+            await spawner.start()
+        assert "never runs servers as 'root': it is a system account at this site" in (
+            err.value.jupyterhub_message
+        )
+        assert spawner.start_id == "" and RecordingSpawner.started == []
 
 
 async def test_a_mapping_onto_root_is_refused_too(start_outpost):
