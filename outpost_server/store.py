@@ -42,7 +42,9 @@ from sqlalchemy import (
     delete,
     event,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -55,7 +57,8 @@ from .crypto import Crypt, DecryptionError
 
 log = logging.getLogger("outpost.store")
 
-SCHEMA_VERSION = 1
+#: 2: outpost_servers.end_time and stop_message (runtime limits, runtime.py)
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -80,6 +83,9 @@ servers = Table(
     Column("error_class", String(255), nullable=False, default=""),
     Column("start_time", DateTime(timezone=True), nullable=False),
     Column("updated", DateTime(timezone=True), nullable=False),
+    # added in schema version 2 (columns added later are nullable: see add_missing_columns)
+    Column("end_time", DateTime(timezone=True), nullable=True),
+    Column("stop_message", Text, nullable=True),
 )
 
 events = Table(
@@ -116,6 +122,26 @@ TRIM_EVENTS = delete(events).where(_EVENTS_KEY, events.c.sequence < bindparam("k
 
 # encrypted at rest (crypto.py): the notebook's API token is in env
 SECRET_COLUMNS = ("env", "spawner_state")
+
+
+def add_missing_columns(sync_conn) -> list[str]:
+    """Add the columns of this version's tables that an older database lacks (``ALTER
+    TABLE ... ADD COLUMN``), and name them. create_all() makes missing tables but never
+    changes existing ones; every column added after version 1 is nullable, so the rows
+    already there get NULL in it (read as "not set"). The database is inspected at
+    every start-up, so a column is never added twice."""
+    inspector = inspect(sync_conn)
+    added = []
+    for table in (servers, events):
+        have = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            assert column.nullable, f"{table.name}.{column.name}: a column added later must be nullable"
+            kind = column.type.compile(dialect=sync_conn.dialect)
+            sync_conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def now() -> datetime:
@@ -199,13 +225,21 @@ class Store:
             async with self.engine.begin() as conn:
                 await conn.run_sync(metadata.create_all)
                 version = (await conn.execute(select(schema_info.c.version))).scalar()
-                if version is None:
-                    await conn.execute(insert(schema_info).values(version=SCHEMA_VERSION))
-                elif version > SCHEMA_VERSION:
+                if version is not None and version > SCHEMA_VERSION:
                     raise RuntimeError(
                         f"database schema version {version} is newer than this Outpost "
                         f"({SCHEMA_VERSION}); upgrade the Outpost"
                     )
+                added = await conn.run_sync(add_missing_columns)
+                if version is None:
+                    await conn.execute(insert(schema_info).values(version=SCHEMA_VERSION))
+                elif version < SCHEMA_VERSION:
+                    await conn.execute(update(schema_info).values(version=SCHEMA_VERSION))
+                if added:
+                    log.warning(
+                        "Upgraded the database schema from version %s to %s (added %s)",
+                        version, SCHEMA_VERSION, ", ".join(added),
+                    )  # fmt: skip
         except Exception:
             await self.engine.dispose()
             raise
