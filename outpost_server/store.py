@@ -42,9 +42,7 @@ from sqlalchemy import (
     delete,
     event,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -57,7 +55,8 @@ from .crypto import Crypt, DecryptionError
 
 log = logging.getLogger("outpost.store")
 
-#: 2: outpost_servers.end_time and stop_message (runtime limits, runtime.py)
+#: 2: the servers' flavor and flavor_spec columns, end_time and stop_message (runtime.py);
+#: added to a version 1 database at open (add_missing_columns)
 SCHEMA_VERSION = 2
 
 metadata = MetaData()
@@ -83,7 +82,11 @@ servers = Table(
     Column("error_class", String(255), nullable=False, default=""),
     Column("start_time", DateTime(timezone=True), nullable=False),
     Column("updated", DateTime(timezone=True), nullable=False),
-    # added in schema version 2 (columns added later are nullable: see add_missing_columns)
+    # the flavor the start was admitted under ("": none), and what it keeps of it
+    # (flavors.Flavor.record(): its Spawner config and runtime), so a reload never changes it
+    Column("flavor", String(64), nullable=False, default="", server_default=""),
+    Column("flavor_spec", JSON, nullable=True),
+    # when the runtime ends (runtime.py), and why the Outpost stopped the server itself
     Column("end_time", DateTime(timezone=True), nullable=True),
     Column("stop_message", Text, nullable=True),
 )
@@ -125,21 +128,23 @@ SECRET_COLUMNS = ("env", "spawner_state")
 
 
 def add_missing_columns(sync_conn) -> list[str]:
-    """Add the columns of this version's tables that an older database lacks (``ALTER
-    TABLE ... ADD COLUMN``), and name them. create_all() makes missing tables but never
-    changes existing ones; every column added after version 1 is nullable, so the rows
-    already there get NULL in it (read as "not set"). The database is inspected at
-    every start-up, so a column is never added twice."""
-    inspector = inspect(sync_conn)
+    """Add the columns of this version's tables that an older database lacks (each is
+    nullable or has a server default, so existing rows stay valid); their names.
+
+    Schema changes so far only add columns: an ALTER TABLE ADD COLUMN per column, which
+    SQLite and PostgreSQL both do in place."""
+    from sqlalchemy import inspect as sa_inspect
+    from sqlalchemy.schema import CreateColumn
+
+    inspector = sa_inspect(sync_conn)
     added = []
-    for table in (servers, events):
-        have = {column["name"] for column in inspector.get_columns(table.name)}
+    for table in metadata.sorted_tables:
+        existing = {c["name"] for c in inspector.get_columns(table.name)}
         for column in table.columns:
-            if column.name in have:
+            if column.name in existing:
                 continue
-            assert column.nullable, f"{table.name}.{column.name}: a column added later must be nullable"
-            kind = column.type.compile(dialect=sync_conn.dialect)
-            sync_conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            ddl = CreateColumn(column).compile(dialect=sync_conn.dialect)
+            sync_conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
             added.append(f"{table.name}.{column.name}")
     return added
 
@@ -225,21 +230,18 @@ class Store:
             async with self.engine.begin() as conn:
                 await conn.run_sync(metadata.create_all)
                 version = (await conn.execute(select(schema_info.c.version))).scalar()
-                if version is not None and version > SCHEMA_VERSION:
+                if version is None:
+                    await conn.execute(insert(schema_info).values(version=SCHEMA_VERSION))
+                elif version > SCHEMA_VERSION:
                     raise RuntimeError(
                         f"database schema version {version} is newer than this Outpost "
                         f"({SCHEMA_VERSION}); upgrade the Outpost"
                     )
                 added = await conn.run_sync(add_missing_columns)
-                if version is None:
-                    await conn.execute(insert(schema_info).values(version=SCHEMA_VERSION))
-                elif version < SCHEMA_VERSION:
-                    await conn.execute(update(schema_info).values(version=SCHEMA_VERSION))
                 if added:
-                    log.warning(
-                        "Upgraded the database schema from version %s to %s (added %s)",
-                        version, SCHEMA_VERSION, ", ".join(added),
-                    )  # fmt: skip
+                    log.info("Database upgraded: added the columns %s", ", ".join(added))
+                if version is not None and version < SCHEMA_VERSION:
+                    await conn.execute(update(schema_info).values(version=SCHEMA_VERSION))
         except Exception:
             await self.engine.dispose()
             raise
