@@ -49,7 +49,7 @@ from .policy import KeyPolicy
 from .poller import SpawnerPoller
 from .records import ACTIVE, EventLog, Record, Records
 from .restore import Restorer
-from .runtime import RuntimeLimits
+from .runtime import RuntimeLimits, end_time_for
 from .spawners import (
     SpawnerFactory,
     recall_state,
@@ -314,6 +314,7 @@ class LifecycleManager:
             start_time=now(),
             events=EventLog(self.settings.max_events_per_server),
         )
+        new.end_time = end_time_for(new.start_time, spec.max_runtime)  # its flavor's runtime
         try:
             # built before anything is persisted: bad overrides and a Spawner that cannot
             # be configured are answered at once, and leave nothing behind

@@ -81,7 +81,7 @@ def runtime_seconds(rec: Record) -> float:
 
 
 def _flavor(rec: Record) -> str:
-    return getattr(rec, "flavor", "") or ""
+    return rec.spec.flavor
 
 
 def _limit(rec: Record) -> str:

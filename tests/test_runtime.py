@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import Column, MetaData, Table, insert
@@ -65,15 +66,12 @@ def test_format_duration(seconds, text):
 def test_messages_name_the_end_time_the_limit_and_the_flavor():
     start = datetime(2026, 11, 28, 10, 30, tzinfo=timezone.utc)
 
-    class Rec:
-        start_time = start
-        end_time = start + timedelta(hours=8)
-
-    assert admitted_message(Rec) == "Your server will run until 18:30 UTC (8 h limit)."
-    assert stop_message(Rec) == "Your server was stopped after its 8 h limit."
-    Rec.flavor = "small"
-    assert admitted_message(Rec) == "Your server will run until 18:30 UTC (8 h limit of flavor small)."
-    assert stop_message(Rec) == "Your server was stopped after its 8 h limit (flavor small)."
+    rec = SimpleNamespace(start_time=start, end_time=start + timedelta(hours=8), spec=SimpleNamespace(flavor=""))
+    assert admitted_message(rec) == "Your server will run until 18:30 UTC (8 h limit)."
+    assert stop_message(rec) == "Your server was stopped after its 8 h limit."
+    rec.spec.flavor = "small"
+    assert admitted_message(rec) == "Your server will run until 18:30 UTC (8 h limit of flavor small)."
+    assert stop_message(rec) == "Your server was stopped after its 8 h limit (flavor small)."
     assert format_end_time(start + timedelta(hours=20), start) == "2026-11-29 06:30 UTC"
     assert format_end_time(start + timedelta(seconds=2), start) == "10:30:02 UTC"
     assert runtime.end_time_for(start, 0) is None
@@ -91,7 +89,7 @@ async def test_a_database_of_schema_1_opens_and_keeps_its_servers(tmp_path):
         columns = [
             Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
             for c in table.columns
-            if c.name not in ("end_time", "stop_message")
+            if c.name not in ("flavor", "flavor_spec", "end_time", "stop_message")  # schema 2's
         ]
         Table(table.name, old, *columns)
     engine = create_async_engine(store.async_url(url))
@@ -114,7 +112,7 @@ async def test_a_database_of_schema_1_opens_and_keeps_its_servers(tmp_path):
         finally:
             await db.close()
         (row,) = rows
-        assert row["end_time"] is None and row["stop_message"] is None
+        assert row["end_time"] is None and row["stop_message"] is None and row["flavor"] == ""
     engine = create_async_engine(store.async_url(url))
     async with engine.connect() as conn:
         assert (await conn.execute(store.select(store.schema_info.c.version))).scalar() == store.SCHEMA_VERSION
@@ -122,6 +120,40 @@ async def test_a_database_of_schema_1_opens_and_keeps_its_servers(tmp_path):
 
 
 # --- in process -------------------------------------------------------------------------
+
+FLAVORS = {"tiny": {"max_runtime": 1, "default": True}, "long": {"max_runtime": 3600}, "free": {}}
+
+
+async def test_a_flavors_runtime_ends_its_server(start_outpost):
+    """Admitted under a flavor with a 1 s runtime: the end time is in Start's status and
+    in the first progress events; then the Outpost stops the server, which its hub's next
+    poll reads as STOPPED with the reason."""
+    async with start_outpost(SPAWNER, flavors=FLAVORS) as op:
+        result = await op.client.start("nb", "s1", user_name="alice", flavor="tiny")
+        status = result.status
+        assert status.flavor == "tiny" and status.HasField("end_time")
+        runtime_s = status.end_time.ToDatetime() - status.start_time.ToDatetime()
+        assert runtime_s == timedelta(seconds=1)
+        end = status.end_time.ToDatetime(tzinfo=timezone.utc)
+        events = [e async for e in op.client.events("nb")]
+        until = f"Your server will run until {end:%H:%M:%S} UTC (1 s limit of flavor tiny)."
+        assert until in [e.message for e in events]
+
+        status = await wait_for(lambda: stopped(op.client, "nb"), timeout=20)
+        assert status.stop_message == "Your server was stopped after its 1 s limit (flavor tiny)."
+        assert status.flavor == "tiny" and not status.failure_message
+        assert StopCountingSpawner.stops == 1
+        # a stopped server holds no place in its flavor any more
+        (tiny,) = [f for f in (await op.client.list_flavors("alice")).flavors if f.name == "tiny"]
+        assert tiny.in_use_total == 0
+
+
+async def test_a_flavor_without_runtime_has_no_end_time(start_outpost):
+    async with start_outpost(SPAWNER, flavors=FLAVORS) as op:
+        result = await op.client.start("nb", "s1", user_name="alice", flavor="free", wait_until_ready=True)
+        assert not result.status.HasField("end_time")
+        assert op.manager.runtime.pending == 0
+        assert not any("will run until" in e.message for e in [e async for e in op.client.events("nb")])
 
 
 async def test_the_outpost_stops_a_server_at_its_end_time_and_keeps_why(start_outpost):
