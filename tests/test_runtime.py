@@ -7,7 +7,9 @@ restarts (the end time is in the database; no lock file).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ import pytest
 from sqlalchemy import Column, MetaData, Table, insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from outpost_client import pb
+from outpost_client import OutpostClient, pb
 from outpost_server import runtime, store
 from outpost_server.runtime import admitted_message, format_duration, format_end_time, stop_message
 from outpost_server.testing import InstantSpawner, class_state
@@ -148,6 +150,18 @@ async def test_a_flavors_runtime_ends_its_server(start_outpost):
         assert tiny.in_use_total == 0
 
 
+async def test_a_start_still_pending_at_its_end_time_ends_with_the_reason(start_outpost):
+    """A start that is not ready by its end time (a batch job queued for hours) is
+    stopped too; its event stream ends FAILED with the reason, which the spawn page shows."""
+    async with start_outpost("outpost_server.testing.NeverReadySpawner", flavors=FLAVORS) as op:
+        await op.client.start("nb", "s1", user_name="alice", flavor="tiny")
+        events = [e async for e in op.client.events("nb", timeout=30)]
+        assert events[-1].kind == pb.EVENT_KIND_FAILED
+        assert events[-1].message == "Your server was stopped after its 1 s limit (flavor tiny)."
+        status = await op.client.poll("nb")
+        assert status.state == pb.SERVER_STATE_STOPPED and status.stop_message == events[-1].message
+
+
 async def test_a_flavor_without_runtime_has_no_end_time(start_outpost):
     async with start_outpost(SPAWNER, flavors=FLAVORS) as op:
         result = await op.client.start("nb", "s1", user_name="alice", flavor="free", wait_until_ready=True)
@@ -266,3 +280,62 @@ async def test_the_spawner_reports_the_outposts_stop_and_shows_it_at_the_next_st
         assert progress[0].startswith("Your server was stopped after its")
         assert spawner.stop_message == ""
 
+
+
+# --- across a SIGKILL of the Outpost process --------------------------------------------
+
+PROCESS_CONFIG = """
+from outpost_server.testing import InstantSpawner
+
+
+class FileStopSpawner(InstantSpawner):
+    async def stop(self, now=False):
+        with open({stops!r}, "a") as f:
+            f.write(self.user.name + "\\n")
+
+
+c.Outpost.spawner_class = FileStopSpawner
+c.Outpost.db_url = {db_url!r}
+c.Outpost.user_mapping = "{{name}}"
+c.Outpost.flavors = {{"short": {{"max_runtime": 2}}, "long": {{"max_runtime": 10}}}}
+"""
+
+
+@pytest.mark.slow
+async def test_end_times_hold_across_a_sigkill(tmp_path, db_url, outpost_process):
+    """The Outpost is SIGKILLed while two servers run. Restarted after the end time of
+    one: that one is stopped at restore; the other, still before its end time, runs and is
+    stopped at its end time. Nothing but the database carries the end times."""
+    stops = tmp_path / "stops"
+    op = outpost_process(PROCESS_CONFIG.format(stops=str(stops), db_url=db_url))
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        short = (await client.start("a", "s1", user_name="alice", flavor="short", wait_until_ready=True)).status
+        long = (await client.start("b", "s2", user_name="bob", flavor="long", wait_until_ready=True)).status
+    files = files_under(op.workdir)
+    op.kill(signal.SIGKILL)
+    short_end = short.end_time.ToDatetime(tzinfo=timezone.utc)
+    long_end = long.end_time.ToDatetime(tzinfo=timezone.utc)
+    # down until the short one's end time has passed
+    await asyncio.sleep(max(0.0, (short_end - datetime.now(timezone.utc)).total_seconds()) + 0.2)
+    assert not stops.exists()
+
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        status = await wait_for(lambda: stopped(client, "a"), timeout=30, message="a was not stopped at restore")
+        assert status.stop_message == "Your server was stopped after its 2 s limit (flavor short)."
+        first = await client.poll("b")
+        if datetime.now(timezone.utc) < long_end:
+            assert first.state == pb.SERVER_STATE_RUNNING and first.end_time == long.end_time
+        status = await wait_for(lambda: stopped(client, "b"), timeout=30, message="b was not stopped at its end")
+        assert status.stop_message == "Your server was stopped after its 10 s limit (flavor long)."
+        assert sorted(stops.read_text().split()) == ["alice", "bob"]
+        # the hub's Stop forgets them, without stopping them twice
+        for name, start_id in (("a", "s1"), ("b", "s2")):
+            assert (await client.stop(name, start_id)).outcome == pb.STOP_OUTCOME_STOPPED
+        assert await client.list_servers() == []
+        assert sorted(stops.read_text().split()) == ["alice", "bob"]
+    # no lock file: only the database, the log and the config are the Outpost's files
+    assert {f for f in files_under(op.workdir) - files if ".sqlite" not in f} == set()
