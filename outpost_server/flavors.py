@@ -68,7 +68,7 @@ class Flavor:
     max_per_hub: int = 0
     max_per_user: int = 0
     #: seconds a server of this flavor may run (0: no limit); enforced by the runtime code
-    max_runtime: float = 0
+    max_runtime: float = 0.0
     #: hub names or globs that may offer it (empty: every hub)
     hubs: tuple[str, ...] = ()
     #: user names or globs, a regex (full match), hub groups: when any is set, a user
@@ -159,6 +159,8 @@ def limit_sentence(limit: str, flavor: str, maximum: int) -> str:
             f"Your hub's share of flavor {flavor!r} ({servers}) is in use. Try again when one "
             "is stopped, or choose another flavor."
         )
+    if maximum == 1:
+        return f"The one server of flavor {flavor!r} is in use. Try again when it is stopped, or choose another flavor."
     return (
         f"All {servers} of flavor {flavor!r} are in use. Try again when one is stopped, or "
         "choose another flavor."
