@@ -239,6 +239,38 @@ async def test_a_server_past_its_end_time_at_restore_is_stopped(tmp_path):
     assert left == set()
 
 
+async def test_a_hub_stop_during_the_runtime_stop_forgets_the_server(start_outpost):
+    """The hub's Stop arrives while the Outpost is stopping the server at its end time:
+    it shares that stop (the Spawner is stopped once) and then forgets the server."""
+    async with start_outpost(SPAWNER) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        gate = asyncio.Event()
+        rec = op.manager.records[("default", "nb")]
+        stop = rec.spawner.stop
+
+        async def slow_stop(now=False):
+            await gate.wait()
+            await stop(now)
+
+        rec.spawner.stop = slow_stop
+        limit(op, "nb", 0)
+        await wait_for(lambda: rec.state == pb.SERVER_STATE_STOPPING)
+        calls = []
+        manager_stop = op.manager.stop
+
+        async def hubs_stop(*args, **kwargs):  # the servicer's call
+            calls.append(args)
+            return await manager_stop(*args, **kwargs)
+
+        op.manager.stop = hubs_stop
+        hub_stop = asyncio.ensure_future(op.client.stop("nb", "s1"))
+        await wait_for(lambda: calls)  # it waits for the runtime's stop now
+        gate.set()
+        assert (await hub_stop).outcome == pb.STOP_OUTCOME_STOPPED
+        assert await op.client.list_servers() == []
+        assert StopCountingSpawner.stops == 1
+
+
 async def test_a_failing_stop_at_the_end_time_is_tried_again(start_outpost, caplog):
     async with start_outpost(SPAWNER, cleanup_timeout=5) as op:
         op.manager.runtime.retry = 0.2
