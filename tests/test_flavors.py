@@ -11,6 +11,7 @@ import sqlite3
 
 import grpc
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from outpost_client import (
     FlavorLimitReached,
@@ -22,6 +23,7 @@ from outpost_client import (
 )
 from outpost_client.errors import FLAVOR_LIMIT_REACHED, FLAVOR_NOT_ALLOWED, INVALID_FIELD, UNKNOWN_FLAVOR
 from outpost_server.flavors import Flavor, FlavorConfigError, FlavorSet, Usage, limit_refusal, parse_flavor
+from outpost_server.store import async_url
 from outpost_server.testing import SlowSpawner
 
 from .harness.hub import hub_client
@@ -298,21 +300,31 @@ async def test_counts_come_back_from_the_database_after_a_restart(start_outpost,
             await op.client.start("s3", sid(), user_name="u3", flavor="small")
 
 
-async def test_a_database_from_before_flavors_still_opens(start_outpost, tmp_path):
-    path = tmp_path / "old.sqlite"
-    async with start_outpost(db_url=f"sqlite:///{path}") as op:
+async def test_a_database_from_before_flavors_still_opens(start_outpost, db_url):
+    async with start_outpost(db_url=db_url) as op:
         await op.client.start("old", sid(), user_name="ann", wait_until_ready=True)
-    with sqlite3.connect(path) as conn:  # as schema version 1 left it
-        conn.execute("ALTER TABLE outpost_servers DROP COLUMN flavor")
-        conn.execute("ALTER TABLE outpost_servers DROP COLUMN flavor_spec")
-        conn.execute("UPDATE outpost_schema SET version = 1")
-    async with start_outpost(db_url=f"sqlite:///{path}", flavors={"small": {"default": True}}) as op:
+
+    async def sql(*statements):
+        engine = create_async_engine(async_url(db_url))
+        try:
+            async with engine.begin() as conn:
+                return [(await conn.exec_driver_sql(statement)).fetchall() if statement.startswith("SELECT")
+                        else None for statement in statements]  # fmt: skip
+        finally:
+            await engine.dispose()
+
+    await sql(  # as schema version 1 left it
+        "ALTER TABLE outpost_servers DROP COLUMN flavor",
+        "ALTER TABLE outpost_servers DROP COLUMN flavor_spec",
+        "UPDATE outpost_schema SET version = 1",
+    )
+    async with start_outpost(db_url=db_url, flavors={"small": {"default": True}}) as op:
         status = await op.client.poll("old")
         assert status.state == pb.SERVER_STATE_RUNNING and status.flavor == ""
         assert (await op.client.start("new", sid(), user_name="ann")).status.flavor == "small"
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM outpost_schema").fetchall() == [(2,)]
-        assert dict(conn.execute("SELECT server_name, flavor FROM outpost_servers")) == {"old": "", "new": "small"}
+    version, servers = await sql("SELECT version FROM outpost_schema", "SELECT server_name, flavor FROM outpost_servers")
+    assert [tuple(r) for r in version] == [(2,)]
+    assert dict(tuple(r) for r in servers) == {"old": "", "new": "small"}
 
 
 # --- the Outpost process: grpcurl, SIGHUP, SIGKILL -----------------------------------------
