@@ -518,12 +518,10 @@ class LifecycleManager:
             spawner = self.spawners.restored(rec)
         if spawner is not None:
             try:
-                if timeout is None:
+                async with asyncio.timeout(timeout):  # None: a hub's Stop waits as long as it takes
                     await spawner.stop()
-                else:
-                    await asyncio.wait_for(spawner.stop(), timeout)
             except Exception as e:
-                if isinstance(e, asyncio.TimeoutError):
+                if isinstance(e, TimeoutError):
                     e = TimeoutError(f"stop() did not finish within {timeout:g}s")
                 log.exception("stop() of %s/%s raised", rec.hub, rec.name)
                 rec.state = previous

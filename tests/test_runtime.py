@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from outpost_client import OutpostClient, pb
 from outpost_server import runtime, store
 from outpost_server.runtime import admitted_message, format_duration, format_end_time, stop_message
-from outpost_server.testing import InstantSpawner, class_state
+from outpost_server.testing import HangingStopSpawner, InstantSpawner, class_state
 
 from .harness.hub import make_spawner
 from .harness.outpost import outpost_config, running_outpost
@@ -59,7 +59,7 @@ async def stopped(client, name: str):
 @pytest.mark.parametrize(
     "seconds, text",
     [(8 * 3600, "8 h"), (5400, "1 h 30 min"), (2700, "45 min"), (90, "1 min 30 s"), (2, "2 s"), (0, "0 s"),
-     (3 * 3600 + 61, "3 h 1 min")],
+     (3 * 3600 + 61, "3 h 1 min"), (2 * 3600 - 10, "2 h"), (599, "9 min 59 s")],
 )  # fmt: skip
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
@@ -288,6 +288,19 @@ async def test_a_failing_stop_at_the_end_time_is_tried_again(start_outpost, capl
             status = await wait_for(lambda: stopped(op.client, "nb"), timeout=20)
         assert len(calls) == 2 and status.stop_message
         assert "trying again" in caplog.text
+
+
+async def test_a_hung_stop_at_the_end_time_is_abandoned_and_tried_again(start_outpost):
+    """stop() hangs (a hung scancel): given up after cleanup_timeout, the server shows
+    what it was, and the Outpost tries again later; it never hangs on it."""
+    HangingStopSpawner.start_hangs = False
+    async with start_outpost("outpost_server.testing.HangingStopSpawner", cleanup_timeout=0.2) as op:
+        op.manager.runtime.retry = 0.2
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        limit(op, "nb", 0)
+        await wait_for(lambda: HangingStopSpawner.stops_abandoned >= 2, timeout=20)
+        await wait_for(lambda: op.manager.records[("default", "nb")].stop_task is None)
+        assert (await op.client.poll("nb")).state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_STOPPING)
 
 
 # --- the hub's side -----------------------------------------------------------------------
