@@ -93,7 +93,9 @@ class OutpostServiceServicer:
         Status codes:
         - OK: accepted (or attached to the same start).
         - INVALID_ARGUMENT: a malformed field; the message names it (reason INVALID_FIELD), or
-        a flavor the Outpost does not have (reason UNKNOWN_FLAVOR).
+        a flavor the Outpost does not have (reason UNKNOWN_FLAVOR), or no flavor when the
+        Outpost has flavors but no default one for this hub (reason INVALID_FIELD, field
+        "flavor").
         - FAILED_PRECONDITION: server_name is starting, running, stopping or unknown (its
         last poll failed: its notebook may still run) under another start_id (reason
         SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id. A Stop that ends
@@ -161,6 +163,9 @@ class OutpostServiceServicer:
         Read-only and idempotent. The answer comes from the Outpost's lifecycle manager,
         which polls the Spawners on its own schedule; Poll itself never calls the Spawner or
         the database.
+
+        A server the Outpost stopped on its own at its end time is STOPPED with
+        stop_message (ServerStatus) until the hub Stops it.
 
         Status codes:
         - OK: the status.
@@ -237,7 +242,7 @@ class OutpostServiceServicer:
 
         Status codes:
         - OK: the flavors this hub may offer (those for other hubs are not listed), ordered
-        by weight, then name.
+        by weight (smaller first), then name.
         - INVALID_ARGUMENT: a malformed user (reason INVALID_FIELD).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
