@@ -90,8 +90,8 @@ def test_who_may_use_a_flavor():
     assert [f.name for f in flavors.offered("lab-7")] == [f.name for f in flavors.offered("main")]
     assert "main-only" not in [f.name for f in flavors.offered("guests")]
     assert flavors.resolve("guests", user, "").name == "open"  # the default
-    with pytest.raises(FlavorNotAllowed, match="not offered to your hub 'guests'"):
-        flavors.resolve("guests", user, "main-only")
+    with pytest.raises(UnknownFlavor, match="no flavor 'main-only' for your hub"):
+        flavors.resolve("guests", user, "main-only")  # as if it did not exist
     assert flavors.resolve("main", user, "main-only").name == "main-only"
     with pytest.raises(FlavorNotAllowed, match="not for your account"):
         flavors.resolve("main", user, "by-name")
@@ -248,11 +248,16 @@ async def test_per_hub_limit_and_hub_rules(start_outpost, pki):
                 await b.start("b1", sid(), user_name="bob1", flavor="shared")
             assert e.value.metadata["limit"] == "total"
             # gpu: only hub-b's group gpu; hub-a does not even see it
-            with pytest.raises(FlavorNotAllowed) as e:
+            with pytest.raises(UnknownFlavor) as e:
                 await a.start("a3", sid(), user_name="ann", groups=["gpu"], flavor="gpu")
-            assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and e.value.reason == FLAVOR_NOT_ALLOWED
-            with pytest.raises(FlavorNotAllowed, match="not for your groups"):
+            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.reason == UNKNOWN_FLAVOR
+            assert e.value.message.startswith("This Outpost has no flavor 'gpu' for your hub")
+            with pytest.raises(UnknownFlavor) as unknown:
+                await a.start("a3", sid(), user_name="ann", groups=["gpu"], flavor="no-such")
+            assert unknown.value.message.replace("no-such", "gpu") == e.value.message
+            with pytest.raises(FlavorNotAllowed, match="not for your groups") as e:
                 await b.start("b2", sid(), user_name="bob", flavor="gpu")
+            assert e.value.code == grpc.StatusCode.PERMISSION_DENIED and e.value.reason == FLAVOR_NOT_ALLOWED
             assert (await b.start("b2", sid(), user_name="bob", groups=["gpu"], flavor="gpu")).created
             assert [f.name for f in (await a.list_flavors("ann", groups=["gpu"])).flavors] == ["shared"]
             listed = {f.name: f for f in (await b.list_flavors("bob")).flavors}
