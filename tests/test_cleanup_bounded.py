@@ -17,7 +17,7 @@ from outpost_server.restore import RESTART_DURING_START
 from outpost_server.testing import HangingStopSpawner
 
 from .harness.outpost import outpost_config, running_outpost
-from .harness.util import wait_for
+from .harness.util import captured_log, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -27,16 +27,8 @@ SPAWNER = "outpost_server.testing.HangingStopSpawner"
 @pytest.fixture
 def manager_log():
     """Records of the "outpost.manager" logger, whatever its propagation."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append
-    logger = logging.getLogger("outpost.manager")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+    with captured_log("outpost.manager") as records:
+        yield records
 
 
 def abandoned(records, name: str) -> bool:

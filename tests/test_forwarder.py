@@ -25,7 +25,7 @@ from outpost_server.records import EventLog, Record
 from outpost_server.testing import InstantSpawner, class_state
 
 from .harness.outpost import one_line, run_outpost
-from .harness.util import free_port, wait_for
+from .harness.util import captured_log, free_port, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -84,16 +84,8 @@ async def echo_port():
 @pytest.fixture
 def forwarder_log():
     """Records of the "outpost.forwarder" logger, whatever its propagation."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append
-    logger = logging.getLogger("outpost.forwarder")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield records
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+    with captured_log("outpost.forwarder") as records:
+        yield records
 
 
 def warnings(records) -> str:

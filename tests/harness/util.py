@@ -4,6 +4,8 @@ the local account real notebooks run as."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
 import time
 import uuid
@@ -75,3 +77,21 @@ def notebook_account() -> str:
 
     ensure_user(NOTEBOOK_ACCOUNT)
     return NOTEBOOK_ACCOUNT
+
+
+@contextlib.contextmanager
+def captured_log(name: str):
+    """The records of logger ``name`` while the block runs, at DEBUG and whatever its
+    propagation (pytest's caplog sees only what reaches the root logger)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
