@@ -144,9 +144,11 @@ class OutpostClient:
         spawner_name: str = "",
         internal_ssl: Mapping[str, str] | None = None,
         wait_until_ready: bool = False,
+        flavor: str = "",
         timeout: float | None = None,
     ) -> pb.StartResponse:
-        """Start a server (idempotent per (server_name, start_id))."""
+        """Start a server (idempotent per (server_name, start_id)); ``flavor``: the
+        flavor to start under (empty: the site's default, if it has flavors)."""
         request = pb.StartRequest(
             server_name=server_name,
             start_id=start_id,
@@ -154,6 +156,7 @@ class OutpostClient:
             env=dict(env or {}),
             spawner_name=spawner_name,
             wait_until_ready=wait_until_ready,
+            flavor=flavor,
         )
         if user_options:
             request.user_options.update(dict(user_options))
