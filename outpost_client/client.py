@@ -147,8 +147,8 @@ class OutpostClient:
         flavor: str = "",
         timeout: float | None = None,
     ) -> pb.StartResponse:
-        """Start a server (idempotent per (server_name, start_id)); ``flavor``: the
-        flavor to start under (empty: the site's default, if it has flavors)."""
+        """Start a server (idempotent per (server_name, start_id)); flavor "": the
+        Outpost's default for this hub and user, if it has flavors."""
         request = pb.StartRequest(
             server_name=server_name,
             start_id=start_id,
