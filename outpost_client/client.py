@@ -186,6 +186,20 @@ class OutpostClient:
         request = pb.StopRequest(server_name=server_name, start_id=start_id)
         return await self._call(self.stub.Stop, request, timeout)
 
+    async def list_flavors(
+        self,
+        user_name: str,
+        groups: Sequence[str] = (),
+        admin: bool = False,
+        *,
+        user_id: int = 0,
+        timeout: float | None = None,
+    ) -> pb.ListFlavorsResponse:
+        """The flavors this hub may offer one user: limits, usage, whether the user may
+        start one now (a snapshot), the default flavor and the user's cap across flavors."""
+        request = pb.ListFlavorsRequest(user=pb.User(name=user_name, id=user_id, admin=admin, groups=list(groups)))
+        return await self._call(self.stub.ListFlavors, request, timeout)
+
     async def list_servers(
         self, *, page_size: int = 0, timeout: float | None = None
     ) -> list[pb.ServerStatus]:
