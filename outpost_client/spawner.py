@@ -280,16 +280,14 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         """One Outpost for the form: its flavors for this user, now (ListFlavors)."""
         label = self.outpost_display_names.get(name, name)
         client = REGISTRY.get(self._outpost_configs()[name]).client(self.outpost_timeout)
-        request = pb.ListFlavorsRequest(
-            user=pb.User(
-                name=self.user.name,
-                id=getattr(self.user, "id", 0) or 0,
-                admin=bool(getattr(self.user, "admin", False)),
-                groups=[g.name for g in getattr(self.user, "groups", [])],
-            )
-        )
         try:
-            answer = await client._call(client.stub.ListFlavors, request, self.form_timeout)
+            answer = await client.list_flavors(
+                self.user.name,
+                groups=[g.name for g in getattr(self.user, "groups", [])],
+                admin=bool(getattr(self.user, "admin", False)),
+                user_id=getattr(self.user, "id", 0) or 0,
+                timeout=self.form_timeout,
+            )
         except OutpostError as e:
             if e.code == grpc.StatusCode.UNIMPLEMENTED:
                 return form.SystemChoice(name, label)  # an Outpost from before flavors
