@@ -520,7 +520,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         user_options.pop("outpost", None)  # the hub's choice of Outpost, not the site's business
         flavor = user_options.pop("flavor", None) or ""  # travels as Start's own field
         if not isinstance(flavor, str) or (flavor and not form.FLAVOR_NAME_RE.fullmatch(flavor)):
-            raise web.HTTPError(400, "The flavor must be the name of one the Outpost offers.")
+            raise form.refusal("The flavor must be the name of one the Outpost offers.")
         if self.custom_user_options is not None:
             user_options = await _maybe_await(self.custom_user_options(self, user_options))
         overrides = self.config_overrides

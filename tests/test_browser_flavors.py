@@ -106,6 +106,15 @@ async def test_pick_a_flavor_land_in_the_notebook_and_read_why_a_full_one_is_ref
             assert "1 of 1 in use" in row and "are in use" in row, row
             carol.shot("form-again")
 
+            # a POST of no choice at all (the page's radios unset by a script) is refused
+            # with a sentence above the form, and nothing starts
+            carol.driver.execute_script(
+                "document.querySelectorAll('input[name=outpost_flavor]').forEach(e => e.checked = false)"
+            )
+            carol.css("#spawn_form button[type=submit]").click()
+            carol.wait_text("Choose one of the offered systems and flavors, then Start.")
+            assert "HTTP 400" not in carol.text and carol.css_all("input[name=outpost_flavor]")
+
     await asyncio.to_thread(run)
 
     r = await hub.get("/user/alice/api/status")  # the same notebook, from the hub's side
