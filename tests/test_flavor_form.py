@@ -276,4 +276,4 @@ async def test_a_malformed_flavor_in_user_options_is_refused_before_anything_is_
     with pytest.raises(web.HTTPError) as e:
         await spawner.start()
     assert e.value.status_code == 400
-    assert not a.starts
+    assert not a.starts and not spawner.start_id  # nothing to poll or stop
