@@ -21,7 +21,35 @@ pytestmark = [
     pytest.mark.skipif(browser_unavailable() is not None, reason=str(browser_unavailable())),
 ]
 
-SITE_A_FLAVORS = """
+# Hub, proxy, tunnel and notebooks share this host's ephemeral ports: a notebook's port
+# that JupyterHub's random_port() picked (bind 0, close) was once handed to the hub's tunnel
+# listener (bind 0 too) before the notebook bound it ("port ... is not available"). Here
+# the notebooks take ports outside the kernel's ephemeral range (32768-60999), as a site's
+# notebooks on another host would never meet the hub's.
+NOTEBOOK_PORTS = """
+import random
+import socket
+
+from traitlets import default
+
+
+class FlavorSiteSpawner(SiteSpawner):
+    @default("port")
+    def _port_outside_ephemeral_range(self):
+        for port in random.sample(range(20000, 30000), 500):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        return 0
+
+
+c.Outpost.spawner_class = FlavorSiteSpawner
+"""
+
+SITE_A_FLAVORS = NOTEBOOK_PORTS + """
 c.Outpost.flavors = {
     "small": {"display_name": "Small: 1 CPU, 2 GB", "description": "For notebooks and teaching.",
               "max_total": 8, "max_runtime": 8 * 3600, "default": True, "weight": 1},
@@ -29,7 +57,7 @@ c.Outpost.flavors = {
              "max_total": 1, "max_runtime": 3600, "weight": 2},
 }
 """
-SITE_B_FLAVORS = """
+SITE_B_FLAVORS = NOTEBOOK_PORTS + """
 c.Outpost.flavors = {
     "gpu": {"display_name": "GPU: 1 A100", "description": "Bring your CUDA.", "max_total": 2, "max_runtime": 7200},
 }
@@ -59,6 +87,16 @@ async def test_pick_a_flavor_land_in_the_notebook_and_read_why_a_full_one_is_ref
     def flavor_row(browser: Browser, value: str) -> str:
         radio = browser.css(f'input[name=outpost_flavor][value="{value}"]')
         return radio.find_element("xpath", "..").text
+
+    loop = asyncio.get_running_loop()
+    site_a = a.client  # made on this loop, called from the browser's thread
+
+    def outpost_says(user: str, flavor: str) -> str:
+        """Why the Outpost would not start flavor for user now (ListFlavors' sentence)."""
+        answer = asyncio.run_coroutine_threadsafe(site_a.list_flavors(user), loop).result(30)
+        (listed,) = [f for f in answer.flavors if f.name == flavor]
+        assert not listed.available and listed.unavailable_reason, listed
+        return listed.unavailable_reason
 
     def run():
         with Browser(shots / "carol") as carol, Browser(shots / "alice") as alice:
@@ -90,20 +128,20 @@ async def test_pick_a_flavor_land_in_the_notebook_and_read_why_a_full_one_is_ref
             assert not alice.css('input[value="default/solo"]').is_enabled()
             alice.shot("form-full")
 
-            # carol's form still offers it; she picks it and reads why it cannot start
+            # carol's form still offers it; she picks it and reads the Outpost's refusal
+            sentence = outpost_says("carol", "solo")
             carol.css('input[value="default/solo"]').click()
             carol.css("#spawn_form button[type=submit]").click()
-            carol.wait_text("are in use")
+            carol.wait_text(sentence)
             carol.shot("refused")
-            page = carol.text
-            assert "of flavor 'solo' are in use" in page and "Traceback" not in page, page
+            assert "Traceback" not in carol.text and "solo" in sentence, sentence
 
             # the form shown again offers it no more, and says why
             carol.open(f"{hub.url}/hub/spawn")
             carol.wait(lambda d: carol.css_all("input[name=outpost_flavor]"), "carol got no form again")
             assert not carol.css('input[value="default/solo"]').is_enabled()
             row = flavor_row(carol, "default/solo")
-            assert "1 of 1 in use" in row and "are in use" in row, row
+            assert "1 of 1 in use" in row and sentence in row, row
             carol.shot("form-again")
 
             # a POST of no choice at all (the page's radios unset by a script) is refused
@@ -123,5 +161,6 @@ async def test_pick_a_flavor_land_in_the_notebook_and_read_why_a_full_one_is_ref
     assert model and model["ready"] and model["user_options"] == {"outpost": "default", "flavor": "solo"}, model
     servers = await a.servers()
     assert set(servers) == {"alice"} and servers["alice"].flavor == "solo", servers
+    assert 20000 <= servers["alice"].address.port < 30000
     assert not await b.servers()
     assert not (await hub.server_model("carol") or {}).get("ready")
