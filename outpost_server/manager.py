@@ -12,7 +12,7 @@ rooms of that job, each in its own module:
 - spawners.py: making a record's Spawner, and the guarded calls into it.
 
 What stays here is admission (Start: idempotency, the per-hub limits of starts and of
-servers, override policy) and the other RPCs' operations: Events, Poll, BatchPoll, ListServers, Stop, and
+servers, override policy, flavors: flavors.py decides, the count is here) and the other RPCs' operations: Events, Poll, BatchPoll, ListServers, Stop, and
 the SSH forwarder's question, which addresses a hub may reach.
 """
 
@@ -40,6 +40,7 @@ from outpost_client.v1 import outpost_pb2 as pb
 from . import convert
 from .accounts import AccountPolicy
 from .expiry import RecordExpiry
+from .flavors import Flavor, FlavorSet, Usage, limit_refusal
 from .hosting import certs_base_warning, default_certs_base
 from .journal import Journal
 from .policy import KeyPolicy
@@ -118,8 +119,13 @@ class LifecycleManager:
         spawners: SpawnerFactory,
         settings: ManagerSettings,
         policies: StartPolicies | None = None,
+        *,
+        flavors: FlavorSet | None = None,
     ):
         self.store = store
+        #: the site's flavors now (the application replaces it on SIGHUP; a running
+        #: server keeps the flavor it was admitted under, in its record)
+        self.flavors = flavors if flavors is not None else FlavorSet()
         self.spawners = spawners
         self.settings = settings
         self.policies = policies or StartPolicies()
@@ -229,6 +235,34 @@ class LifecycleManager:
                 metadata={"limit": str(limit)},
             )
 
+    def flavor_usage(self, flavor: str, hub: str, user_name: str) -> Usage:
+        """Active servers of flavor (in total, of hub, of hub's user) and of that user
+        across flavors, from memory."""
+        of_flavor = self.records.active_of_flavor(flavor) if flavor else []
+        of_hub = [r for r in of_flavor if r.hub == hub]
+        return Usage(
+            total=len(of_flavor),
+            hub=len(of_hub),
+            user=sum(1 for r in of_hub if r.user_name == user_name),
+            user_total=len(self.records.active_of_user(hub, user_name)),
+        )
+
+    def _check_flavor_limits(self, hub: str, spec: convert.StartSpec, flavor: Flavor | None, flavors: FlavorSet) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, FLAVOR_LIMIT_REACHED) a start beyond a limit of its
+        flavor or the site's per-user cap. Synchronous: the caller takes the record in the
+        same step, so no other start can be admitted between the count and the taking."""
+        if flavor is None and flavors.max_servers_per_user <= 0:
+            return
+        user = spec.user["name"]
+        usage = self.flavor_usage(spec.flavor, hub, user)
+        refusal = limit_refusal(flavor, usage, flavors.max_servers_per_user)
+        if refusal is not None:
+            log.warning(
+                "Refused a start of %s/%s (user %r, flavor %r): %s limit %s reached",
+                hub, spec.server_name, user, spec.flavor, refusal.metadata["limit"], refusal.metadata["max"],
+            )  # fmt: skip
+            raise refusal
+
     async def start(self, hub: str, spec: convert.StartSpec) -> tuple[pb.ServerStatus, bool]:
         if self.closing:
             raise ShuttingDown("The Outpost is shutting down; try again shortly.")
@@ -256,6 +290,14 @@ class LifecycleManager:
         if rec is None:
             self._check_server_limit(hub)
         self._check_start_limit(hub)
+        # the flavor: allowed for this hub and user (refused before anything is made), and
+        # its limits (checked again below, in the step that takes the record). Admitted
+        # under this set of flavors even if a SIGHUP replaces it meanwhile.
+        flavors = self.flavors
+        flavor = flavors.resolve(hub, spec.user, spec.flavor)
+        spec.flavor = flavor.name if flavor is not None else ""
+        spec.flavor_spec = flavor.record() if flavor is not None else {}
+        self._check_flavor_limits(hub, spec, flavor, flavors)
         await self.policies.check(hub, spec)
 
         new = Record(
@@ -284,6 +326,7 @@ class LifecycleManager:
         if rec is None:
             self._check_server_limit(hub)
         self._check_start_limit(hub)
+        self._check_flavor_limits(hub, spec, flavor, flavors)
         new.accepted = asyncio.get_running_loop().create_future()
         self.records.put(new)
         if self.settings.max_concurrent_starts_per_hub > 0:
@@ -369,6 +412,28 @@ class LifecycleManager:
         page, more = self.records.page(hub, after_name, page_size)
         next_token = convert.encode_page_token(page[-1].name) if more else ""
         return [rec.status() for rec in page], next_token
+
+    def list_flavors(self, hub: str, user: dict) -> pb.ListFlavorsResponse:
+        """The flavors hub may offer user, with limits, usage and whether user may start
+        one now (from memory; a snapshot)."""
+        flavors = self.flavors
+        name = user["name"]
+        user_total = len(self.records.active_of_user(hub, name))
+        listed = []
+        for flavor in flavors.offered(hub):
+            usage = self.flavor_usage(flavor.name, hub, name)
+            why = flavor.refusal_for_user(user)
+            if not why:
+                refusal = limit_refusal(flavor, usage, flavors.max_servers_per_user)
+                why = refusal.message if refusal is not None else ""
+            listed.append(convert.flavor_to_proto(flavor, usage, unavailable_reason=why))
+        default = flavors.default_for(hub)
+        return pb.ListFlavorsResponse(
+            flavors=listed,
+            default_flavor=default.name if default is not None else "",
+            user_max_total=flavors.max_servers_per_user,
+            user_in_use_total=user_total,
+        )
 
     def forward_targets(self, hub: str) -> set[tuple[str, int]]:
         """(host, port) of this hub's servers that may be reached through the SSH forwarder.

@@ -116,6 +116,16 @@ class Record:
         return self.spec.start_id
 
     @property
+    def flavor(self) -> str:
+        """The flavor the start was admitted under ("": none)."""
+        return self.spec.flavor
+
+    @property
+    def user_name(self) -> str:
+        """The hub's name of the server's user (per-user limits count by it)."""
+        return self.spec.user["name"]
+
+    @property
     def last_sequence(self) -> int:
         return self.events.last_sequence
 
@@ -145,6 +155,7 @@ class Record:
                 failure_message=self.failure_message,
                 user_name=self.spec.user["name"],
                 start_time=convert.timestamp(self.start_time),
+                flavor=self.spec.flavor,
             )
             if self.address and self.state == pb.SERVER_STATE_RUNNING:
                 status.address.CopyFrom(pb.ServerAddress(**self.address))
@@ -176,6 +187,8 @@ class Record:
             "failure_message": self.failure_message,
             "error_class": self.error_class,
             "start_time": self.start_time,
+            "flavor": spec.flavor,
+            "flavor_spec": spec.flavor_spec or None,
         }
 
     @classmethod
@@ -189,6 +202,8 @@ class Record:
             user_options=row["user_options"] or {},
             config_overrides=row["config_overrides"] or {},
             spawner_name=row["spawner_name"] or "",
+            flavor=row.get("flavor") or "",
+            flavor_spec=row.get("flavor_spec") or {},
         )
         rec = cls(
             hub=row["hub"],
@@ -226,6 +241,10 @@ class Records(Mapping):
         self._all: dict[Key, Record] = {}
         self._by_hub: dict[str, dict[str, Record]] = {}
         self._sorted_names: dict[str, list[str]] = {}
+        # what flavor admission counts (manager.py): the records of each flavor, and of
+        # each (hub, user name); active or not (a count looks at their states)
+        self._by_flavor: dict[str, set[Record]] = {}
+        self._by_user: dict[tuple[str, str], set[Record]] = {}
 
     def __getitem__(self, key: Key) -> Record:
         return self._all[key]
@@ -249,10 +268,23 @@ class Records(Mapping):
     def put(self, rec: Record) -> None:
         """Make rec the record of its server (replacing any other)."""
         key = rec.key
-        if key not in self._all:
+        old = self._all.get(key)
+        if old is None:
             bisect.insort(self._sorted_names.setdefault(rec.hub, []), rec.name)
+        elif old is not rec:
+            self._unindex(old)
         self._all[key] = rec
         self._by_hub.setdefault(rec.hub, {})[rec.name] = rec
+        self._by_flavor.setdefault(rec.flavor, set()).add(rec)
+        self._by_user.setdefault((rec.hub, rec.user_name), set()).add(rec)
+
+    def _unindex(self, rec: Record) -> None:
+        for index, key in ((self._by_flavor, rec.flavor), (self._by_user, (rec.hub, rec.user_name))):
+            records = index.get(key)
+            if records is not None:
+                records.discard(rec)
+                if not records:
+                    del index[key]
 
     def remove(self, rec: Record) -> bool:
         """Forget rec if it is still its server's record; True if it was."""
@@ -260,12 +292,21 @@ class Records(Mapping):
             return False
         hub, name = rec.key
         del self._all[rec.key]
+        self._unindex(rec)
         del self._by_hub[hub][name]
         names = self._sorted_names[hub]
         del names[bisect.bisect_left(names, name)]
         if not names:
             del self._by_hub[hub], self._sorted_names[hub]
         return True
+
+    def active_of_flavor(self, flavor: str) -> list[Record]:
+        """The active records (ACTIVE states) admitted under flavor."""
+        return [r for r in self._by_flavor.get(flavor, ()) if r.state in ACTIVE]
+
+    def active_of_user(self, hub: str, user_name: str) -> list[Record]:
+        """The active records of one hub's user, of any flavor."""
+        return [r for r in self._by_user.get((hub, user_name), ()) if r.state in ACTIVE]
 
     def of_hub(self, hub: str) -> Mapping[str, Record]:
         return self._by_hub.get(hub, {})
