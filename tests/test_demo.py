@@ -82,10 +82,20 @@ async def test_demo_commands_work_as_printed(tmp_path):
         def output(suffix: str) -> str:
             return next(v for k, v in outputs.items() if k.endswith(suffix))
 
+        # the demo's two flavors, as a spawn form reads them: "small" the default, "large"
+        # with a total of 2 (the refusal a newcomer can provoke)
+        listed = json.loads(output("/ListFlavors"))
+        flavors = {f["name"]: f for f in listed["flavors"]}
+        assert list(flavors) == ["small", "large"]
+        assert listed["default_flavor"] == "small"
+        assert flavors["large"]["max_total"] == 2
+        assert flavors["small"]["max_per_user"] == 3
+        assert all(f["available"] and f["display_name"] for f in flavors.values())
         assert json.loads(output("/Start"))["created"] is True
         assert "EVENT_KIND_READY" in output("/Events")
         poll = json.loads(output("/Poll"))
         assert poll["status"]["state"] == "SERVER_STATE_RUNNING"
+        assert poll["status"]["flavor"] == "small"
         # the curl line reached the real Jupyter server under the prefix, with the token
         assert json.loads(output("/api/status"))["connections"] == 0
         assert "STOP_OUTCOME_STOPPED" in output("/Stop")
