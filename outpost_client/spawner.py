@@ -527,6 +527,9 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         if callable(overrides):
             overrides = await _maybe_await(overrides(self))
         self._progress = _Progress()
+        if self.stop_message:  # why the last server ended, before this start's events
+            self._progress.add({"message": self.stop_message})
+            self.stop_message = ""
         client = self.client
         try:
             await self._start_or_forget(
@@ -674,10 +677,24 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         if status.start_id != self.start_id:
             return 0  # our start is gone; another one has the name now
         if status.state == pb.SERVER_STATE_STOPPED:
+            if status.stop_message:
+                self._outpost_stopped(status.stop_message)
             return status.exit_code if status.HasField("exit_code") else 0
         if status.state == pb.SERVER_STATE_RUNNING and self.local_port:
             await self._restore_tunnel()
         return None
+
+    #: why the Outpost last stopped this server on its own (its runtime ended), until the
+    #: next start shows it to the user as its first progress message
+    stop_message = Unicode("")
+
+    def _outpost_stopped(self, message: str) -> None:
+        """The Outpost stopped the server on its own: JupyterHub only logs an exit code,
+        so the reason goes to the hub's log (WARNING) and, kept here, to the user on the
+        spawn page of the next start."""
+        if message != self.stop_message:
+            self.log.warning("Outpost %s stopped %s: %s", self.outpost_name, self._log_name, message)
+        self.stop_message = message
 
     async def _restore_tunnel(self):
         """After a hub restart: the forward on the same local port the hub's DB knows."""

@@ -8,6 +8,7 @@ rooms of that job, each in its own module:
 - starts.py: one running start and its tasks (start, checkpoint, progress);
 - poller.py: the Outpost's own schedule of Spawner polls;
 - expiry.py: stopped servers their hub never stopped, forgotten after a retention time;
+- runtime.py: servers stopped at their end time (a flavor's runtime), kept STOPPED;
 - restore.py: servers restored and reconciled after a restart;
 - spawners.py: making a record's Spawner, and the guarded calls into it.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, fields
 
@@ -47,6 +49,7 @@ from .policy import KeyPolicy
 from .poller import SpawnerPoller
 from .records import ACTIVE, EventLog, Record, Records
 from .restore import Restorer
+from .runtime import RuntimeLimits, end_time_for
 from .spawners import (
     SpawnerFactory,
     recall_state,
@@ -151,6 +154,7 @@ class LifecycleManager:
             failed_retention=settings.failed_server_retention,
             exited_retention=settings.exited_server_retention,
         )
+        self.runtime = RuntimeLimits(self.records, self.stop, timeout=settings.cleanup_timeout)
         # the restore's clean-ups of interrupted starts, running in the background
         self._cleanups: set[asyncio.Task] = set()
 
@@ -172,6 +176,9 @@ class LifecycleManager:
         )
         count = await restorer.restore()
         self._cleanups = restorer.cleanups
+        # end times from the database: those passed while the Outpost was down are
+        # stopped at once, in the background
+        self.runtime.schedule_all()
         return count
 
     def start_polling(self) -> None:
@@ -307,6 +314,7 @@ class LifecycleManager:
             start_time=now(),
             events=EventLog(self.settings.max_events_per_server),
         )
+        new.end_time = end_time_for(new.start_time, spec.max_runtime)  # its flavor's runtime
         try:
             # built before anything is persisted: bad overrides and a Spawner that cannot
             # be configured are answered at once, and leave nothing behind
@@ -365,6 +373,7 @@ class LifecycleManager:
             records=self.records,
             cleanup_timeout=self.settings.cleanup_timeout,
         ).launch()
+        self.runtime.schedule(new)
 
     async def wait_terminal(self, rec: Record) -> None:
         while not rec.terminal and self.records.current(rec):
@@ -462,23 +471,33 @@ class LifecycleManager:
 
     # --- Stop --------------------------------------------------------------------------
 
-    async def stop(self, hub: str, server_name: str, start_id: str) -> tuple[int, pb.ServerStatus | None]:
+    async def stop(
+        self, hub: str, server_name: str, start_id: str, *, stop_message: str = "", timeout: float | None = None
+    ) -> tuple[int, pb.ServerStatus | None]:
+        """Stop a server and forget it (a hub's Stop). With ``stop_message`` (the Outpost
+        stops it on its own: runtime.py) it is kept, STOPPED with that message, for its
+        hub's next poll; ``timeout`` bounds the Spawner's stop() (SpawnerError after it)."""
         rec = self.records.get((hub, server_name))
         if rec is None:
             return pb.STOP_OUTCOME_NOT_FOUND, None
         if start_id and start_id != rec.start_id:
             return pb.STOP_OUTCOME_STALE_START_ID, rec.status()
         if rec.stop_task is None:
-            rec.stop_task = asyncio.create_task(self._run_stop(rec), name=f"stop-{hub}-{server_name}")
+            rec.stop_task = asyncio.create_task(
+                self._run_stop(rec, stop_message=stop_message, timeout=timeout), name=f"stop-{hub}-{server_name}"
+            )
         try:
             await asyncio.shield(rec.stop_task)
         finally:
             task = rec.stop_task
             if task is not None and task.done() and (task.cancelled() or task.exception()):
                 rec.stop_task = None  # let a retry try again
+        if not stop_message and rec.stop_task is None and self.records.current(rec):
+            # this Stop shared one that keeps the record (a runtime's end): forget it too
+            return await self.stop(hub, server_name, start_id)
         return pb.STOP_OUTCOME_STOPPED, None
 
-    async def _run_stop(self, rec: Record) -> None:
+    async def _run_stop(self, rec: Record, *, stop_message: str = "", timeout: float | None = None) -> None:
         if rec.accepted is not None:
             await asyncio.shield(rec.accepted)
         previous = rec.state
@@ -499,8 +518,13 @@ class LifecycleManager:
             spawner = self.spawners.restored(rec)
         if spawner is not None:
             try:
-                await spawner.stop()
+                if timeout is None:
+                    await spawner.stop()
+                else:
+                    await asyncio.wait_for(spawner.stop(), timeout)
             except Exception as e:
+                if isinstance(e, asyncio.TimeoutError):
+                    e = TimeoutError(f"stop() did not finish within {timeout:g}s")
                 log.exception("stop() of %s/%s raised", rec.hub, rec.name)
                 rec.state = previous
                 rec.changed()
@@ -510,6 +534,9 @@ class LifecycleManager:
                 ) from None
             run_post_stop_hook(spawner)
         remove_start_certificates(rec, self.certs_dir)
+        if stop_message:
+            await self._keep_stopped(rec, stop_message)
+            return
         try:
             await self.store.write(self.store.op_delete_server(rec.hub, rec.name, rec.start_id))
         except Unavailable:
@@ -518,9 +545,23 @@ class LifecycleManager:
                 "database (it is unreachable); repeat Stop, which is safe, once it is back.",
             ) from None
         self.records.remove(rec)
+        self.runtime.forget(rec)
         rec.spawner = None
         rec.changed()
         log.info("%s/%s stopped", rec.hub, rec.name)
+
+    async def _keep_stopped(self, rec: Record, stop_message: str) -> None:
+        """The end of a stop the Outpost made on its own: the record stays, STOPPED with
+        stop_message, until its hub stops it or it expires (exited_server_retention)."""
+        await self.journal.write_retrying(rec, state="stopped", stop_message=stop_message, spawner_state=None)
+        rec.state = pb.SERVER_STATE_STOPPED
+        rec.stop_message = stop_message
+        rec.stopped_at = time.time()
+        rec.spawner_state = None
+        rec.spawner = None
+        rec.stop_task = None  # done: the hub's Stop forgets the record
+        rec.changed()
+        log.info("%s/%s stopped: %s", rec.hub, rec.name, stop_message)
 
     # --- shutdown ------------------------------------------------------------------------
 
@@ -528,6 +569,7 @@ class LifecycleManager:
         """Stop polling; give pending starts `grace` seconds; keep running servers running."""
         self.journal.closing = True
         self.expiry.stop()  # its stops under way are stop tasks: waited for below
+        self.runtime.close()  # likewise
         polls = self.poller.stop()  # never cancelled; their answers get the grace too
         pending = [r.run.task for r in self.records.values() if r.run is not None and r.run.running]
         pending += [r.stop_task for r in self.records.values() if r.stop_task and not r.stop_task.done()]

@@ -92,6 +92,10 @@ class Record:
     #: when the server was seen stopped (seconds since the epoch), for expiry.py; None:
     #: not known here (a failed start's FAILED event has the time)
     stopped_at: float | None = None
+    #: when the Outpost stops the server because its runtime ends (runtime.py); None: never
+    end_time: datetime | None = None
+    #: why the Outpost stopped the server on its own (its runtime ended): for the user
+    stop_message: str = ""
     #: the start while it runs (its tasks: start, checkpoint, progress); see starts.py
     run: StartRun | None = None
     #: set while the start is being persisted (Start returns when it is done)
@@ -161,6 +165,10 @@ class Record:
                 status.address.CopyFrom(pb.ServerAddress(**self.address))
             if self.exit_code is not None and self.state == pb.SERVER_STATE_STOPPED:
                 status.exit_code = self.exit_code
+            if self.end_time is not None:
+                status.end_time.CopyFrom(convert.timestamp(self.end_time))
+            if self.stop_message and self.state == pb.SERVER_STATE_STOPPED:
+                status.stop_message = self.stop_message
             self._status = status
         return self._status
 
@@ -189,6 +197,8 @@ class Record:
             "start_time": self.start_time,
             "flavor": spec.flavor,
             "flavor_spec": spec.flavor_spec or None,
+            "end_time": self.end_time,
+            "stop_message": self.stop_message,
         }
 
     @classmethod
@@ -215,17 +225,23 @@ class Record:
             failure_message=row["failure_message"] or "",
             error_class=row["error_class"] or "",
             spawner_state=row["spawner_state"],
+            end_time=utc(row.get("end_time")),
+            stop_message=row.get("stop_message") or "",
         )
         if rec.state == pb.SERVER_STATE_STOPPED and isinstance(row.get("updated"), datetime):
-            updated = row["updated"]  # its last write: when it stopped
-            if updated.tzinfo is None:  # SQLite gives naive datetimes; they are UTC
-                updated = updated.replace(tzinfo=timezone.utc)
-            rec.stopped_at = updated.timestamp()
+            rec.stopped_at = utc(row["updated"]).timestamp()  # its last write: when it stopped
         if row["host"]:
             rec.address = {"scheme": row["scheme"], "host": row["host"], "port": row["port"]}
         for ev in events:
             rec.events.append(ev["sequence"], ev["data"])
         return rec
+
+
+def utc(when: datetime | None) -> datetime | None:
+    """A stored time, aware: SQLite gives naive datetimes, which are UTC."""
+    if when is not None and when.tzinfo is None:
+        return when.replace(tzinfo=timezone.utc)
+    return when
 
 
 class Records(Mapping):

@@ -55,7 +55,8 @@ from .crypto import Crypt, DecryptionError
 
 log = logging.getLogger("outpost.store")
 
-#: 2: the servers' flavor and flavor_spec columns (added to a version 1 database at open)
+#: 2: the servers' flavor and flavor_spec columns, end_time and stop_message (runtime.py);
+#: added to a version 1 database at open (add_missing_columns)
 SCHEMA_VERSION = 2
 
 metadata = MetaData()
@@ -85,6 +86,9 @@ servers = Table(
     # (flavors.Flavor.record(): its Spawner config and runtime), so a reload never changes it
     Column("flavor", String(64), nullable=False, default="", server_default=""),
     Column("flavor_spec", JSON, nullable=True),
+    # when the runtime ends (runtime.py), and why the Outpost stopped the server itself
+    Column("end_time", DateTime(timezone=True), nullable=True),
+    Column("stop_message", Text, nullable=True),
 )
 
 events = Table(
