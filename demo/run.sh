@@ -62,7 +62,7 @@ cat <<TXT
   $G -d '{"server_name": "by-hand", "start_id": "demo-1", "user": {"name": "alice"}, "flavor": "small", "env": {"JUPYTERHUB_API_TOKEN": "demo-token", "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}}' $A $S/Start
   $G -d '{"server_name": "by-hand"}' $A $S/Events
 
-  # its status (with the address and its flavor), and the notebook itself
+  # its status (with the address, its flavor and when its runtime ends), and the notebook itself
   $G -d '{"server_name": "by-hand"}' $A $S/Poll
   curl -s -H "Authorization: token demo-token" http://127.0.0.1:\$($G -d '{"server_name": "by-hand"}' $A $S/Poll | sed -n 's/.*"port": \([0-9]*\).*/\1/p')/user/alice/api/status
 
