@@ -2,8 +2,8 @@
 
 One client (one gRPC channel) per Outpost address, shared by every spawner of a hub.
 Every call has a deadline; failed calls raise typed :mod:`outpost_client.errors`
-exceptions; read-only calls (Poll, ListServers, Events resumption) and the idempotent ones
-(Start with the same start_id, Stop) are safe to retry.
+exceptions; read-only calls (Poll, ListServers, ListFlavors, Events resumption) and the
+idempotent ones (Start with the same start_id, Stop) are safe to retry.
 """
 
 from __future__ import annotations

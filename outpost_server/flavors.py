@@ -68,7 +68,7 @@ class Flavor:
     max_per_hub: int = 0
     max_per_user: int = 0
     #: seconds a server of this flavor may run (0: no limit); enforced by the runtime code
-    max_runtime: float = 0
+    max_runtime: float = 0.0
     #: hub names or globs that may offer it (empty: every hub)
     hubs: tuple[str, ...] = ()
     #: user names or globs, a regex (full match), hub groups: when any is set, a user
@@ -159,6 +159,8 @@ def limit_sentence(limit: str, flavor: str, maximum: int) -> str:
             f"Your hub's share of flavor {flavor!r} ({servers}) is in use. Try again when one "
             "is stopped, or choose another flavor."
         )
+    if maximum == 1:
+        return f"The one server of flavor {flavor!r} is in use. Try again when it is stopped, or choose another flavor."
     return (
         f"All {servers} of flavor {flavor!r} are in use. Try again when one is stopped, or "
         "choose another flavor."
@@ -299,8 +301,9 @@ class FlavorSet:
     def resolve(self, hub: str, user: Mapping[str, Any], name: str) -> Flavor | None:
         """The flavor a Start of hub's user runs under (None: the Outpost has no flavors).
 
-        Raises UnknownFlavor (INVALID_ARGUMENT), InvalidArgument (no flavor named and no
-        default for this hub) or FlavorNotAllowed (PERMISSION_DENIED)."""
+        Raises UnknownFlavor (INVALID_ARGUMENT: no such flavor, or not one of this hub's),
+        InvalidArgument (no flavor named and no default for this hub) or FlavorNotAllowed
+        (PERMISSION_DENIED: one of the hub's flavors this user may not use)."""
         if not self.by_name:
             if name:
                 raise UnknownFlavor(
@@ -318,15 +321,13 @@ class FlavorSet:
                 )
         else:
             flavor = self.by_name.get(name)
-            if flavor is None:
+            # a flavor of other hubs is answered exactly as one that does not exist, as
+            # ListFlavors hides it: a hub learns nothing of what the site gives others
+            if flavor is None or not flavor.offered_to(hub):
                 raise UnknownFlavor(
-                    f"This Outpost has no flavor {name!r}; choose one of those it offers.",
+                    f"This Outpost has no flavor {name!r} for your hub; choose one of those it offers.",
                     metadata={"flavor": name},
                 )
-        if not flavor.offered_to(hub):
-            raise FlavorNotAllowed(
-                f"Flavor {flavor.name!r} is not offered to your hub {hub!r}.", metadata={"flavor": flavor.name}
-            )
         why = flavor.refusal_for_user(user)
         if why:
             raise FlavorNotAllowed(why, metadata={"flavor": flavor.name})

@@ -704,9 +704,9 @@ class FlavorOptions(HasTraits):
         weight, smaller first, then name); default (the flavor a Start without one gets;
         at most one).
 
-        A Start of a flavor the Outpost does not have is INVALID_ARGUMENT (reason
-        UNKNOWN_FLAVOR); of one the hub or user may not use PERMISSION_DENIED
-        (FLAVOR_NOT_ALLOWED); beyond a limit RESOURCE_EXHAUSTED (FLAVOR_LIMIT_REACHED,
+        A Start of a flavor the Outpost does not have, or does not offer the hub, is
+        INVALID_ARGUMENT (reason UNKNOWN_FLAVOR); of one of the hub's flavors the user may
+        not use PERMISSION_DENIED (FLAVOR_NOT_ALLOWED); beyond a limit RESOURCE_EXHAUSTED (FLAVOR_LIMIT_REACHED,
         metadata limit, max, in_use), each with a sentence for the spawn page. An
         Outpost without flavors (default) starts servers without one, as before.
         A malformed flavor stops the Outpost at start-up with one line naming the

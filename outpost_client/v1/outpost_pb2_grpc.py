@@ -93,7 +93,11 @@ class OutpostServiceServicer:
         Status codes:
         - OK: accepted (or attached to the same start).
         - INVALID_ARGUMENT: a malformed field; the message names it (reason INVALID_FIELD), or
-        a flavor the Outpost does not have (reason UNKNOWN_FLAVOR).
+        a flavor the Outpost does not have or does not offer this hub (reason
+        UNKNOWN_FLAVOR: another hub's flavor is answered as one that does not exist), or
+        no flavor when the
+        Outpost has flavors but no default one for this hub (reason INVALID_FIELD, field
+        "flavor").
         - FAILED_PRECONDITION: server_name is starting, running, stopping or unknown (its
         last poll failed: its notebook may still run) under another start_id (reason
         SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id. A Stop that ends
@@ -106,8 +110,8 @@ class OutpostServiceServicer:
         CPU_GUARANTEE); anything else only as the Outpost's policy allows. Or the site
         runs no server for user.name (reason USER_NOT_ALLOWED): its user_mapping gives
         the user no local account, or the account is root, a system account or not in
-        its allow_users. Nothing is started or stored. Or the flavor is not offered to this
-        hub or user (reason FLAVOR_NOT_ALLOWED).
+        its allow_users. Nothing is started or stored. Or the flavor is one of this hub's
+        but not for this user (its users, groups or admin rule; reason FLAVOR_NOT_ALLOWED).
         - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
         or the hub already has as many starts in progress as the Outpost allows (reason
         TOO_MANY_STARTS; nothing was started, try again when one finishes), or a new
@@ -237,7 +241,7 @@ class OutpostServiceServicer:
 
         Status codes:
         - OK: the flavors this hub may offer (those for other hubs are not listed), ordered
-        by weight, then name.
+        by weight (smaller first), then name.
         - INVALID_ARGUMENT: a malformed user (reason INVALID_FIELD).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
