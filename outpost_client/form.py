@@ -165,6 +165,14 @@ def _flavor_radio(ident: str, system: str, flavor: pb.Flavor, checked: str) -> s
     )  # fmt: skip
 
 
+def refusal(message: str, status: int = 400) -> web.HTTPError:
+    """An HTTPError whose message JupyterHub shows as it is (not "HTTP 400: Bad Request
+    (...)"): above the form on a POST, on the spawn page after a start."""
+    error = web.HTTPError(status, message)
+    error.jupyterhub_message = message
+    return error
+
+
 def options_from_form(form_data: Mapping[str, list], outposts: Iterable[str]) -> dict:
     """The user_options of a POST of :func:`render_form`'s form: {"outpost": name} and,
     if a flavor was chosen, "flavor". Form data without the form's marker (a site's own
@@ -178,12 +186,12 @@ def options_from_form(form_data: Mapping[str, list], outposts: Iterable[str]) ->
         return dict(form_data)
     values = form_data.get(FIELD) or []
     if len(values) != 1 or not isinstance(values[0], str):
-        raise web.HTTPError(400, "Choose one of the offered systems and flavors, then Start.")
+        raise refusal("Choose one of the offered systems and flavors, then Start.")
     outpost, sep, flavor = values[0].rpartition("/")
     if not sep or outpost not in set(outposts):
-        raise web.HTTPError(400, "That system is not offered here: choose one of the list.")
+        raise refusal("That system is not offered here: choose one of the list.")
     if flavor and not FLAVOR_NAME_RE.fullmatch(flavor):
-        raise web.HTTPError(400, "That flavor is not offered here: choose one of the list.")
+        raise refusal("That flavor is not offered here: choose one of the list.")
     options = {"outpost": outpost}
     if flavor:
         options["flavor"] = flavor

@@ -499,6 +499,9 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                 raise web.HTTPError(403, str(e)) from None
             if not allowed:
                 raise web.HTTPError(403, "This server may not be started with these options.")
+        flavor = self.user_options.get("flavor") or ""
+        if not isinstance(flavor, str) or (flavor and not form.FLAVOR_NAME_RE.fullmatch(flavor)):
+            raise form.refusal("The flavor must be the name of one the Outpost offers.")
         # computed for a new start only: a running server keeps the name in its state
         # (get_state/load_state), whichever way the hub named servers when it started it
         try:
@@ -518,9 +521,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
             env = await _maybe_await(self.custom_env(self, env))
         user_options = dict(self.user_options)
         user_options.pop("outpost", None)  # the hub's choice of Outpost, not the site's business
-        flavor = user_options.pop("flavor", None) or ""  # travels as Start's own field
-        if not isinstance(flavor, str) or (flavor and not form.FLAVOR_NAME_RE.fullmatch(flavor)):
-            raise web.HTTPError(400, "The flavor must be the name of one the Outpost offers.")
+        user_options.pop("flavor", None)  # travels as Start's own field (see above)
         if self.custom_user_options is not None:
             user_options = await _maybe_await(self.custom_user_options(self, user_options))
         overrides = self.config_overrides

@@ -79,8 +79,10 @@ async def test_pick_a_flavor_land_in_the_notebook_and_read_why_a_full_one_is_ref
             alice.css("#spawn_form button[type=submit]").click()
             alice.wait_url(f"{hub.url}/user/alice/")
             alice.shot("notebook")
-            alice.open(f"{hub.url}/user/alice/api/status")  # the notebook itself, through proxy and tunnel
-            alice.wait_text('"started"')
+            # jupyterhub-singleuser's own page (jupyter-server's; JupyterLab's where installed),
+            # through the proxy and the tunnel, after the notebook's OAuth with the hub
+            alice.wait(lambda d: "A Jupyter Server is running" in alice.text or "JupyterLab" in d.title,
+                       "alice never saw her notebook")  # fmt: skip
 
             # alice's own form, shown again, counts her server: live usage, and full now
             alice.open(f"{hub.url}/hub/spawn/alice/second")
@@ -94,7 +96,7 @@ async def test_pick_a_flavor_land_in_the_notebook_and_read_why_a_full_one_is_ref
             carol.wait_text("are in use")
             carol.shot("refused")
             page = carol.text
-            assert "solo" in page and "Traceback" not in page, page
+            assert "of flavor 'solo' are in use" in page and "Traceback" not in page, page
 
             # the form shown again offers it no more, and says why
             carol.open(f"{hub.url}/hub/spawn")
@@ -104,8 +106,19 @@ async def test_pick_a_flavor_land_in_the_notebook_and_read_why_a_full_one_is_ref
             assert "1 of 1 in use" in row and "are in use" in row, row
             carol.shot("form-again")
 
+            # a POST of no choice at all (the page's radios unset by a script) is refused
+            # with a sentence above the form, and nothing starts
+            carol.driver.execute_script(
+                "document.querySelectorAll('input[name=outpost_flavor]').forEach(e => e.checked = false)"
+            )
+            carol.css("#spawn_form button[type=submit]").click()
+            carol.wait_text("Choose one of the offered systems and flavors, then Start.")
+            assert "HTTP 400" not in carol.text and carol.css_all("input[name=outpost_flavor]")
+
     await asyncio.to_thread(run)
 
+    r = await hub.get("/user/alice/api/status")  # the same notebook, from the hub's side
+    assert r.status_code == 200, (r.status_code, hub.tail())
     model = await hub.server_model("alice")
     assert model and model["ready"] and model["user_options"] == {"outpost": "default", "flavor": "solo"}, model
     servers = await a.servers()
