@@ -518,12 +518,10 @@ class LifecycleManager:
             spawner = self.spawners.restored(rec)
         if spawner is not None:
             try:
-                if timeout is None:
+                async with asyncio.timeout(timeout):  # None: a hub's Stop waits as long as it takes
                     await spawner.stop()
-                else:
-                    await asyncio.wait_for(spawner.stop(), timeout)
             except Exception as e:
-                if isinstance(e, asyncio.TimeoutError):
+                if isinstance(e, TimeoutError):
                     e = TimeoutError(f"stop() did not finish within {timeout:g}s")
                 log.exception("stop() of %s/%s raised", rec.hub, rec.name)
                 rec.state = previous
@@ -553,14 +551,23 @@ class LifecycleManager:
     async def _keep_stopped(self, rec: Record, stop_message: str) -> None:
         """The end of a stop the Outpost made on its own: the record stays, STOPPED with
         stop_message, until its hub stops it or it expires (exited_server_retention)."""
-        await self.journal.write_retrying(rec, state="stopped", stop_message=stop_message, spawner_state=None)
-        rec.state = pb.SERVER_STATE_STOPPED
-        rec.stop_message = stop_message
-        rec.stopped_at = time.time()
-        rec.spawner_state = None
-        rec.spawner = None
-        rec.stop_task = None  # done: the hub's Stop forgets the record
-        rec.changed()
+        values = {"state": "stopped", "stop_message": stop_message, "spawner_state": None}
+
+        def stopped() -> None:
+            rec.state = pb.SERVER_STATE_STOPPED
+            rec.stop_message = stop_message
+            rec.stopped_at = time.time()
+            rec.spawner_state = None
+            rec.spawner = None
+            rec.stop_task = None  # done: the hub's Stop forgets the record
+
+        if rec.terminal:
+            await self.journal.write_retrying(rec, **values)
+            stopped()
+            rec.changed()
+        else:  # it was still starting: its event stream ends here, with the reason
+            event = {"kind": pb.EVENT_KIND_FAILED, "message": stop_message, "error_class": "RuntimeEnded"}
+            await self.journal.emit(rec, event, durable=True, apply=stopped, **values)
         log.info("%s/%s stopped: %s", rec.hub, rec.name, stop_message)
 
     # --- shutdown ------------------------------------------------------------------------

@@ -696,7 +696,9 @@ class FlavorOptions(HasTraits):
         site sets for every start of the flavor, applied after the hub's
         config_overrides, so a hub cannot change them); max_total, max_per_hub,
         max_per_user (active servers of the flavor: in total, of one hub, of one hub's
-        user; 0 or absent: none); max_runtime (seconds a server may run; 0: no limit);
+        user; 0 or absent: none); max_runtime (seconds a server may run from its start:
+        then the Outpost stops it, also across restarts, and its hub's next poll reads
+        why; 0: no limit);
         hubs (hub names or globs that may offer it; absent: every hub); users (user
         names or globs), users_regex (a regular expression a user name must match
         entirely), groups (hub groups): when any of these three is set, a user must

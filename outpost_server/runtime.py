@@ -55,11 +55,10 @@ def end_time_for(start_time: datetime, max_runtime: float) -> datetime | None:
 def format_duration(seconds: float) -> str:
     """A runtime as people say it: "8 h", "1 h 30 min", "45 min", "90 s"."""
     seconds = max(0, round(seconds))
+    if seconds >= 600:  # whole minutes suffice for longer runtimes
+        seconds = round(seconds / 60) * 60
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
-    if secs and (hours or minutes >= 10):
-        minutes += 1 if secs >= 30 else 0  # whole minutes suffice for longer runtimes
-        secs = 0
     parts = []
     if hours:
         parts.append(f"{hours} h")

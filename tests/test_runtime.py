@@ -7,7 +7,9 @@ restarts (the end time is in the database; no lock file).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
@@ -15,10 +17,10 @@ import pytest
 from sqlalchemy import Column, MetaData, Table, insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from outpost_client import pb
+from outpost_client import OutpostClient, pb
 from outpost_server import runtime, store
 from outpost_server.runtime import admitted_message, format_duration, format_end_time, stop_message
-from outpost_server.testing import InstantSpawner, class_state
+from outpost_server.testing import HangingStopSpawner, InstantSpawner, class_state
 
 from .harness.hub import make_spawner
 from .harness.outpost import outpost_config, running_outpost
@@ -57,7 +59,7 @@ async def stopped(client, name: str):
 @pytest.mark.parametrize(
     "seconds, text",
     [(8 * 3600, "8 h"), (5400, "1 h 30 min"), (2700, "45 min"), (90, "1 min 30 s"), (2, "2 s"), (0, "0 s"),
-     (3 * 3600 + 61, "3 h 1 min")],
+     (3 * 3600 + 61, "3 h 1 min"), (2 * 3600 - 10, "2 h"), (599, "9 min 59 s")],
 )  # fmt: skip
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
@@ -148,6 +150,18 @@ async def test_a_flavors_runtime_ends_its_server(start_outpost):
         assert tiny.in_use_total == 0
 
 
+async def test_a_start_still_pending_at_its_end_time_ends_with_the_reason(start_outpost):
+    """A start that is not ready by its end time (a batch job queued for hours) is
+    stopped too; its event stream ends FAILED with the reason, which the spawn page shows."""
+    async with start_outpost("outpost_server.testing.NeverReadySpawner", flavors=FLAVORS) as op:
+        await op.client.start("nb", "s1", user_name="alice", flavor="tiny")
+        events = [e async for e in op.client.events("nb", timeout=30)]
+        assert events[-1].kind == pb.EVENT_KIND_FAILED
+        assert events[-1].message == "Your server was stopped after its 1 s limit (flavor tiny)."
+        status = await op.client.poll("nb")
+        assert status.state == pb.SERVER_STATE_STOPPED and status.stop_message == events[-1].message
+
+
 async def test_a_flavor_without_runtime_has_no_end_time(start_outpost):
     async with start_outpost(SPAWNER, flavors=FLAVORS) as op:
         result = await op.client.start("nb", "s1", user_name="alice", flavor="free", wait_until_ready=True)
@@ -225,6 +239,38 @@ async def test_a_server_past_its_end_time_at_restore_is_stopped(tmp_path):
     assert left == set()
 
 
+async def test_a_hub_stop_during_the_runtime_stop_forgets_the_server(start_outpost):
+    """The hub's Stop arrives while the Outpost is stopping the server at its end time:
+    it shares that stop (the Spawner is stopped once) and then forgets the server."""
+    async with start_outpost(SPAWNER) as op:
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        gate = asyncio.Event()
+        rec = op.manager.records[("default", "nb")]
+        stop = rec.spawner.stop
+
+        async def slow_stop(now=False):
+            await gate.wait()
+            await stop(now)
+
+        rec.spawner.stop = slow_stop
+        limit(op, "nb", 0)
+        await wait_for(lambda: rec.state == pb.SERVER_STATE_STOPPING)
+        calls = []
+        manager_stop = op.manager.stop
+
+        async def hubs_stop(*args, **kwargs):  # the servicer's call
+            calls.append(args)
+            return await manager_stop(*args, **kwargs)
+
+        op.manager.stop = hubs_stop
+        hub_stop = asyncio.ensure_future(op.client.stop("nb", "s1"))
+        await wait_for(lambda: calls)  # it waits for the runtime's stop now
+        gate.set()
+        assert (await hub_stop).outcome == pb.STOP_OUTCOME_STOPPED
+        assert await op.client.list_servers() == []
+        assert StopCountingSpawner.stops == 1
+
+
 async def test_a_failing_stop_at_the_end_time_is_tried_again(start_outpost, caplog):
     async with start_outpost(SPAWNER, cleanup_timeout=5) as op:
         op.manager.runtime.retry = 0.2
@@ -242,6 +288,19 @@ async def test_a_failing_stop_at_the_end_time_is_tried_again(start_outpost, capl
             status = await wait_for(lambda: stopped(op.client, "nb"), timeout=20)
         assert len(calls) == 2 and status.stop_message
         assert "trying again" in caplog.text
+
+
+async def test_a_hung_stop_at_the_end_time_is_abandoned_and_tried_again(start_outpost):
+    """stop() hangs (a hung scancel): given up after cleanup_timeout, the server shows
+    what it was, and the Outpost tries again later; it never hangs on it."""
+    HangingStopSpawner.start_hangs = False
+    async with start_outpost("outpost_server.testing.HangingStopSpawner", cleanup_timeout=0.2) as op:
+        op.manager.runtime.retry = 0.2
+        await op.client.start("nb", "s1", user_name="alice", wait_until_ready=True)
+        limit(op, "nb", 0)
+        await wait_for(lambda: HangingStopSpawner.stops_abandoned >= 2, timeout=20)
+        await wait_for(lambda: op.manager.records[("default", "nb")].stop_task is None)
+        assert (await op.client.poll("nb")).state in (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_STOPPING)
 
 
 # --- the hub's side -----------------------------------------------------------------------
@@ -266,3 +325,62 @@ async def test_the_spawner_reports_the_outposts_stop_and_shows_it_at_the_next_st
         assert progress[0].startswith("Your server was stopped after its")
         assert spawner.stop_message == ""
 
+
+
+# --- across a SIGKILL of the Outpost process --------------------------------------------
+
+PROCESS_CONFIG = """
+from outpost_server.testing import InstantSpawner
+
+
+class FileStopSpawner(InstantSpawner):
+    async def stop(self, now=False):
+        with open({stops!r}, "a") as f:
+            f.write(self.user.name + "\\n")
+
+
+c.Outpost.spawner_class = FileStopSpawner
+c.Outpost.db_url = {db_url!r}
+c.Outpost.user_mapping = "{{name}}"
+c.Outpost.flavors = {{"short": {{"max_runtime": 2}}, "long": {{"max_runtime": 10}}}}
+"""
+
+
+@pytest.mark.slow
+async def test_end_times_hold_across_a_sigkill(tmp_path, db_url, outpost_process):
+    """The Outpost is SIGKILLed while two servers run. Restarted after the end time of
+    one: that one is stopped at restore; the other, still before its end time, runs and is
+    stopped at its end time. Nothing but the database carries the end times."""
+    stops = tmp_path / "stops"
+    op = outpost_process(PROCESS_CONFIG.format(stops=str(stops), db_url=db_url))
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        short = (await client.start("a", "s1", user_name="alice", flavor="short", wait_until_ready=True)).status
+        long = (await client.start("b", "s2", user_name="bob", flavor="long", wait_until_ready=True)).status
+    files = files_under(op.workdir)
+    op.kill(signal.SIGKILL)
+    short_end = short.end_time.ToDatetime(tzinfo=timezone.utc)
+    long_end = long.end_time.ToDatetime(tzinfo=timezone.utc)
+    # down until the short one's end time has passed
+    await asyncio.sleep(max(0.0, (short_end - datetime.now(timezone.utc)).total_seconds()) + 0.2)
+    assert not stops.exists()
+
+    op.start()
+    await op.wait_serving()
+    async with OutpostClient(op.address) as client:
+        status = await wait_for(lambda: stopped(client, "a"), timeout=30, message="a was not stopped at restore")
+        assert status.stop_message == "Your server was stopped after its 2 s limit (flavor short)."
+        first = await client.poll("b")
+        if datetime.now(timezone.utc) < long_end:
+            assert first.state == pb.SERVER_STATE_RUNNING and first.end_time == long.end_time
+        status = await wait_for(lambda: stopped(client, "b"), timeout=30, message="b was not stopped at its end")
+        assert status.stop_message == "Your server was stopped after its 10 s limit (flavor long)."
+        assert sorted(stops.read_text().split()) == ["alice", "bob"]
+        # the hub's Stop forgets them, without stopping them twice
+        for name, start_id in (("a", "s1"), ("b", "s2")):
+            assert (await client.stop(name, start_id)).outcome == pb.STOP_OUTCOME_STOPPED
+        assert await client.list_servers() == []
+        assert sorted(stops.read_text().split()) == ["alice", "bob"]
+    # no lock file: only the database, the log and the config are the Outpost's files
+    assert {f for f in files_under(op.workdir) - files if ".sqlite" not in f} == set()

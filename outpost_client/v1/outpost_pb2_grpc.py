@@ -166,6 +166,9 @@ class OutpostServiceServicer:
         which polls the Spawners on its own schedule; Poll itself never calls the Spawner or
         the database.
 
+        A server the Outpost stopped on its own at its end time is STOPPED with
+        stop_message (ServerStatus) until the hub Stops it.
+
         Status codes:
         - OK: the status.
         - NOT_FOUND: no such server for this hub (reason SERVER_NOT_FOUND). A hub should
