@@ -179,8 +179,9 @@ async def test_make_demo_hub_spawns_through_outpost(tmp_path):
         assert r.status_code == 200, r.status_code
         # the form: both flavors, what they are, their usage and runtime; small checked
         page = await asyncio.to_thread(form)
-        for words in ("Small: 1 CPU, 1 GB, 8 hours", "The default. Up to 3 per user.", "up to 8 h",
-                      "Large: 2 CPU, 2 GB, 30 minutes", "0 of 2 in use", "up to 30 min"):  # fmt: skip
+        for words in ("Demo Outpost (127.0.0.1:50051)", "Small: 1 CPU, 1 GB, 8 hours",
+                      "The default. Up to 3 per user.", "up to 8 h", "Large: 2 CPU, 2 GB, 30 minutes",
+                      "0 of 2 in use", "up to 30 min"):  # fmt: skip
             assert words in page, (words, page[-3000:])
         assert re.search(r'value="default/small"[^>]*checked', page), page[-3000:]
 
