@@ -225,7 +225,9 @@ async def test_a_flooding_hub_fills_only_its_own_share(start_outpost, pki):
 
 async def test_a_failed_start_expires_from_memory_and_database(tmp_path):
     db_url = f"sqlite:///{tmp_path}/outpost.sqlite"
-    traits = {"failed_server_retention": 0.3, "exited_server_retention": 0, "poll_interval": 0.05}
+    # long enough for the checks below to see the failed start before it expires, also on
+    # a loaded machine (0.3 s was not)
+    traits = {"failed_server_retention": 3.0, "exited_server_retention": 0, "poll_interval": 0.05}
     async with running_outpost(outpost_config(tmp_path, FloodSpawner, db_url=db_url, **traits)) as op:
         c = op.client
         r = await c.start("failed", sid(), user_name="fail-x", wait_until_ready=True)
