@@ -20,7 +20,14 @@ Then, each in a fresh Outpost of its own (0 skips them):
 - ``--cpu-seconds``: the Outpost's CPU (user+sys, percent of one core) with
   ``--cpu-servers`` (2,000) running servers, its own poll loop at the default
   ``Outpost.poll_interval``, and a hub-like client polling each server every 30 s through
-  OutpostSpawner's shared ``BatchPoller`` (``cpu_2000_servers_pct``).
+  OutpostSpawner's shared ``BatchPoller`` (``cpu_2000_servers_pct``);
+- ``--flavor-servers``: flavors (docs/flavors.md). An Outpost with 20 flavors next to one
+  without: ``--flavor-starts`` (100) Starts through a flavor with limits alternating with
+  as many plain Starts at the other Outpost (``start_flavor_p50_ms`` against
+  ``start_noflavor_p50_ms``, target within 10 %); 200 concurrent Starts at a flavor with a
+  total of 7 (``flavor_admit_200_total_s``; exactly 7 must be admitted, or the benchmark
+  fails); ListFlavors with ``--flavor-servers`` (2,000) running servers over the 20
+  flavors (``list_flavors_p50_ms``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 # Imported from the modules themselves rather than the package: an editable install made
 # before outpost_client/__init__.py existed maps outpost_client as a namespace package.
 from outpost_client.client import OutpostClient, ServerState, StopOutcome  # noqa: E402
-from outpost_client.errors import ServerNotFound  # noqa: E402
+from outpost_client.errors import FlavorLimitReached, ServerNotFound  # noqa: E402
 from outpost_client.batch import BatchPoller  # noqa: E402
 from outpost_client.v1 import outpost_pb2 as pb  # noqa: E402
 
@@ -73,6 +80,16 @@ HUB_POLL_INTERVAL = 30.0
 POLL_BATCH_WINDOW = 0.2
 CPU_WARMUP = 15.0  # seconds of polling before the CPU clock starts
 
+# the flavors run: 20 flavors; Starts through one with limits (and the same number at an
+# Outpost without flavors, alternating); 200 concurrent Starts at a flavor with a total of 7;
+# ListFlavors with --flavor-servers servers running
+FLAVORS = 20
+ADMIT_STARTS = 200
+ADMIT_MAX = 7
+ADMIT_ROUNDS = 3
+LIST_FLAVORS_REPEATS = 50
+FLAVOR_USERS = 200  # the running servers belong to this many users, spread evenly
+
 # key: (comparison, target), for n=100. Only a subset of keys has a target.
 TARGETS = {
     "poll_c64_rps": (">=", 2000),
@@ -91,6 +108,9 @@ SIZE_INDEPENDENT = {"batch_status_1000_p50_ms"}
 EXTRA_TARGETS = {
     "event_latency_p50_ms": ("<=", 5),
     "cpu_2000_servers_pct": ("<", 5),
+    # a start through a flavor (with limits) against one without, same moment, same load
+    "start_flavor_slowdown": ("<=", 1.1),
+    "flavor_admit_200_admitted": ("==", ADMIT_MAX),
 }
 
 # Ratios of another size's figures to n=100's (target: within RATIO_TARGET).
@@ -573,6 +593,179 @@ async def run_cpu(outpost: BenchOutpost, servers: int, seconds: float) -> dict:
     }
 
 
+# --- flavors: a start through a flavor, admission under contention, ListFlavors -------------
+
+
+def flavors_config() -> str:
+    """The flavored Outpost's config: FLAVORS flavors for every hub and user, each with all
+    three limits and a runtime ("f00" is the one the Starts go through), and "scarce" with
+    a total of ADMIT_MAX. The limits are high enough that only "scarce" is ever full."""
+    return (
+        "c.Outpost.max_concurrent_starts_per_hub = 0\n"
+        "flavors = {\n"
+        "    f'f{i:02d}': {\n"
+        "        'display_name': f'Flavor {i}', 'description': 'a benchmark flavor',\n"
+        "        'max_total': 5000, 'max_per_hub': 5000, 'max_per_user': 500,\n"
+        "        'max_runtime': 8 * 3600, 'weight': i, 'default': i == 0,\n"
+        f"    }} for i in range({FLAVORS - 1})\n"
+        "}\n"
+        f"flavors['scarce'] = {{'display_name': 'Scarce', 'max_total': {ADMIT_MAX}}}\n"
+        "c.Outpost.flavors = flavors\n"
+    )
+
+
+def plain_config() -> str:
+    """The Outpost without flavors the flavored one is compared with: the same otherwise."""
+    return "c.Outpost.max_concurrent_starts_per_hub = 0\n"
+
+
+async def start_flavor(client: OutpostClient, name: str, start_id: str, flavor: str, user: str) -> float:
+    """One Start through flavor; returns its latency in seconds."""
+    t0 = time.perf_counter()
+    response = await client.start(name, start_id, user_name=user, flavor=flavor, wait_until_ready=False)
+    elapsed = time.perf_counter() - t0
+    if not response.created:
+        raise BenchmarkError(f"Start of {name} attached to an existing start instead of creating one")
+    return elapsed
+
+
+async def admit_round(client: OutpostClient, ids: Ids, round_: int) -> tuple[float, list[str]]:
+    """ADMIT_STARTS Starts at once at "scarce" (each its own server and user); returns the
+    wall time until every one was answered, and the names admitted. Any answer but
+    created or FLAVOR_LIMIT_REACHED (limit "total") fails the benchmark."""
+    names = server_names(ADMIT_STARTS, prefix=f"admit{round_}")
+
+    async def one(name: str):
+        try:
+            await client.start(name, ids.next(), user_name=f"u-{name}", flavor="scarce")
+        except FlavorLimitReached as e:
+            if e.metadata.get("limit") != "total":
+                raise BenchmarkError(f"{name}: refused for limit {e.metadata.get('limit')!r}, expected total") from e
+            return None
+        return name
+
+    t0 = time.perf_counter()
+    answers = await asyncio.gather(*(one(name) for name in names))
+    wall = time.perf_counter() - t0
+    return wall, [a for a in answers if a]
+
+
+async def run_flavors(outpost: BenchOutpost, starts: int, servers: int) -> dict:
+    """The flavors figures; outpost has flavors_config(). A second Outpost without flavors
+    runs beside it for the whole run, so the two kinds of Start are measured alternately
+    (ABBA) under the same load: the machine's noise hits both alike."""
+    results: dict = {}
+    notes: dict = {}
+    ids = Ids()
+    plain = BenchOutpost(config=plain_config())
+    try:
+        plain.launch()
+        async with (
+            OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client,
+            OutpostClient(plain.address, timeout=RPC_TIMEOUT) as plain_client,
+        ):
+            await outpost.wait_serving(READY_TIMEOUT)
+            await plain.wait_serving(READY_TIMEOUT)
+            listed = await client.list_flavors(user_name="bench")
+            if len(listed.flavors) != FLAVORS:
+                raise BenchmarkError(f"ListFlavors listed {len(listed.flavors)} flavors, expected {FLAVORS}")
+
+            # warm-up of both, then the Starts: flavored and plain alternating, ABBA
+            warm = server_names(WARMUP, prefix="warmup")
+            for name in warm:
+                await start_flavor(client, name, ids.next(), "f00", "bench")
+                await timed_start(plain_client, name, ids.next())
+            for c in (client, plain_client):
+                await wait_running(c, warm)
+                for name in warm:
+                    await timed_stop(c, name)
+            flavored: list[float] = []
+            unflavored: list[float] = []
+            for i, name in enumerate(server_names(starts)):
+                # A B, then B A: neither kind always goes first (ABBA)
+                if i % 2 == 0:
+                    flavored.append(await start_flavor(client, name, ids.next(), "f00", "bench"))
+                    unflavored.append(await timed_start(plain_client, name, ids.next()))
+                else:
+                    unflavored.append(await timed_start(plain_client, name, ids.next()))
+                    flavored.append(await start_flavor(client, name, ids.next(), "f00", "bench"))
+            results["start_flavor_p50_ms"] = ms(percentile(flavored, 50))
+            results["start_flavor_p95_ms"] = ms(percentile(flavored, 95))
+            results["start_noflavor_p50_ms"] = ms(percentile(unflavored, 50))
+            results["start_flavor_slowdown"] = percentile(flavored, 50) / percentile(unflavored, 50)
+            notes["start_flavor"] = (
+                f"{starts} Starts through flavor f00 (max_total, max_per_hub, max_per_user and a "
+                f"runtime; {FLAVORS} flavors configured) alternating ABBA with {starts} Starts at an "
+                "Outpost without flavors, one after the other; slowdown = flavored p50 / plain p50"
+            )
+            names = server_names(starts)
+            for c in (client, plain_client):
+                await wait_running(c, names)
+                for name in names:
+                    await timed_stop(c, name)
+    finally:
+        plain.terminate()
+        plain.cleanup()
+
+    async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
+        # 200 Starts at once at a flavor with a total of 7, ADMIT_ROUNDS times
+        walls = []
+        for round_ in range(ADMIT_ROUNDS):
+            wall, admitted = await admit_round(client, ids, round_)
+            if len(admitted) != ADMIT_MAX:
+                raise BenchmarkError(
+                    f"{len(admitted)} of {ADMIT_STARTS} concurrent Starts were admitted at a flavor "
+                    f"with max_total {ADMIT_MAX}"
+                )
+            stored = [s for s in await client.list_servers() if s.flavor == "scarce"]
+            if len(stored) != ADMIT_MAX:
+                raise BenchmarkError(f"ListServers shows {len(stored)} servers of the flavor, expected {ADMIT_MAX}")
+            walls.append(wall)
+            await wait_running(client, admitted)
+            for name in admitted:
+                await timed_stop(client, name)
+        results["flavor_admit_200_total_s"] = percentile(walls, 50)
+        results["flavor_admit_200_max_s"] = max(walls)
+        results["flavor_admit_200_admitted"] = ADMIT_MAX  # checked every round above
+        notes["flavor_admit_200"] = (
+            f"{ADMIT_STARTS} Starts at once (asyncio.gather, one channel; each its own server and "
+            f"user) at a flavor with max_total {ADMIT_MAX}: wall time until all were answered, "
+            f"median of {ADMIT_ROUNDS} rounds (each round: exactly {ADMIT_MAX} admitted, the rest "
+            "FLAVOR_LIMIT_REACHED, else the benchmark fails)"
+        )
+
+        # ListFlavors with `servers` running servers over the flavors and FLAVOR_USERS users
+        running = server_names(servers, prefix="flav")
+        flavor_names = [f"f{i:02d}" for i in range(FLAVORS - 1)]
+        await run_concurrently(
+            [
+                lambda i=i, name=name: start_flavor(
+                    client, name, ids.next(), flavor_names[i % len(flavor_names)], f"user-{i % FLAVOR_USERS:03d}"
+                )
+                for i, name in enumerate(running)
+            ],
+            16,
+        )
+        await wait_running(client, running)
+        lists = []
+        for _ in range(LIST_FLAVORS_REPEATS):
+            t0 = time.perf_counter()
+            listed = await client.list_flavors(user_name="user-007")
+            lists.append(time.perf_counter() - t0)
+        in_use = sum(f.in_use_total for f in listed.flavors)
+        if in_use != servers:
+            raise BenchmarkError(f"ListFlavors counts {in_use} servers in use, expected {servers}")
+        results["list_flavors_p50_ms"] = ms(percentile(lists, 50))
+        results["list_flavors_p95_ms"] = ms(percentile(lists, 95))
+        notes["list_flavors"] = (
+            f"{LIST_FLAVORS_REPEATS} ListFlavors for one user, {FLAVORS} flavors, {servers} running "
+            f"servers of {FLAVOR_USERS} users spread over {FLAVORS - 1} of them"
+        )
+        await run_concurrently([lambda name=name: timed_stop(client, name) for name in running], 16)
+    results["_notes"] = notes
+    return results
+
+
 # --- output -----------------------------------------------------------------------------
 
 
@@ -591,7 +784,7 @@ def check(targets: dict, key: str, value) -> tuple[str, str]:
     if key not in targets:
         return "", ""
     op, target = targets[key]
-    ok = {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+    ok = {">=": value >= target, "<=": value <= target, "<": value < target, "==": value == target}[op]
     return f"{op} {target}", "ok" if ok else "miss"
 
 
@@ -683,6 +876,15 @@ def main(argv=None) -> int:
         help="seconds the Outpost's CPU is measured with --cpu-servers servers (default 60; 0 skips)",
     )
     parser.add_argument("--cpu-servers", type=int, default=2000, help="servers of the CPU run (default 2000)")
+    parser.add_argument(
+        "--flavor-servers",
+        type=int,
+        default=2000,
+        help="running servers while ListFlavors is timed, in the flavors run (default 2000; 0 skips the run)",
+    )
+    parser.add_argument(
+        "--flavor-starts", type=int, default=100, help="Starts with and without a flavor to compare (default 100)"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     parser.add_argument(
         "--suffix",
@@ -698,6 +900,8 @@ def main(argv=None) -> int:
         parser.error("--suffix takes one --n")
     if args.events < 0 or args.cpu_seconds < 0 or args.cpu_servers < 1:
         parser.error("--events and --cpu-seconds must not be negative, --cpu-servers at least 1")
+    if args.flavor_servers < 0 or args.flavor_starts < 1:
+        parser.error("--flavor-servers must not be negative, --flavor-starts at least 1")
 
     def suffix_of(n: int) -> str:
         if args.suffix is not None:
@@ -720,6 +924,13 @@ def main(argv=None) -> int:
         runs.append(
             ("cpu", BenchOutpost, lambda outpost: run_cpu(outpost, args.cpu_servers, args.cpu_seconds))
         )
+
+    if args.flavor_servers:
+        runs.append((
+            "flavors",
+            lambda: BenchOutpost(config=flavors_config()),
+            lambda outpost: run_flavors(outpost, args.flavor_starts, args.flavor_servers),
+        ))  # fmt: skip
 
     source = source_info()  # before the runs: the code the Outposts below import
     t0 = time.monotonic()
@@ -768,6 +979,7 @@ def main(argv=None) -> int:
     for label, title in (
         ("events", "Event latency (StampedProgressSpawner in the Outpost -> client's Events stream)"),
         ("cpu", f"CPU of {args.cpu_servers} servers under a hub's polling"),
+        ("flavors", f"Flavors ({FLAVORS} flavors; ListFlavors with {args.flavor_servers} servers running)"),
     ):
         if label in measured:
             misses += print_table(title, measured[label], notes[label], EXTRA_TARGETS)

@@ -32,5 +32,7 @@ c.OutpostSpawner.ssh_key = f"{data}/hub_ssh_key"
 c.OutpostSpawner.ssh_known_hosts = f"{data}/known_hosts"
 c.OutpostSpawner.hub_api_forward = True
 c.OutpostSpawner.hub_api_site_port = 18081
+# the spawn form (made from the Outpost's flavors, each time it is shown): its label
+c.OutpostSpawner.outpost_display_names = {"default": "Demo Outpost (127.0.0.1:50051)"}
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 60

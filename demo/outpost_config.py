@@ -49,6 +49,32 @@ c.Outpost.crypt_key_file = crypt_key_file
 c.Outpost.poll_interval = 10
 c.Outpost.start_message = "Demo Outpost (127.0.0.1:50051): starting a server for {user} with {spawner_class}"
 
+# Two flavors (docs/flavors.md): the hub's spawn form lists them with their usage.
+# "small" is the default (a start without a flavor gets it), 3 per user; "large" allows
+# only 2 servers at a time in all: a third (a named server, or another user) is refused
+# with a sentence on the spawn page. Each stops after its runtime. (The simple Spawner
+# does not enforce cpu_limit and mem_limit; it hands them to the notebook as CPU_LIMIT and
+# MEM_LIMIT, where a batch or Kubernetes Spawner would reserve them.)
+c.Outpost.flavors = {
+    "small": {
+        "display_name": "Small: 1 CPU, 1 GB, 8 hours",
+        "description": "The default. Up to 3 per user.",
+        "config": {"cpu_limit": 1.0, "mem_limit": "1G"},
+        "max_per_user": 3,
+        "max_runtime": 8 * 3600,
+        "weight": 0,
+        "default": True,
+    },
+    "large": {
+        "display_name": "Large: 2 CPU, 2 GB, 30 minutes",
+        "description": "Only 2 at a time on this Outpost, for everyone together.",
+        "config": {"cpu_limit": 2.0, "mem_limit": "2G"},
+        "max_total": 2,
+        "max_runtime": 30 * 60,
+        "weight": 10,
+    },
+}
+
 c.SimpleLocalProcessSpawner.home_dir_template = os.path.join(data, "home", "{username}")
 bindir = os.path.dirname(sys.executable)
 c.SimpleLocalProcessSpawner.cmd = [

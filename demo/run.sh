@@ -37,9 +37,11 @@ cat <<TXT
 
   Outpost demo
   ------------
-  Open http://127.0.0.1:8000 , log in with any name (no password needed), and start your
-  server: the spawn page shows the Outpost's progress messages, then JupyterHub sends you
-  to your notebook, reached through an SSH tunnel to the Outpost.
+  Open http://127.0.0.1:8000 , log in with any name (no password needed), pick a flavor
+  and start your server: the spawn page shows the Outpost's progress messages, then
+  JupyterHub sends you to your notebook, reached through an SSH tunnel to the Outpost.
+  Flavor "large" allows only 2 servers at a time: start a third (a named server, or as
+  another user) and the spawn page says why it was refused.
   The Outpost's log: $DATA/outpost.log
 
   The Outpost itself, with grpcurl over mTLS as the demo hub (in a second terminal, in
@@ -53,11 +55,14 @@ cat <<TXT
   # the servers the hub started (the hub's identity here is "default")
   $G $A $S/ListServers
 
-  # start a Jupyter server by hand (server "by-hand" for user alice) (returns once accepted), follow its events
-  $G -d '{"server_name": "by-hand", "start_id": "demo-1", "user": {"name": "alice"}, "env": {"JUPYTERHUB_API_TOKEN": "demo-token", "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}}' $A $S/Start
+  # the flavors the hub may offer alice: limits, what is in use, whether she can start one
+  $G -d '{"user": {"name": "alice"}}' $A $S/ListFlavors
+
+  # start a Jupyter server by hand (server "by-hand" for user alice, flavor small) (returns once accepted), follow its events
+  $G -d '{"server_name": "by-hand", "start_id": "demo-1", "user": {"name": "alice"}, "flavor": "small", "env": {"JUPYTERHUB_API_TOKEN": "demo-token", "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}}' $A $S/Start
   $G -d '{"server_name": "by-hand"}' $A $S/Events
 
-  # its status (with the address), and the notebook itself
+  # its status (with the address, its flavor and when its runtime ends), and the notebook itself
   $G -d '{"server_name": "by-hand"}' $A $S/Poll
   curl -s -H "Authorization: token demo-token" http://127.0.0.1:\$($G -d '{"server_name": "by-hand"}' $A $S/Poll | sed -n 's/.*"port": \([0-9]*\).*/\1/p')/user/alice/api/status
 

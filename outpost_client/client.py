@@ -2,8 +2,8 @@
 
 One client (one gRPC channel) per Outpost address, shared by every spawner of a hub.
 Every call has a deadline; failed calls raise typed :mod:`outpost_client.errors`
-exceptions; read-only calls (Poll, ListServers, Events resumption) and the idempotent ones
-(Start with the same start_id, Stop) are safe to retry.
+exceptions; read-only calls (Poll, ListServers, ListFlavors, Events resumption) and the
+idempotent ones (Start with the same start_id, Stop) are safe to retry.
 """
 
 from __future__ import annotations
@@ -144,9 +144,11 @@ class OutpostClient:
         spawner_name: str = "",
         internal_ssl: Mapping[str, str] | None = None,
         wait_until_ready: bool = False,
+        flavor: str = "",
         timeout: float | None = None,
     ) -> pb.StartResponse:
-        """Start a server (idempotent per (server_name, start_id))."""
+        """Start a server (idempotent per (server_name, start_id)); flavor "": the
+        Outpost's default for this hub and user, if it has flavors."""
         request = pb.StartRequest(
             server_name=server_name,
             start_id=start_id,
@@ -154,6 +156,7 @@ class OutpostClient:
             env=dict(env or {}),
             spawner_name=spawner_name,
             wait_until_ready=wait_until_ready,
+            flavor=flavor,
         )
         if user_options:
             request.user_options.update(dict(user_options))
@@ -182,6 +185,20 @@ class OutpostClient:
         """Stop a server (idempotent; a stale start_id stops nothing)."""
         request = pb.StopRequest(server_name=server_name, start_id=start_id)
         return await self._call(self.stub.Stop, request, timeout)
+
+    async def list_flavors(
+        self,
+        user_name: str,
+        groups: Sequence[str] = (),
+        admin: bool = False,
+        *,
+        user_id: int = 0,
+        timeout: float | None = None,
+    ) -> pb.ListFlavorsResponse:
+        """The flavors this hub may offer one user: limits, usage, whether the user may
+        start one now (a snapshot), the default flavor and the user's cap across flavors."""
+        request = pb.ListFlavorsRequest(user=pb.User(name=user_name, id=user_id, admin=admin, groups=list(groups)))
+        return await self._call(self.stub.ListFlavors, request, timeout)
 
     async def list_servers(
         self, *, page_size: int = 0, timeout: float | None = None

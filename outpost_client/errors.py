@@ -30,6 +30,9 @@ TOO_MANY_STARTS = "TOO_MANY_STARTS"
 TOO_MANY_SERVERS = "TOO_MANY_SERVERS"
 UNAUTHENTICATED_HUB = "UNAUTHENTICATED_HUB"
 CERTIFICATE_REVOKED = "CERTIFICATE_REVOKED"
+UNKNOWN_FLAVOR = "UNKNOWN_FLAVOR"
+FLAVOR_NOT_ALLOWED = "FLAVOR_NOT_ALLOWED"
+FLAVOR_LIMIT_REACHED = "FLAVOR_LIMIT_REACHED"
 
 
 class OutpostError(Exception):
@@ -210,6 +213,27 @@ class CertificateRevoked(Unauthenticated):
     reason = CERTIFICATE_REVOKED
 
 
+class UnknownFlavor(InvalidArgument):
+    """Start named a flavor the Outpost does not have; metadata "flavor" names it."""
+
+    reason = UNKNOWN_FLAVOR
+
+
+class FlavorNotAllowed(PermissionDenied):
+    """The flavor exists, but not for this hub or this user (its hubs, users, groups or
+    admin rule); metadata "flavor". The message says so, for the spawn page."""
+
+    reason = FLAVOR_NOT_ALLOWED
+
+
+class FlavorLimitReached(ResourceExhausted):
+    """The flavor is full for this start: metadata "flavor", "limit" (total, hub, user, or
+    user_total: the site's cap on one user's servers across flavors), "max" and "in_use".
+    The message is the sentence the user reads on the spawn page."""
+
+    reason = FLAVOR_LIMIT_REACHED
+
+
 #: every reason the Outpost sends -> the class it raises and the client decodes
 BY_REASON: dict[str, type[OutpostError]] = {
     cls.reason: cls
@@ -230,6 +254,9 @@ BY_REASON: dict[str, type[OutpostError]] = {
         TooManyServers,
         Unauthenticated,
         CertificateRevoked,
+        UnknownFlavor,
+        FlavorNotAllowed,
+        FlavorLimitReached,
     )
 }
 

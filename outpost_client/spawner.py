@@ -30,12 +30,14 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+import grpc
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import exponential_backoff
 from tornado import web
 from traitlets import Any as AnyTrait
-from traitlets import Dict, Float, Integer, Unicode, default, observe
+from traitlets import Dict, Float, Integer, List, Unicode, default, observe
 
+from . import form
 from .client import OutpostClient
 from .errors import DeadlineExceeded, OutpostError, ServerNotFound, Unavailable
 from .outposts import TRAIT_NAMES, DefaultOutpostTraits, OutpostConfig, default_config, outposts_help
@@ -153,6 +155,11 @@ def safe_html(html: str) -> str:
     return nh3.clean(html)
 
 
+def _flavor_form(spawner) -> object:
+    """OutpostSpawner's default options_form (JupyterHub calls it with the spawner)."""
+    return spawner.flavor_options_form()
+
+
 class OutpostStartFailed(Exception):
     """The Outpost's Spawner failed; the message is meant for the user."""
 
@@ -221,6 +228,86 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         key "outpost" if given, else the named server's name if an Outpost has that name,
         else "default". The "outpost" key is not sent to the Outpost.""",
     )
+
+    # --- the spawn form ----------------------------------------------------------------------
+
+    form_outposts = List(
+        Unicode(),
+        config=True,
+        help="""The Outposts the spawn form offers, in this order (names: "default" and
+        the keys of `outposts`). Empty: "default" first, then every entry of `outposts`.
+        Set it when the "default" Outpost is not one users should pick. A named server
+        whose name is an Outpost's (and no outpost_chooser) is offered only that one.""",
+    )
+    outpost_display_names = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help="""What the spawn form calls each Outpost (name -> label, e.g. {"default":
+        "HPC cluster", "gpu": "GPU cloud"}); an Outpost not listed is shown by its name.""",
+    )
+    form_timeout = Float(
+        5.0,
+        min=0.1,
+        max=60,
+        config=True,
+        help="""Deadline in seconds of each Outpost's ListFlavors while the spawn form is
+        made (they are asked at once). An Outpost that does not answer in time is shown as
+        not reachable now, and the others can still be chosen.""",
+    )
+
+    @default("options_form")
+    def _options_form_default(self):
+        # a callable: JupyterHub calls it (and awaits it) each time it shows the form
+        return _flavor_form
+
+    @default("options_from_form")
+    def _options_from_form_default(self):
+        return self._flavor_options_from_form
+
+    def _form_outpost_names(self) -> list[str]:
+        """The Outposts the form offers (see form_outposts)."""
+        configs = self._outpost_configs()
+        if self.outpost_chooser is None and self.name and self.name in configs:
+            return [self.name]  # a named server that names its Outpost
+        names = list(self.form_outposts) or ["default", *(n for n in self.outposts if n != "default")]
+        unknown = [n for n in names if n not in configs]
+        if unknown:
+            raise web.HTTPError(500, f"OutpostSpawner.form_outposts names no configured Outpost: {unknown}")
+        return names
+
+    async def _system_choice(self, name: str) -> form.SystemChoice:
+        """One Outpost for the form: its flavors for this user, now (ListFlavors)."""
+        label = self.outpost_display_names.get(name, name)
+        client = REGISTRY.get(self._outpost_configs()[name]).client(self.outpost_timeout)
+        try:
+            answer = await client.list_flavors(
+                self.user.name,
+                groups=[g.name for g in getattr(self.user, "groups", [])],
+                admin=bool(getattr(self.user, "admin", False)),
+                user_id=getattr(self.user, "id", 0) or 0,
+                timeout=self.form_timeout,
+            )
+        except OutpostError as e:
+            if e.code == grpc.StatusCode.UNIMPLEMENTED:
+                return form.SystemChoice(name, label)  # an Outpost from before flavors
+            self.log.warning("ListFlavors at Outpost %s for %s failed: %s", name, self.user.name, e)
+            return form.SystemChoice(name, label, error="This system cannot be reached now; try again later.")
+        return form.SystemChoice(
+            name, label, flavors=list(answer.flavors), default_flavor=answer.default_flavor,
+            user_max_total=answer.user_max_total, user_in_use_total=answer.user_in_use_total,
+        )  # fmt: skip
+
+    async def flavor_options_form(self) -> str:
+        """The generated spawn form: every offered Outpost and its flavors, asked now.
+        Empty (no form: JupyterHub starts at once) for one Outpost without flavors."""
+        systems = await asyncio.gather(*(self._system_choice(n) for n in self._form_outpost_names()))
+        if not form.needs_form(systems):
+            return ""
+        return form.render_form(systems, form.pick(systems, self.user_options or {}))
+
+    def _flavor_options_from_form(self, form_data):
+        return form.options_from_form(form_data, self._form_outpost_names())
 
     # --- what is sent -----------------------------------------------------------------------
 
@@ -412,6 +499,9 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                 raise web.HTTPError(403, str(e)) from None
             if not allowed:
                 raise web.HTTPError(403, "This server may not be started with these options.")
+        flavor = self.user_options.get("flavor") or ""
+        if not isinstance(flavor, str) or (flavor and not form.FLAVOR_NAME_RE.fullmatch(flavor)):
+            raise form.refusal("The flavor must be the name of one the Outpost offers.")
         # computed for a new start only: a running server keeps the name in its state
         # (get_state/load_state), whichever way the hub named servers when it started it
         try:
@@ -431,12 +521,16 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
             env = await _maybe_await(self.custom_env(self, env))
         user_options = dict(self.user_options)
         user_options.pop("outpost", None)  # the hub's choice of Outpost, not the site's business
+        user_options.pop("flavor", None)  # travels as Start's own field (see above)
         if self.custom_user_options is not None:
             user_options = await _maybe_await(self.custom_user_options(self, user_options))
         overrides = self.config_overrides
         if callable(overrides):
             overrides = await _maybe_await(overrides(self))
         self._progress = _Progress()
+        if self.stop_message:  # why the last server ended, before this start's events
+            self._progress.add({"message": self.stop_message})
+            self.stop_message = ""
         client = self.client
         try:
             await self._start_or_forget(
@@ -452,6 +546,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                     config_overrides=overrides or None,
                     spawner_name=self.name,
                     internal_ssl=internal_ssl,
+                    flavor=flavor,
                 ),
             )
             self._internal_ssl_pems = None  # sent; the Outpost has them now
@@ -583,10 +678,24 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         if status.start_id != self.start_id:
             return 0  # our start is gone; another one has the name now
         if status.state == pb.SERVER_STATE_STOPPED:
+            if status.stop_message:
+                self._outpost_stopped(status.stop_message)
             return status.exit_code if status.HasField("exit_code") else 0
         if status.state == pb.SERVER_STATE_RUNNING and self.local_port:
             await self._restore_tunnel()
         return None
+
+    #: why the Outpost last stopped this server on its own (its runtime ended), until the
+    #: next start shows it to the user as its first progress message
+    stop_message = Unicode("")
+
+    def _outpost_stopped(self, message: str) -> None:
+        """The Outpost stopped the server on its own: JupyterHub only logs an exit code,
+        so the reason goes to the hub's log (WARNING) and, kept here, to the user on the
+        spawn page of the next start."""
+        if message != self.stop_message:
+            self.log.warning("Outpost %s stopped %s: %s", self.outpost_name, self._log_name, message)
+        self.stop_message = message
 
     async def _restore_tunnel(self):
         """After a hub restart: the forward on the same local port the hub's DB knows."""

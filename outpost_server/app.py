@@ -45,7 +45,8 @@ from .identity import (
 )
 from .interceptors import OutpostInterceptor
 from .manager import LifecycleManager, ManagerSettings, StartPolicies
-from .options import ConnectionOptions, HostingOptions, StorageOptions
+from .flavors import FlavorConfigError, FlavorSet
+from .options import ConnectionOptions, FlavorOptions, HostingOptions, StorageOptions
 from .policy import env_policy, override_policy, user_options_policy
 from .relay import HubAPIRelay, RelayConfigError
 from .servicer import OutpostServicer
@@ -90,7 +91,7 @@ def one_line_exit(error: Exception) -> SystemExit:
     return SystemExit(f"jupyterhub-outpost: {error}")
 
 
-class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
+class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, Application):
     """Host a JupyterHub Spawner for remote hubs, over gRPC."""
 
     name = "jupyterhub-outpost"
@@ -170,6 +171,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         self.make_relay()  # a bad c.HubAPIRelay value stops start-up here (TraitError)
         self.check_crypt()
         self.check_authentication()
+        self.check_flavors()
 
     def init_logging(self):
         self.log.propagate = False
@@ -234,6 +236,29 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         )
 
     crypt: Crypt | None = None
+    flavor_config: FlavorSet | None = None
+
+    def check_flavors(self):
+        """Fail before anything starts if a flavor is malformed (one line naming it)."""
+        try:
+            self.flavor_config = self.flavor_set()
+        except FlavorConfigError as e:
+            raise one_line_exit(e) from None
+
+    def reload_flavors(self) -> bool:
+        """Read the flavors again (SIGHUP): new starts are admitted under them, running
+        servers keep theirs. A bad file is logged and the flavors before it kept."""
+        try:
+            flavors = self.flavor_set()
+        except FlavorConfigError as e:
+            before = len(self.flavor_config) if self.flavor_config is not None else 0
+            self.log.error("Flavors not reloaded, keeping the %d before: %s", before, e)
+            return False
+        self.flavor_config = flavors
+        if self.manager is not None:
+            self.manager.flavors = flavors
+        self.log.info("Flavors reloaded: %s", ", ".join(flavors.by_name) or "none")
+        return True
 
     def check_crypt(self):
         """Fail before anything starts without a usable key for the database."""
@@ -298,7 +323,11 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
             user_options=user_options_policy(self.allow_user_options),
             accounts=self.make_account_policy(),
         )
-        self.manager = LifecycleManager(self.store, spawners, ManagerSettings.from_traits(self), policies)
+        if self.flavor_config is None:  # not checked by initialize() (an Outpost made in-process)
+            self.flavor_config = self.flavor_set()
+        self.manager = LifecycleManager(
+            self.store, spawners, ManagerSettings.from_traits(self), policies, flavors=self.flavor_config
+        )
 
     async def init_relay(self):
         # before the servers are restored: a start the manager restores or accepts may
@@ -411,9 +440,15 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, Application):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # flavors_file again on SIGHUP (what systemd's ExecReload sends), never the default
+        # action (exit), also during start-up
+        loop.add_signal_handler(signal.SIGHUP, self.reload_flavors)
         try:
             await self.setup()
-        except (RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError, AccountsConfigError) as e:
+        except (
+            RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError, AccountsConfigError,
+            FlavorConfigError,
+        ) as e:  # fmt: skip
             raise one_line_exit(e) from None
         try:
             await stop.wait()

@@ -38,6 +38,21 @@ class StartSpec:
     spawner_name: str = ""
     certificates: dict[str, str] = field(default_factory=dict)
     wait_until_ready: bool = False
+    #: the flavor asked for ("": the default), then the one admitted (flavors.py); stored
+    flavor: str = ""
+    #: what the server keeps of its flavor (Flavor.record(): config, max_runtime), so
+    #: that a reload of the flavors never changes it; stored
+    flavor_spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flavor_config(self) -> dict[str, Any]:
+        """The Spawner options the site sets for this start's flavor."""
+        return self.flavor_spec.get("config") or {}
+
+    @property
+    def max_runtime(self) -> float:
+        """Seconds this start's flavor lets it run (0: no limit)."""
+        return self.flavor_spec.get("max_runtime") or 0
 
 
 def value_to_python(value: struct_pb2.Value) -> Any:
@@ -84,6 +99,8 @@ def start_spec_from_request(request: pb.StartRequest, *, max_depth: int) -> Star
     v.check_struct(request.user_options, "user_options", max_depth)
     v.check_struct(request.config_overrides, "config_overrides", max_depth)
     v.check_certificates(request.internal_ssl)
+    if request.flavor:
+        v.check_flavor_name(request.flavor)
     certs = {}
     if request.internal_ssl.key_pem:
         certs = {
@@ -106,6 +123,31 @@ def start_spec_from_request(request: pb.StartRequest, *, max_depth: int) -> Star
         spawner_name=request.spawner_name,
         certificates=certs,
         wait_until_ready=request.wait_until_ready,
+        flavor=request.flavor,
+    )
+
+
+def user_from_request(user: pb.User) -> dict[str, Any]:
+    """A request's User, checked (InvalidArgument naming the field), as a dict."""
+    v.check_user_name(user.name)
+    return {"name": user.name, "id": user.id, "admin": user.admin, "groups": v.check_groups(user.groups)}
+
+
+def flavor_to_proto(flavor, usage, *, unavailable_reason: str = "") -> pb.Flavor:
+    """One flavor (flavors.Flavor) as a hub's user sees it, with its usage (flavors.Usage)."""
+    return pb.Flavor(
+        name=flavor.name,
+        display_name=flavor.display_name,
+        description=flavor.description,
+        max_total=flavor.max_total,
+        max_per_hub=flavor.max_per_hub,
+        max_per_user=flavor.max_per_user,
+        in_use_total=usage.total,
+        in_use_hub=usage.hub,
+        in_use_user=usage.user,
+        max_runtime_seconds=int(flavor.max_runtime),
+        available=not unavailable_reason,
+        unavailable_reason=unavailable_reason,
     )
 
 

@@ -8,11 +8,12 @@ rooms of that job, each in its own module:
 - starts.py: one running start and its tasks (start, checkpoint, progress);
 - poller.py: the Outpost's own schedule of Spawner polls;
 - expiry.py: stopped servers their hub never stopped, forgotten after a retention time;
+- runtime.py: servers stopped at their end time (a flavor's runtime), kept STOPPED;
 - restore.py: servers restored and reconciled after a restart;
 - spawners.py: making a record's Spawner, and the guarded calls into it.
 
 What stays here is admission (Start: idempotency, the per-hub limits of starts and of
-servers, override policy) and the other RPCs' operations: Events, Poll, BatchPoll, ListServers, Stop, and
+servers, override policy, flavors: flavors.py decides, the count is here) and the other RPCs' operations: Events, Poll, BatchPoll, ListServers, Stop, and
 the SSH forwarder's question, which addresses a hub may reach.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, fields
 
@@ -40,12 +42,14 @@ from outpost_client.v1 import outpost_pb2 as pb
 from . import convert
 from .accounts import AccountPolicy
 from .expiry import RecordExpiry
+from .flavors import Flavor, FlavorSet, Usage, limit_refusal
 from .hosting import certs_base_warning, default_certs_base
 from .journal import Journal
 from .policy import KeyPolicy
 from .poller import SpawnerPoller
 from .records import ACTIVE, EventLog, Record, Records
 from .restore import Restorer
+from .runtime import RuntimeLimits, end_time_for
 from .spawners import (
     SpawnerFactory,
     recall_state,
@@ -118,8 +122,13 @@ class LifecycleManager:
         spawners: SpawnerFactory,
         settings: ManagerSettings,
         policies: StartPolicies | None = None,
+        *,
+        flavors: FlavorSet | None = None,
     ):
         self.store = store
+        #: the site's flavors now (the application replaces it on SIGHUP; a running
+        #: server keeps the flavor it was admitted under, in its record)
+        self.flavors = flavors if flavors is not None else FlavorSet()
         self.spawners = spawners
         self.settings = settings
         self.policies = policies or StartPolicies()
@@ -145,6 +154,7 @@ class LifecycleManager:
             failed_retention=settings.failed_server_retention,
             exited_retention=settings.exited_server_retention,
         )
+        self.runtime = RuntimeLimits(self.records, self.stop, timeout=settings.cleanup_timeout)
         # the restore's clean-ups of interrupted starts, running in the background
         self._cleanups: set[asyncio.Task] = set()
 
@@ -166,6 +176,9 @@ class LifecycleManager:
         )
         count = await restorer.restore()
         self._cleanups = restorer.cleanups
+        # end times from the database: those passed while the Outpost was down are
+        # stopped at once, in the background
+        self.runtime.schedule_all()
         return count
 
     def start_polling(self) -> None:
@@ -229,6 +242,34 @@ class LifecycleManager:
                 metadata={"limit": str(limit)},
             )
 
+    def flavor_usage(self, flavor: str, hub: str, user_name: str) -> Usage:
+        """Active servers of flavor (in total, of hub, of hub's user) and of that user
+        across flavors, from memory."""
+        of_flavor = self.records.active_of_flavor(flavor) if flavor else []
+        of_hub = [r for r in of_flavor if r.hub == hub]
+        return Usage(
+            total=len(of_flavor),
+            hub=len(of_hub),
+            user=sum(1 for r in of_hub if r.user_name == user_name),
+            user_total=len(self.records.active_of_user(hub, user_name)),
+        )
+
+    def _check_flavor_limits(self, hub: str, spec: convert.StartSpec, flavor: Flavor | None, flavors: FlavorSet) -> None:
+        """Refuse (RESOURCE_EXHAUSTED, FLAVOR_LIMIT_REACHED) a start beyond a limit of its
+        flavor or the site's per-user cap. Synchronous: the caller takes the record in the
+        same step, so no other start can be admitted between the count and the taking."""
+        if flavor is None and flavors.max_servers_per_user <= 0:
+            return
+        user = spec.user["name"]
+        usage = self.flavor_usage(spec.flavor, hub, user)
+        refusal = limit_refusal(flavor, usage, flavors.max_servers_per_user)
+        if refusal is not None:
+            log.warning(
+                "Refused a start of %s/%s (user %r, flavor %r): %s limit %s reached",
+                hub, spec.server_name, user, spec.flavor, refusal.metadata["limit"], refusal.metadata["max"],
+            )  # fmt: skip
+            raise refusal
+
     async def start(self, hub: str, spec: convert.StartSpec) -> tuple[pb.ServerStatus, bool]:
         if self.closing:
             raise ShuttingDown("The Outpost is shutting down; try again shortly.")
@@ -256,6 +297,14 @@ class LifecycleManager:
         if rec is None:
             self._check_server_limit(hub)
         self._check_start_limit(hub)
+        # the flavor: allowed for this hub and user (refused before anything is made), and
+        # its limits (checked again below, in the step that takes the record). Admitted
+        # under this set of flavors even if a SIGHUP replaces it meanwhile.
+        flavors = self.flavors
+        flavor = flavors.resolve(hub, spec.user, spec.flavor)
+        spec.flavor = flavor.name if flavor is not None else ""
+        spec.flavor_spec = flavor.record() if flavor is not None else {}
+        self._check_flavor_limits(hub, spec, flavor, flavors)
         await self.policies.check(hub, spec)
 
         new = Record(
@@ -265,6 +314,7 @@ class LifecycleManager:
             start_time=now(),
             events=EventLog(self.settings.max_events_per_server),
         )
+        new.end_time = end_time_for(new.start_time, spec.max_runtime)  # its flavor's runtime
         try:
             # built before anything is persisted: bad overrides and a Spawner that cannot
             # be configured are answered at once, and leave nothing behind
@@ -284,6 +334,7 @@ class LifecycleManager:
         if rec is None:
             self._check_server_limit(hub)
         self._check_start_limit(hub)
+        self._check_flavor_limits(hub, spec, flavor, flavors)
         new.accepted = asyncio.get_running_loop().create_future()
         self.records.put(new)
         if self.settings.max_concurrent_starts_per_hub > 0:
@@ -322,6 +373,7 @@ class LifecycleManager:
             records=self.records,
             cleanup_timeout=self.settings.cleanup_timeout,
         ).launch()
+        self.runtime.schedule(new)
 
     async def wait_terminal(self, rec: Record) -> None:
         while not rec.terminal and self.records.current(rec):
@@ -370,6 +422,28 @@ class LifecycleManager:
         next_token = convert.encode_page_token(page[-1].name) if more else ""
         return [rec.status() for rec in page], next_token
 
+    def list_flavors(self, hub: str, user: dict) -> pb.ListFlavorsResponse:
+        """The flavors hub may offer user, with limits, usage and whether user may start
+        one now (from memory; a snapshot)."""
+        flavors = self.flavors
+        name = user["name"]
+        user_total = len(self.records.active_of_user(hub, name))
+        listed = []
+        for flavor in flavors.offered(hub):
+            usage = self.flavor_usage(flavor.name, hub, name)
+            why = flavor.refusal_for_user(user)
+            if not why:
+                refusal = limit_refusal(flavor, usage, flavors.max_servers_per_user)
+                why = refusal.message if refusal is not None else ""
+            listed.append(convert.flavor_to_proto(flavor, usage, unavailable_reason=why))
+        default = flavors.default_for(hub)
+        return pb.ListFlavorsResponse(
+            flavors=listed,
+            default_flavor=default.name if default is not None else "",
+            user_max_total=flavors.max_servers_per_user,
+            user_in_use_total=user_total,
+        )
+
     def forward_targets(self, hub: str) -> set[tuple[str, int]]:
         """(host, port) of this hub's servers that may be reached through the SSH forwarder.
 
@@ -397,23 +471,33 @@ class LifecycleManager:
 
     # --- Stop --------------------------------------------------------------------------
 
-    async def stop(self, hub: str, server_name: str, start_id: str) -> tuple[int, pb.ServerStatus | None]:
+    async def stop(
+        self, hub: str, server_name: str, start_id: str, *, stop_message: str = "", timeout: float | None = None
+    ) -> tuple[int, pb.ServerStatus | None]:
+        """Stop a server and forget it (a hub's Stop). With ``stop_message`` (the Outpost
+        stops it on its own: runtime.py) it is kept, STOPPED with that message, for its
+        hub's next poll; ``timeout`` bounds the Spawner's stop() (SpawnerError after it)."""
         rec = self.records.get((hub, server_name))
         if rec is None:
             return pb.STOP_OUTCOME_NOT_FOUND, None
         if start_id and start_id != rec.start_id:
             return pb.STOP_OUTCOME_STALE_START_ID, rec.status()
         if rec.stop_task is None:
-            rec.stop_task = asyncio.create_task(self._run_stop(rec), name=f"stop-{hub}-{server_name}")
+            rec.stop_task = asyncio.create_task(
+                self._run_stop(rec, stop_message=stop_message, timeout=timeout), name=f"stop-{hub}-{server_name}"
+            )
         try:
             await asyncio.shield(rec.stop_task)
         finally:
             task = rec.stop_task
             if task is not None and task.done() and (task.cancelled() or task.exception()):
                 rec.stop_task = None  # let a retry try again
+        if not stop_message and rec.stop_task is None and self.records.current(rec):
+            # this Stop shared one that keeps the record (a runtime's end): forget it too
+            return await self.stop(hub, server_name, start_id)
         return pb.STOP_OUTCOME_STOPPED, None
 
-    async def _run_stop(self, rec: Record) -> None:
+    async def _run_stop(self, rec: Record, *, stop_message: str = "", timeout: float | None = None) -> None:
         if rec.accepted is not None:
             await asyncio.shield(rec.accepted)
         previous = rec.state
@@ -434,8 +518,11 @@ class LifecycleManager:
             spawner = self.spawners.restored(rec)
         if spawner is not None:
             try:
-                await spawner.stop()
+                async with asyncio.timeout(timeout):  # None: a hub's Stop waits as long as it takes
+                    await spawner.stop()
             except Exception as e:
+                if isinstance(e, TimeoutError):
+                    e = TimeoutError(f"stop() did not finish within {timeout:g}s")
                 log.exception("stop() of %s/%s raised", rec.hub, rec.name)
                 rec.state = previous
                 rec.changed()
@@ -445,6 +532,9 @@ class LifecycleManager:
                 ) from None
             run_post_stop_hook(spawner)
         remove_start_certificates(rec, self.certs_dir)
+        if stop_message:
+            await self._keep_stopped(rec, stop_message)
+            return
         try:
             await self.store.write(self.store.op_delete_server(rec.hub, rec.name, rec.start_id))
         except Unavailable:
@@ -453,9 +543,32 @@ class LifecycleManager:
                 "database (it is unreachable); repeat Stop, which is safe, once it is back.",
             ) from None
         self.records.remove(rec)
+        self.runtime.forget(rec)
         rec.spawner = None
         rec.changed()
         log.info("%s/%s stopped", rec.hub, rec.name)
+
+    async def _keep_stopped(self, rec: Record, stop_message: str) -> None:
+        """The end of a stop the Outpost made on its own: the record stays, STOPPED with
+        stop_message, until its hub stops it or it expires (exited_server_retention)."""
+        values = {"state": "stopped", "stop_message": stop_message, "spawner_state": None}
+
+        def stopped() -> None:
+            rec.state = pb.SERVER_STATE_STOPPED
+            rec.stop_message = stop_message
+            rec.stopped_at = time.time()
+            rec.spawner_state = None
+            rec.spawner = None
+            rec.stop_task = None  # done: the hub's Stop forgets the record
+
+        if rec.terminal:
+            await self.journal.write_retrying(rec, **values)
+            stopped()
+            rec.changed()
+        else:  # it was still starting: its event stream ends here, with the reason
+            event = {"kind": pb.EVENT_KIND_FAILED, "message": stop_message, "error_class": "RuntimeEnded"}
+            await self.journal.emit(rec, event, durable=True, apply=stopped, **values)
+        log.info("%s/%s stopped: %s", rec.hub, rec.name, stop_message)
 
     # --- shutdown ------------------------------------------------------------------------
 
@@ -463,6 +576,7 @@ class LifecycleManager:
         """Stop polling; give pending starts `grace` seconds; keep running servers running."""
         self.journal.closing = True
         self.expiry.stop()  # its stops under way are stop tasks: waited for below
+        self.runtime.close()  # likewise
         polls = self.poller.stop()  # never cancelled; their answers get the grace too
         pending = [r.run.task for r in self.records.values() if r.run is not None and r.run.running]
         pending += [r.stop_task for r in self.records.values() if r.stop_task and not r.stop_task.done()]

@@ -32,6 +32,7 @@ from traitlets import (
 from .accounts import AccountPolicy, check_mapping, configured_hubs, default_mapping, read_login_defs
 from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError, key_file_warning, parse_keys, read_key_file
+from .flavors import FlavorConfigError, FlavorSet
 from .hosting import DEFAULT_SITE_ENV_KEYS
 from .identity import TOKEN_HASH, normalize_fingerprint
 from .policy import check_policy
@@ -672,3 +673,105 @@ class HostingOptions(HasTraits):
             return check_policy(proposal.value, proposal.trait.name)
         except ValueError as e:
             raise TraitError(str(e)) from None
+
+
+class FlavorOptions(HasTraits):
+    """Flavors: what each hub and user may run, how many, for how long (flavors.py)."""
+
+    flavors = Dict(
+        key_trait=Unicode(),
+        config=True,
+        help="""The site's flavors: flavor name -> its fields (a dict), e.g.
+            {"small": {"display_name": "Small: 2 CPU, 4 GB", "config": {"cpu_limit": 2,
+             "mem_limit": "4G"}, "max_per_user": 2, "max_runtime": 8 * 3600,
+             "default": True},
+             "gpu": {"config": {...}, "max_total": 4, "hubs": ["main"],
+             "groups": ["gpu-users"]}}
+
+        A Start names a flavor (or gets the default) and the Outpost admits it only if the
+        hub and user may use it and no limit is reached, in one step with taking the
+        server's place (however many Starts arrive at once, and across restarts). Fields,
+        all optional:
+        display_name, description (what a spawn form shows); config (Spawner options the
+        site sets for every start of the flavor, applied after the hub's
+        config_overrides, so a hub cannot change them); max_total, max_per_hub,
+        max_per_user (active servers of the flavor: in total, of one hub, of one hub's
+        user; 0 or absent: none); max_runtime (seconds a server may run from its start:
+        then the Outpost stops it, also across restarts, and its hub's next poll reads
+        why; 0: no limit);
+        hubs (hub names or globs that may offer it; absent: every hub); users (user
+        names or globs), users_regex (a regular expression a user name must match
+        entirely), groups (hub groups): when any of these three is set, a user must
+        match one; admin_only (only the hub's admins); weight (ListFlavors orders by
+        weight, smaller first, then name); default (the flavor a Start without one gets;
+        at most one).
+
+        A Start of a flavor the Outpost does not have, or does not offer the hub, is
+        INVALID_ARGUMENT (reason UNKNOWN_FLAVOR); of one of the hub's flavors the user may
+        not use PERMISSION_DENIED (FLAVOR_NOT_ALLOWED); beyond a limit RESOURCE_EXHAUSTED (FLAVOR_LIMIT_REACHED,
+        metadata limit, max, in_use), each with a sentence for the spawn page. An
+        Outpost without flavors (default) starts servers without one, as before.
+        A malformed flavor stops the Outpost at start-up with one line naming the
+        flavor and field. See also flavors_file and max_servers_per_user.
+        """,
+    )
+    flavors_file = Unicode(
+        "",
+        config=True,
+        help="""A YAML file with the flavors, in the shape of c.Outpost.flavors (a mapping of
+        flavor name -> its fields), used instead of c.Outpost.flavors (setting both is an
+        error).
+
+        Read at start-up, and again on SIGHUP: new starts are admitted under the new
+        flavors, running servers keep the flavor they were admitted under (its
+        configuration and runtime are stored with them) and count towards its limits
+        while its name stays. A file that cannot be read or is malformed stops the
+        Outpost at start-up; on SIGHUP it is logged and the flavors before it are kept.""",
+    )
+    max_servers_per_user = Integer(
+        0,
+        min=0,
+        max=2**31 - 1,
+        config=True,
+        help="""The site's cap on one hub user's active servers (starting, running,
+        stopping, unknown) across all flavors (0: no cap). A Start beyond it is
+        RESOURCE_EXHAUSTED (reason FLAVOR_LIMIT_REACHED, metadata limit "user_total").
+        Users are counted per hub, by the hub's user name.""",
+    )
+
+    def flavor_set(self) -> FlavorSet:
+        """The configured flavors, read and checked (FlavorConfigError, one line)."""
+        spawner_class = self.spawner_class if isinstance(self.spawner_class, type) else None
+        config = self.flavors
+        if self.flavors_file:
+            if config:
+                raise FlavorConfigError("set c.Outpost.flavors or c.Outpost.flavors_file, not both")
+            config = read_flavors_file(self.flavors_file)
+            try:
+                return FlavorSet.parse(
+                    config, max_servers_per_user=self.max_servers_per_user, spawner_class=spawner_class
+                )
+            except FlavorConfigError as e:
+                raise FlavorConfigError(f"flavors_file {self.flavors_file}: {e}") from None
+        return FlavorSet.parse(config, max_servers_per_user=self.max_servers_per_user, spawner_class=spawner_class)
+
+
+def read_flavors_file(path: str) -> dict:
+    """The flavors in a YAML file (FlavorConfigError, one line, if unreadable or malformed)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise FlavorConfigError(f"flavors_file {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise FlavorConfigError(f"flavors_file {path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FlavorConfigError(f"flavors_file {path}: a mapping of flavor name -> its fields, not {type(data).__name__}")
+    return data

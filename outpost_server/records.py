@@ -92,6 +92,10 @@ class Record:
     #: when the server was seen stopped (seconds since the epoch), for expiry.py; None:
     #: not known here (a failed start's FAILED event has the time)
     stopped_at: float | None = None
+    #: when the Outpost stops the server because its runtime ends (runtime.py); None: never
+    end_time: datetime | None = None
+    #: why the Outpost stopped the server on its own (its runtime ended): for the user
+    stop_message: str = ""
     #: the start while it runs (its tasks: start, checkpoint, progress); see starts.py
     run: StartRun | None = None
     #: set while the start is being persisted (Start returns when it is done)
@@ -114,6 +118,16 @@ class Record:
     @property
     def start_id(self) -> str:
         return self.spec.start_id
+
+    @property
+    def flavor(self) -> str:
+        """The flavor the start was admitted under ("": none)."""
+        return self.spec.flavor
+
+    @property
+    def user_name(self) -> str:
+        """The hub's name of the server's user (per-user limits count by it)."""
+        return self.spec.user["name"]
 
     @property
     def last_sequence(self) -> int:
@@ -145,11 +159,16 @@ class Record:
                 failure_message=self.failure_message,
                 user_name=self.spec.user["name"],
                 start_time=convert.timestamp(self.start_time),
+                flavor=self.spec.flavor,
             )
             if self.address and self.state == pb.SERVER_STATE_RUNNING:
                 status.address.CopyFrom(pb.ServerAddress(**self.address))
             if self.exit_code is not None and self.state == pb.SERVER_STATE_STOPPED:
                 status.exit_code = self.exit_code
+            if self.end_time is not None:
+                status.end_time.CopyFrom(convert.timestamp(self.end_time))
+            if self.stop_message and self.state == pb.SERVER_STATE_STOPPED:
+                status.stop_message = self.stop_message
             self._status = status
         return self._status
 
@@ -176,6 +195,10 @@ class Record:
             "failure_message": self.failure_message,
             "error_class": self.error_class,
             "start_time": self.start_time,
+            "flavor": spec.flavor,
+            "flavor_spec": spec.flavor_spec or None,
+            "end_time": self.end_time,
+            "stop_message": self.stop_message,
         }
 
     @classmethod
@@ -189,6 +212,8 @@ class Record:
             user_options=row["user_options"] or {},
             config_overrides=row["config_overrides"] or {},
             spawner_name=row["spawner_name"] or "",
+            flavor=row.get("flavor") or "",
+            flavor_spec=row.get("flavor_spec") or {},
         )
         rec = cls(
             hub=row["hub"],
@@ -200,17 +225,23 @@ class Record:
             failure_message=row["failure_message"] or "",
             error_class=row["error_class"] or "",
             spawner_state=row["spawner_state"],
+            end_time=utc(row.get("end_time")),
+            stop_message=row.get("stop_message") or "",
         )
         if rec.state == pb.SERVER_STATE_STOPPED and isinstance(row.get("updated"), datetime):
-            updated = row["updated"]  # its last write: when it stopped
-            if updated.tzinfo is None:  # SQLite gives naive datetimes; they are UTC
-                updated = updated.replace(tzinfo=timezone.utc)
-            rec.stopped_at = updated.timestamp()
+            rec.stopped_at = utc(row["updated"]).timestamp()  # its last write: when it stopped
         if row["host"]:
             rec.address = {"scheme": row["scheme"], "host": row["host"], "port": row["port"]}
         for ev in events:
             rec.events.append(ev["sequence"], ev["data"])
         return rec
+
+
+def utc(when: datetime | None) -> datetime | None:
+    """A stored time, aware: SQLite gives naive datetimes, which are UTC."""
+    if when is not None and when.tzinfo is None:
+        return when.replace(tzinfo=timezone.utc)
+    return when
 
 
 class Records(Mapping):
@@ -226,6 +257,10 @@ class Records(Mapping):
         self._all: dict[Key, Record] = {}
         self._by_hub: dict[str, dict[str, Record]] = {}
         self._sorted_names: dict[str, list[str]] = {}
+        # what flavor admission counts (manager.py): the records of each flavor, and of
+        # each (hub, user name); active or not (a count looks at their states)
+        self._by_flavor: dict[str, set[Record]] = {}
+        self._by_user: dict[tuple[str, str], set[Record]] = {}
 
     def __getitem__(self, key: Key) -> Record:
         return self._all[key]
@@ -249,10 +284,23 @@ class Records(Mapping):
     def put(self, rec: Record) -> None:
         """Make rec the record of its server (replacing any other)."""
         key = rec.key
-        if key not in self._all:
+        old = self._all.get(key)
+        if old is None:
             bisect.insort(self._sorted_names.setdefault(rec.hub, []), rec.name)
+        elif old is not rec:
+            self._unindex(old)
         self._all[key] = rec
         self._by_hub.setdefault(rec.hub, {})[rec.name] = rec
+        self._by_flavor.setdefault(rec.flavor, set()).add(rec)
+        self._by_user.setdefault((rec.hub, rec.user_name), set()).add(rec)
+
+    def _unindex(self, rec: Record) -> None:
+        for index, key in ((self._by_flavor, rec.flavor), (self._by_user, (rec.hub, rec.user_name))):
+            records = index.get(key)
+            if records is not None:
+                records.discard(rec)
+                if not records:
+                    del index[key]
 
     def remove(self, rec: Record) -> bool:
         """Forget rec if it is still its server's record; True if it was."""
@@ -260,12 +308,21 @@ class Records(Mapping):
             return False
         hub, name = rec.key
         del self._all[rec.key]
+        self._unindex(rec)
         del self._by_hub[hub][name]
         names = self._sorted_names[hub]
         del names[bisect.bisect_left(names, name)]
         if not names:
             del self._by_hub[hub], self._sorted_names[hub]
         return True
+
+    def active_of_flavor(self, flavor: str) -> list[Record]:
+        """The active records (ACTIVE states) admitted under flavor."""
+        return [r for r in self._by_flavor.get(flavor, ()) if r.state in ACTIVE]
+
+    def active_of_user(self, hub: str, user_name: str) -> list[Record]:
+        """The active records of one hub's user, of any flavor."""
+        return [r for r in self._by_user.get((hub, user_name), ()) if r.state in ACTIVE]
 
     def of_hub(self, hub: str) -> Mapping[str, Record]:
         return self._by_hub.get(hub, {})

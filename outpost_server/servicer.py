@@ -60,3 +60,9 @@ class OutpostServicer(pb_grpc.OutpostServiceServicer):
         after = convert.decode_page_token(request.page_token)
         servers, token = self.manager.list(current_hub(), size, after)
         return pb.ListServersResponse(servers=servers, next_page_token=token)
+
+    async def ListFlavors(self, request: pb.ListFlavorsRequest, context) -> pb.ListFlavorsResponse:
+        if not request.HasField("user"):
+            raise validation.invalid("user", "is required (at least user.name)")
+        user = convert.user_from_request(request.user)
+        return self.manager.list_flavors(current_hub(), user)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from jupyterhub.spawner import Spawner
 
 from . import orphans
-from .hosting import certs_location, make_spawner, remove_certificates, stand_ins_from_env
+from .hosting import apply_overrides, certs_location, make_spawner, remove_certificates, stand_ins_from_env
 from .records import Record
 
 log = logging.getLogger("outpost.manager")
@@ -60,6 +60,9 @@ class SpawnerFactory:
             overrides=spec.config_overrides,
             log=log.getChild(f"{rec.hub}.{rec.name}"),
         )
+        if spec.flavor_config:
+            # the site's, after the hub's overrides: a hub cannot change what its flavor sets
+            apply_overrides(spawner, spec.flavor_config)
         spawner._outpost_hub = rec.hub  # which hub it serves (for the Outpost's own logs and tests)
         # passed on to local notebook processes: a restart can find them (orphans.py)
         spawner._outpost_hub_env[orphans.START_MARKER_ENV] = orphans.start_marker(

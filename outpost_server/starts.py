@@ -28,6 +28,7 @@ from .aio import cancel_and_wait, wait_event
 from .hosting import certs_location, install_certificates, maybe_await, normalise_address
 from .journal import Journal
 from .records import ACTIVE, Record, Records
+from .runtime import admitted_message
 from .spawners import recall_state, remove_start_certificates, run_post_stop_hook, safe_state, user_message
 
 log = logging.getLogger("outpost.manager")
@@ -99,6 +100,8 @@ class StartRun:
             if self.start_message:
                 message = self.start_message.format(spawner_class=type(spawner).__name__, user=rec.spec.user["name"])
                 await self.journal.emit(rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": message}, durable=False)
+            if until := admitted_message(rec):  # its runtime's end (runtime.py)
+                await self.journal.emit(rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": until}, durable=False)
             await maybe_await(spawner.run_pre_spawn_hook())
             if rec.spec.certificates:
                 # as JupyterHub does after create_certs: move_certs, then start

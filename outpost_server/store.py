@@ -55,7 +55,9 @@ from .crypto import Crypt, DecryptionError
 
 log = logging.getLogger("outpost.store")
 
-SCHEMA_VERSION = 1
+#: 2: the servers' flavor and flavor_spec columns, end_time and stop_message (runtime.py);
+#: added to a version 1 database at open (add_missing_columns)
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -80,6 +82,13 @@ servers = Table(
     Column("error_class", String(255), nullable=False, default=""),
     Column("start_time", DateTime(timezone=True), nullable=False),
     Column("updated", DateTime(timezone=True), nullable=False),
+    # the flavor the start was admitted under ("": none), and what it keeps of it
+    # (flavors.Flavor.record(): its Spawner config and runtime), so a reload never changes it
+    Column("flavor", String(64), nullable=False, default="", server_default=""),
+    Column("flavor_spec", JSON, nullable=True),
+    # when the runtime ends (runtime.py), and why the Outpost stopped the server itself
+    Column("end_time", DateTime(timezone=True), nullable=True),
+    Column("stop_message", Text, nullable=True),
 )
 
 events = Table(
@@ -116,6 +125,28 @@ TRIM_EVENTS = delete(events).where(_EVENTS_KEY, events.c.sequence < bindparam("k
 
 # encrypted at rest (crypto.py): the notebook's API token is in env
 SECRET_COLUMNS = ("env", "spawner_state")
+
+
+def add_missing_columns(sync_conn) -> list[str]:
+    """Add the columns of this version's tables that an older database lacks (each is
+    nullable or has a server default, so existing rows stay valid); their names.
+
+    Schema changes so far only add columns: an ALTER TABLE ADD COLUMN per column, which
+    SQLite and PostgreSQL both do in place."""
+    from sqlalchemy import inspect as sa_inspect
+    from sqlalchemy.schema import CreateColumn
+
+    inspector = sa_inspect(sync_conn)
+    added = []
+    for table in metadata.sorted_tables:
+        existing = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in existing:
+                continue
+            ddl = CreateColumn(column).compile(dialect=sync_conn.dialect)
+            sync_conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+            added.append(f"{table.name}.{column.name}")
+    return added
 
 
 def now() -> datetime:
@@ -206,6 +237,11 @@ class Store:
                         f"database schema version {version} is newer than this Outpost "
                         f"({SCHEMA_VERSION}); upgrade the Outpost"
                     )
+                added = await conn.run_sync(add_missing_columns)
+                if added:
+                    log.info("Database upgraded: added the columns %s", ", ".join(added))
+                if version is not None and version < SCHEMA_VERSION:
+                    await conn.execute(update(schema_info).values(version=SCHEMA_VERSION))
         except Exception:
             await self.engine.dispose()
             raise

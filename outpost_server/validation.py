@@ -147,3 +147,16 @@ def check_page_size(size: int, field: str = "page_size", maximum: int = 10000) -
     if size > maximum:
         raise invalid(field, f"is {size}; at most {maximum} are allowed")
     return size or 1000
+
+
+FLAVOR_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # as flavors.NAME_RE
+
+
+def check_flavor_name(name: str, field: str = "flavor") -> str:
+    if not FLAVOR_NAME_RE.fullmatch(name):
+        raise invalid(
+            field,
+            f"{name[:64]!r} is not a flavor name: 1 to 64 ASCII letters, digits or '._@+-', "
+            "starting with a letter or digit",
+        )
+    return name

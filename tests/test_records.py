@@ -20,6 +20,9 @@ class Stub:
     hub: str
     name: str
     value: int
+    flavor: str = ""
+    user_name: str = "u"
+    state: int = pb.SERVER_STATE_RUNNING
 
     @property
     def key(self):
@@ -34,9 +37,15 @@ def test_records_index_per_hub_follows_every_put_and_remove():
         if key in truth and rnd.random() < 0.5:
             assert records.remove(truth.pop(key))
         else:
-            truth[key] = Stub(*key, i)
+            truth[key] = Stub(*key, i, flavor=rnd.choice(["", "f", "g"]), user_name=rnd.choice("xy"))
             records.put(truth[key])
     assert dict(records) == truth and len(records) == len(truth)
+    # flavor admission's indexes (manager.py) follow too
+    for flavor in ("", "f", "g"):
+        assert set(records.active_of_flavor(flavor)) == {r for r in truth.values() if r.flavor == flavor}
+    for (hub, user) in [(h, u) for h in "abc" for u in "xy"]:
+        mine = {r for r in truth.values() if r.hub == hub and r.user_name == user}
+        assert set(records.active_of_user(hub, user)) == mine
     for hub in ("a", "b", "c"):
         mine = {name: rec for (h, name), rec in truth.items() if h == hub}
         assert dict(records.of_hub(hub)) == mine

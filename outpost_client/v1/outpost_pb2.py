@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1foutpost_client/v1/outpost.proto\x12\x15jupyterhub.outpost.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x04User\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x03\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12\x0e\n\x06groups\x18\x04 \x03(\t\"L\n\x17InternalSslCertificates\x12\x0f\n\x07key_pem\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\t\";\n\rServerAddress\x12\x0e\n\x06scheme\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"\xa1\x02\n\x0cServerStatus\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".jupyterhub.outpost.v1.ServerState\x12\x35\n\x07\x61\x64\x64ress\x18\x04 \x01(\x0b\x32$.jupyterhub.outpost.v1.ServerAddress\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0f\x66\x61ilure_message\x18\x06 \x01(\t\x12\x11\n\tuser_name\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0c\n\n_exit_code\"\x9f\x03\n\x0cStartRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12)\n\x04user\x18\x03 \x01(\x0b\x32\x1b.jupyterhub.outpost.v1.User\x12\x39\n\x03\x65nv\x18\x04 \x03(\x0b\x32,.jupyterhub.outpost.v1.StartRequest.EnvEntry\x12-\n\x0cuser_options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\x10\x63onfig_overrides\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x44\n\x0cinternal_ssl\x18\x07 \x01(\x0b\x32..jupyterhub.outpost.v1.InternalSslCertificates\x12\x14\n\x0cspawner_name\x18\x08 \x01(\t\x12\x18\n\x10wait_until_ready\x18\t \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\rStartResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"N\n\rEventsRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\"\xa5\x02\n\x0e\x45ventsResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12.\n\x04kind\x18\x03 \x01(\x0e\x32 .jupyterhub.outpost.v1.EventKind\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x14\n\x0chtml_message\x18\x05 \x01(\t\x12\x15\n\x08progress\x18\x06 \x01(\rH\x00\x88\x01\x01\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07\x61\x64\x64ress\x18\x08 \x01(\x0b\x32$.jupyterhub.outpost.v1.ServerAddress\x12\x13\n\x0b\x65rror_class\x18\t \x01(\tB\x0b\n\t_progress\"\"\n\x0bPollRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\"C\n\x0cPollResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\"4\n\x0bStopRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\"y\n\x0cStopResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".jupyterhub.outpost.v1.StopOutcome\x12\x34\n\x07\x63urrent\x18\x02 \x01(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\";\n\x12ListServersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x13ListServersResponse\x12\x34\n\x07servers\x18\x01 \x03(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x10\x42\x61tchPollRequest\x12\x14\n\x0cserver_names\x18\x01 \x03(\t\"]\n\x11\x42\x61tchPollResponse\x12\x35\n\x08statuses\x18\x01 \x03(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\x12\x11\n\tnot_found\x18\x02 \x03(\t*\xaf\x01\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVER_STATE_STARTING\x10\x01\x12\x18\n\x14SERVER_STATE_RUNNING\x10\x02\x12\x19\n\x15SERVER_STATE_STOPPING\x10\x03\x12\x18\n\x14SERVER_STATE_STOPPED\x10\x04\x12\x18\n\x14SERVER_STATE_UNKNOWN\x10\x05*m\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_PROGRESS\x10\x01\x12\x14\n\x10\x45VENT_KIND_READY\x10\x02\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x03*\x82\x01\n\x0bStopOutcome\x12\x1c\n\x18STOP_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_OUTCOME_STOPPED\x10\x01\x12\x1a\n\x16STOP_OUTCOME_NOT_FOUND\x10\x02\x12\x1f\n\x1bSTOP_OUTCOME_STALE_START_ID\x10\x03\x32\xa5\x04\n\x0eOutpostService\x12R\n\x05Start\x12#.jupyterhub.outpost.v1.StartRequest\x1a$.jupyterhub.outpost.v1.StartResponse\x12W\n\x06\x45vents\x12$.jupyterhub.outpost.v1.EventsRequest\x1a%.jupyterhub.outpost.v1.EventsResponse0\x01\x12O\n\x04Poll\x12\".jupyterhub.outpost.v1.PollRequest\x1a#.jupyterhub.outpost.v1.PollResponse\x12O\n\x04Stop\x12\".jupyterhub.outpost.v1.StopRequest\x1a#.jupyterhub.outpost.v1.StopResponse\x12\x64\n\x0bListServers\x12).jupyterhub.outpost.v1.ListServersRequest\x1a*.jupyterhub.outpost.v1.ListServersResponse\x12^\n\tBatchPoll\x12\'.jupyterhub.outpost.v1.BatchPollRequest\x1a(.jupyterhub.outpost.v1.BatchPollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1foutpost_client/v1/outpost.proto\x12\x15jupyterhub.outpost.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x04User\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\x03\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12\x0e\n\x06groups\x18\x04 \x03(\t\"L\n\x17InternalSslCertificates\x12\x0f\n\x07key_pem\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\t\";\n\rServerAddress\x12\x0e\n\x06scheme\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\"\xf5\x02\n\x0cServerStatus\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12\x31\n\x05state\x18\x03 \x01(\x0e\x32\".jupyterhub.outpost.v1.ServerState\x12\x35\n\x07\x61\x64\x64ress\x18\x04 \x01(\x0b\x32$.jupyterhub.outpost.v1.ServerAddress\x12\x16\n\texit_code\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\x0f\x66\x61ilure_message\x18\x06 \x01(\t\x12\x11\n\tuser_name\x18\x07 \x01(\t\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x66lavor\x18\t \x01(\t\x12,\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstop_message\x18\x0b \x01(\tB\x0c\n\n_exit_code\"\xaf\x03\n\x0cStartRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12)\n\x04user\x18\x03 \x01(\x0b\x32\x1b.jupyterhub.outpost.v1.User\x12\x39\n\x03\x65nv\x18\x04 \x03(\x0b\x32,.jupyterhub.outpost.v1.StartRequest.EnvEntry\x12-\n\x0cuser_options\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\x10\x63onfig_overrides\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x44\n\x0cinternal_ssl\x18\x07 \x01(\x0b\x32..jupyterhub.outpost.v1.InternalSslCertificates\x12\x14\n\x0cspawner_name\x18\x08 \x01(\t\x12\x18\n\x10wait_until_ready\x18\t \x01(\x08\x12\x0e\n\x06\x66lavor\x18\n \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\rStartResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"N\n\rEventsRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x04\"\xa5\x02\n\x0e\x45ventsResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08start_id\x18\x02 \x01(\t\x12.\n\x04kind\x18\x03 \x01(\x0e\x32 .jupyterhub.outpost.v1.EventKind\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x14\n\x0chtml_message\x18\x05 \x01(\t\x12\x15\n\x08progress\x18\x06 \x01(\rH\x00\x88\x01\x01\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x07\x61\x64\x64ress\x18\x08 \x01(\x0b\x32$.jupyterhub.outpost.v1.ServerAddress\x12\x13\n\x0b\x65rror_class\x18\t \x01(\tB\x0b\n\t_progress\"\"\n\x0bPollRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\"C\n\x0cPollResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\"4\n\x0bStopRequest\x12\x13\n\x0bserver_name\x18\x01 \x01(\t\x12\x10\n\x08start_id\x18\x02 \x01(\t\"y\n\x0cStopResponse\x12\x33\n\x07outcome\x18\x01 \x01(\x0e\x32\".jupyterhub.outpost.v1.StopOutcome\x12\x34\n\x07\x63urrent\x18\x02 \x01(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\";\n\x12ListServersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x13ListServersResponse\x12\x34\n\x07servers\x18\x01 \x03(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x10\x42\x61tchPollRequest\x12\x14\n\x0cserver_names\x18\x01 \x03(\t\"]\n\x11\x42\x61tchPollResponse\x12\x35\n\x08statuses\x18\x01 \x03(\x0b\x32#.jupyterhub.outpost.v1.ServerStatus\x12\x11\n\tnot_found\x18\x02 \x03(\t\"?\n\x12ListFlavorsRequest\x12)\n\x04user\x18\x01 \x01(\x0b\x32\x1b.jupyterhub.outpost.v1.User\"\x90\x01\n\x13ListFlavorsResponse\x12.\n\x07\x66lavors\x18\x01 \x03(\x0b\x32\x1d.jupyterhub.outpost.v1.Flavor\x12\x16\n\x0e\x64\x65\x66\x61ult_flavor\x18\x02 \x01(\t\x12\x16\n\x0euser_max_total\x18\x03 \x01(\r\x12\x19\n\x11user_in_use_total\x18\x04 \x01(\r\"\x8a\x02\n\x06\x46lavor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tmax_total\x18\x04 \x01(\r\x12\x13\n\x0bmax_per_hub\x18\x05 \x01(\r\x12\x14\n\x0cmax_per_user\x18\x06 \x01(\r\x12\x14\n\x0cin_use_total\x18\x07 \x01(\r\x12\x12\n\nin_use_hub\x18\x08 \x01(\r\x12\x13\n\x0bin_use_user\x18\t \x01(\r\x12\x1b\n\x13max_runtime_seconds\x18\n \x01(\x04\x12\x11\n\tavailable\x18\x0b \x01(\x08\x12\x1a\n\x12unavailable_reason\x18\x0c \x01(\t*\xaf\x01\n\x0bServerState\x12\x1c\n\x18SERVER_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SERVER_STATE_STARTING\x10\x01\x12\x18\n\x14SERVER_STATE_RUNNING\x10\x02\x12\x19\n\x15SERVER_STATE_STOPPING\x10\x03\x12\x18\n\x14SERVER_STATE_STOPPED\x10\x04\x12\x18\n\x14SERVER_STATE_UNKNOWN\x10\x05*m\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_PROGRESS\x10\x01\x12\x14\n\x10\x45VENT_KIND_READY\x10\x02\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x03*\x82\x01\n\x0bStopOutcome\x12\x1c\n\x18STOP_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_OUTCOME_STOPPED\x10\x01\x12\x1a\n\x16STOP_OUTCOME_NOT_FOUND\x10\x02\x12\x1f\n\x1bSTOP_OUTCOME_STALE_START_ID\x10\x03\x32\x8b\x05\n\x0eOutpostService\x12R\n\x05Start\x12#.jupyterhub.outpost.v1.StartRequest\x1a$.jupyterhub.outpost.v1.StartResponse\x12W\n\x06\x45vents\x12$.jupyterhub.outpost.v1.EventsRequest\x1a%.jupyterhub.outpost.v1.EventsResponse0\x01\x12O\n\x04Poll\x12\".jupyterhub.outpost.v1.PollRequest\x1a#.jupyterhub.outpost.v1.PollResponse\x12O\n\x04Stop\x12\".jupyterhub.outpost.v1.StopRequest\x1a#.jupyterhub.outpost.v1.StopResponse\x12\x64\n\x0bListServers\x12).jupyterhub.outpost.v1.ListServersRequest\x1a*.jupyterhub.outpost.v1.ListServersResponse\x12^\n\tBatchPoll\x12\'.jupyterhub.outpost.v1.BatchPollRequest\x1a(.jupyterhub.outpost.v1.BatchPollResponse\x12\x64\n\x0bListFlavors\x12).jupyterhub.outpost.v1.ListFlavorsRequest\x1a*.jupyterhub.outpost.v1.ListFlavorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTREQUEST_ENVENTRY']._loaded_options = None
   _globals['_STARTREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_SERVERSTATE']._serialized_start=2081
-  _globals['_SERVERSTATE']._serialized_end=2256
-  _globals['_EVENTKIND']._serialized_start=2258
-  _globals['_EVENTKIND']._serialized_end=2367
-  _globals['_STOPOUTCOME']._serialized_start=2370
-  _globals['_STOPOUTCOME']._serialized_end=2500
+  _globals['_SERVERSTATE']._serialized_start=2662
+  _globals['_SERVERSTATE']._serialized_end=2837
+  _globals['_EVENTKIND']._serialized_start=2839
+  _globals['_EVENTKIND']._serialized_end=2948
+  _globals['_STOPOUTCOME']._serialized_start=2951
+  _globals['_STOPOUTCOME']._serialized_end=3081
   _globals['_USER']._serialized_start=121
   _globals['_USER']._serialized_end=184
   _globals['_INTERNALSSLCERTIFICATES']._serialized_start=186
@@ -49,33 +49,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERADDRESS']._serialized_start=264
   _globals['_SERVERADDRESS']._serialized_end=323
   _globals['_SERVERSTATUS']._serialized_start=326
-  _globals['_SERVERSTATUS']._serialized_end=615
-  _globals['_STARTREQUEST']._serialized_start=618
-  _globals['_STARTREQUEST']._serialized_end=1033
-  _globals['_STARTREQUEST_ENVENTRY']._serialized_start=991
-  _globals['_STARTREQUEST_ENVENTRY']._serialized_end=1033
-  _globals['_STARTRESPONSE']._serialized_start=1035
-  _globals['_STARTRESPONSE']._serialized_end=1120
-  _globals['_EVENTSREQUEST']._serialized_start=1122
-  _globals['_EVENTSREQUEST']._serialized_end=1200
-  _globals['_EVENTSRESPONSE']._serialized_start=1203
-  _globals['_EVENTSRESPONSE']._serialized_end=1496
-  _globals['_POLLREQUEST']._serialized_start=1498
-  _globals['_POLLREQUEST']._serialized_end=1532
-  _globals['_POLLRESPONSE']._serialized_start=1534
-  _globals['_POLLRESPONSE']._serialized_end=1601
-  _globals['_STOPREQUEST']._serialized_start=1603
-  _globals['_STOPREQUEST']._serialized_end=1655
-  _globals['_STOPRESPONSE']._serialized_start=1657
-  _globals['_STOPRESPONSE']._serialized_end=1778
-  _globals['_LISTSERVERSREQUEST']._serialized_start=1780
-  _globals['_LISTSERVERSREQUEST']._serialized_end=1839
-  _globals['_LISTSERVERSRESPONSE']._serialized_start=1841
-  _globals['_LISTSERVERSRESPONSE']._serialized_end=1941
-  _globals['_BATCHPOLLREQUEST']._serialized_start=1943
-  _globals['_BATCHPOLLREQUEST']._serialized_end=1983
-  _globals['_BATCHPOLLRESPONSE']._serialized_start=1985
-  _globals['_BATCHPOLLRESPONSE']._serialized_end=2078
-  _globals['_OUTPOSTSERVICE']._serialized_start=2503
-  _globals['_OUTPOSTSERVICE']._serialized_end=3052
+  _globals['_SERVERSTATUS']._serialized_end=699
+  _globals['_STARTREQUEST']._serialized_start=702
+  _globals['_STARTREQUEST']._serialized_end=1133
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_start=1091
+  _globals['_STARTREQUEST_ENVENTRY']._serialized_end=1133
+  _globals['_STARTRESPONSE']._serialized_start=1135
+  _globals['_STARTRESPONSE']._serialized_end=1220
+  _globals['_EVENTSREQUEST']._serialized_start=1222
+  _globals['_EVENTSREQUEST']._serialized_end=1300
+  _globals['_EVENTSRESPONSE']._serialized_start=1303
+  _globals['_EVENTSRESPONSE']._serialized_end=1596
+  _globals['_POLLREQUEST']._serialized_start=1598
+  _globals['_POLLREQUEST']._serialized_end=1632
+  _globals['_POLLRESPONSE']._serialized_start=1634
+  _globals['_POLLRESPONSE']._serialized_end=1701
+  _globals['_STOPREQUEST']._serialized_start=1703
+  _globals['_STOPREQUEST']._serialized_end=1755
+  _globals['_STOPRESPONSE']._serialized_start=1757
+  _globals['_STOPRESPONSE']._serialized_end=1878
+  _globals['_LISTSERVERSREQUEST']._serialized_start=1880
+  _globals['_LISTSERVERSREQUEST']._serialized_end=1939
+  _globals['_LISTSERVERSRESPONSE']._serialized_start=1941
+  _globals['_LISTSERVERSRESPONSE']._serialized_end=2041
+  _globals['_BATCHPOLLREQUEST']._serialized_start=2043
+  _globals['_BATCHPOLLREQUEST']._serialized_end=2083
+  _globals['_BATCHPOLLRESPONSE']._serialized_start=2085
+  _globals['_BATCHPOLLRESPONSE']._serialized_end=2178
+  _globals['_LISTFLAVORSREQUEST']._serialized_start=2180
+  _globals['_LISTFLAVORSREQUEST']._serialized_end=2243
+  _globals['_LISTFLAVORSRESPONSE']._serialized_start=2246
+  _globals['_LISTFLAVORSRESPONSE']._serialized_end=2390
+  _globals['_FLAVOR']._serialized_start=2393
+  _globals['_FLAVOR']._serialized_end=2659
+  _globals['_OUTPOSTSERVICE']._serialized_start=3084
+  _globals['_OUTPOSTSERVICE']._serialized_end=3735
 # @@protoc_insertion_point(module_scope)

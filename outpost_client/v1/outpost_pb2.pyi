@@ -82,7 +82,7 @@ class ServerAddress(_message.Message):
     def __init__(self, scheme: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("server_name", "start_id", "state", "address", "exit_code", "failure_message", "user_name", "start_time")
+    __slots__ = ("server_name", "start_id", "state", "address", "exit_code", "failure_message", "user_name", "start_time", "flavor", "end_time", "stop_message")
     SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
     START_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,9 @@ class ServerStatus(_message.Message):
     FAILURE_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     USER_NAME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
+    FLAVOR_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    STOP_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     server_name: str
     start_id: str
     state: ServerState
@@ -99,10 +102,13 @@ class ServerStatus(_message.Message):
     failure_message: str
     user_name: str
     start_time: _timestamp_pb2.Timestamp
-    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., state: _Optional[_Union[ServerState, str]] = ..., address: _Optional[_Union[ServerAddress, _Mapping]] = ..., exit_code: _Optional[int] = ..., failure_message: _Optional[str] = ..., user_name: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    flavor: str
+    end_time: _timestamp_pb2.Timestamp
+    stop_message: str
+    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., state: _Optional[_Union[ServerState, str]] = ..., address: _Optional[_Union[ServerAddress, _Mapping]] = ..., exit_code: _Optional[int] = ..., failure_message: _Optional[str] = ..., user_name: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., flavor: _Optional[str] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_message: _Optional[str] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("server_name", "start_id", "user", "env", "user_options", "config_overrides", "internal_ssl", "spawner_name", "wait_until_ready")
+    __slots__ = ("server_name", "start_id", "user", "env", "user_options", "config_overrides", "internal_ssl", "spawner_name", "wait_until_ready", "flavor")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +125,7 @@ class StartRequest(_message.Message):
     INTERNAL_SSL_FIELD_NUMBER: _ClassVar[int]
     SPAWNER_NAME_FIELD_NUMBER: _ClassVar[int]
     WAIT_UNTIL_READY_FIELD_NUMBER: _ClassVar[int]
+    FLAVOR_FIELD_NUMBER: _ClassVar[int]
     server_name: str
     start_id: str
     user: User
@@ -128,7 +135,8 @@ class StartRequest(_message.Message):
     internal_ssl: InternalSslCertificates
     spawner_name: str
     wait_until_ready: bool
-    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., user_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., config_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., internal_ssl: _Optional[_Union[InternalSslCertificates, _Mapping]] = ..., spawner_name: _Optional[str] = ..., wait_until_ready: _Optional[bool] = ...) -> None: ...
+    flavor: str
+    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., user_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., config_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., internal_ssl: _Optional[_Union[InternalSslCertificates, _Mapping]] = ..., spawner_name: _Optional[str] = ..., wait_until_ready: _Optional[bool] = ..., flavor: _Optional[str] = ...) -> None: ...
 
 class StartResponse(_message.Message):
     __slots__ = ("status", "created")
@@ -227,3 +235,49 @@ class BatchPollResponse(_message.Message):
     statuses: _containers.RepeatedCompositeFieldContainer[ServerStatus]
     not_found: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, statuses: _Optional[_Iterable[_Union[ServerStatus, _Mapping]]] = ..., not_found: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListFlavorsRequest(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: User
+    def __init__(self, user: _Optional[_Union[User, _Mapping]] = ...) -> None: ...
+
+class ListFlavorsResponse(_message.Message):
+    __slots__ = ("flavors", "default_flavor", "user_max_total", "user_in_use_total")
+    FLAVORS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FLAVOR_FIELD_NUMBER: _ClassVar[int]
+    USER_MAX_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    USER_IN_USE_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    flavors: _containers.RepeatedCompositeFieldContainer[Flavor]
+    default_flavor: str
+    user_max_total: int
+    user_in_use_total: int
+    def __init__(self, flavors: _Optional[_Iterable[_Union[Flavor, _Mapping]]] = ..., default_flavor: _Optional[str] = ..., user_max_total: _Optional[int] = ..., user_in_use_total: _Optional[int] = ...) -> None: ...
+
+class Flavor(_message.Message):
+    __slots__ = ("name", "display_name", "description", "max_total", "max_per_hub", "max_per_user", "in_use_total", "in_use_hub", "in_use_user", "max_runtime_seconds", "available", "unavailable_reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_HUB_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_USER_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_HUB_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_USER_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    display_name: str
+    description: str
+    max_total: int
+    max_per_hub: int
+    max_per_user: int
+    in_use_total: int
+    in_use_hub: int
+    in_use_user: int
+    max_runtime_seconds: int
+    available: bool
+    unavailable_reason: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., description: _Optional[str] = ..., max_total: _Optional[int] = ..., max_per_hub: _Optional[int] = ..., max_per_user: _Optional[int] = ..., in_use_total: _Optional[int] = ..., in_use_hub: _Optional[int] = ..., in_use_user: _Optional[int] = ..., max_runtime_seconds: _Optional[int] = ..., available: _Optional[bool] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...

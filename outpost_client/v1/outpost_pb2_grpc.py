@@ -67,6 +67,11 @@ class OutpostServiceStub:
                 request_serializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollRequest.SerializeToString,
                 response_deserializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollResponse.FromString,
                 _registered_method=True)
+        self.ListFlavors = channel.unary_unary(
+                '/jupyterhub.outpost.v1.OutpostService/ListFlavors',
+                request_serializer=outpost__client_dot_v1_dot_outpost__pb2.ListFlavorsRequest.SerializeToString,
+                response_deserializer=outpost__client_dot_v1_dot_outpost__pb2.ListFlavorsResponse.FromString,
+                _registered_method=True)
 
 
 class OutpostServiceServicer:
@@ -87,7 +92,12 @@ class OutpostServiceServicer:
 
         Status codes:
         - OK: accepted (or attached to the same start).
-        - INVALID_ARGUMENT: a malformed field; the message names it (reason INVALID_FIELD).
+        - INVALID_ARGUMENT: a malformed field; the message names it (reason INVALID_FIELD), or
+        a flavor the Outpost does not have or does not offer this hub (reason
+        UNKNOWN_FLAVOR: another hub's flavor is answered as one that does not exist), or
+        no flavor when the
+        Outpost has flavors but no default one for this hub (reason INVALID_FIELD, field
+        "flavor").
         - FAILED_PRECONDITION: server_name is starting, running, stopping or unknown (its
         last poll failed: its notebook may still run) under another start_id (reason
         SERVER_ALREADY_STARTED); Stop it first, or reuse its start_id. A Stop that ends
@@ -100,7 +110,8 @@ class OutpostServiceServicer:
         CPU_GUARANTEE); anything else only as the Outpost's policy allows. Or the site
         runs no server for user.name (reason USER_NOT_ALLOWED): its user_mapping gives
         the user no local account, or the account is root, a system account or not in
-        its allow_users. Nothing is started or stored.
+        its allow_users. Nothing is started or stored. Or the flavor is one of this hub's
+        but not for this user (its users, groups or admin rule; reason FLAVOR_NOT_ALLOWED).
         - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
         or the hub already has as many starts in progress as the Outpost allows (reason
         TOO_MANY_STARTS; nothing was started, try again when one finishes), or a new
@@ -108,7 +119,11 @@ class OutpostServiceServicer:
         state, stopped and failed ones included (reason TOO_MANY_SERVERS, metadata "limit";
         Stop a server first). A repeated call with the start_id of an accepted start is
         never refused; a new start of a server_name the hub already holds (a stopped one)
-        is never refused TOO_MANY_SERVERS.
+        is never refused TOO_MANY_SERVERS. Or the flavor is full (reason
+        FLAVOR_LIMIT_REACHED; metadata "limit" says which: the flavor's total, this hub's
+        or this user's share, or the site's per-user cap across flavors, with "max" and
+        "in_use"). Flavor admission is one step with taking the server's place: however
+        many Starts arrive at once, at most the limit are admitted, also across a restart.
         - UNAVAILABLE: the Outpost's database could not persist the start (reason
         PERSISTENCE_UNAVAILABLE) or the Outpost is shutting down; safe to retry.
         - UNAUTHENTICATED: the connection does not identify a hub (reason
@@ -150,6 +165,9 @@ class OutpostServiceServicer:
         Read-only and idempotent. The answer comes from the Outpost's lifecycle manager,
         which polls the Spawners on its own schedule; Poll itself never calls the Spawner or
         the database.
+
+        A server the Outpost stopped on its own at its end time is STOPPED with
+        stop_message (ServerStatus) until the hub Stops it.
 
         Status codes:
         - OK: the status.
@@ -215,6 +233,24 @@ class OutpostServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFlavors(self, request, context):
+        """ListFlavors lists the flavors the calling hub may offer one of its users: the named
+        resource sets of the site (e.g. "small: 2 CPU / 4 GB, 8 h"), each with its limits, what
+        is in use now and whether this user can start one now. What a hub's spawn form shows.
+
+        Read-only and idempotent; answered from memory. The usage is a snapshot: a Start
+        right after may still be refused FLAVOR_LIMIT_REACHED. An Outpost without flavors
+        answers an empty list.
+
+        Status codes:
+        - OK: the flavors this hub may offer (those for other hubs are not listed), ordered
+        by weight (smaller first), then name.
+        - INVALID_ARGUMENT: a malformed user (reason INVALID_FIELD).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutpostServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +283,11 @@ def add_OutpostServiceServicer_to_server(servicer, server):
                     servicer.BatchPoll,
                     request_deserializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollRequest.FromString,
                     response_serializer=outpost__client_dot_v1_dot_outpost__pb2.BatchPollResponse.SerializeToString,
+            ),
+            'ListFlavors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlavors,
+                    request_deserializer=outpost__client_dot_v1_dot_outpost__pb2.ListFlavorsRequest.FromString,
+                    response_serializer=outpost__client_dot_v1_dot_outpost__pb2.ListFlavorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -413,6 +454,33 @@ class OutpostService:
             '/jupyterhub.outpost.v1.OutpostService/BatchPoll',
             outpost__client_dot_v1_dot_outpost__pb2.BatchPollRequest.SerializeToString,
             outpost__client_dot_v1_dot_outpost__pb2.BatchPollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlavors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jupyterhub.outpost.v1.OutpostService/ListFlavors',
+            outpost__client_dot_v1_dot_outpost__pb2.ListFlavorsRequest.SerializeToString,
+            outpost__client_dot_v1_dot_outpost__pb2.ListFlavorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
