@@ -119,6 +119,10 @@ RELAY_REQUEST_DURATION = Histogram(
     buckets=RPC_BUCKETS,
 )
 
+#: the children of the hot paths, looked up once
+DB_WRITE_OK = DB_WRITE_DURATION.labels("ok")
+DB_WRITE_ERROR = DB_WRITE_DURATION.labels("error")
+
 #: Outposts of this process that serve metrics (tests run several in one process)
 _serving = 0
 #: read by every hook: record nothing while no Outpost serves metrics

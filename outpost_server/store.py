@@ -280,12 +280,14 @@ class Store:
             await asyncio.shield(future)
             return
         started = time.perf_counter()
-        status = "error"
         try:
             await asyncio.shield(future)
-            status = "ok"
-        finally:
-            metrics.DB_WRITE_DURATION.labels(status).observe(time.perf_counter() - started)
+        except asyncio.CancelledError:
+            raise  # the caller left; the write goes on and is not its to count
+        except Exception:
+            metrics.DB_WRITE_ERROR.observe(time.perf_counter() - started)
+            raise
+        metrics.DB_WRITE_OK.observe(time.perf_counter() - started)
 
     async def _writer(self) -> None:
         while True:

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
-from outpost_client.errors import ServerNotFound
+from outpost_client.errors import PersistenceUnavailable, ServerNotFound
 from outpost_server import metrics
 
 from .harness.outpost import one_line, run_outpost
@@ -110,6 +110,25 @@ async def test_start_failures_by_exception_class(start_outpost, http):
     assert moved(before, after, "outpost_server_start_failures_total", **failed) == 1
     assert moved(before, after, "outpost_server_start_duration_seconds_count", hub="default", status="failure") == 1
     assert value(after, "outpost_servers", hub="default", state="stopped") == 1
+
+
+async def test_failed_database_writes_are_counted(start_outpost, http):
+    port = free_port()
+    async with start_outpost(metrics_port=port) as op:
+        before = await scrape(http, port)
+
+        async def refused(conn):
+            raise BrokenDatabase("refused")
+
+        with pytest.raises(PersistenceUnavailable):
+            await op.app.store.write(refused)
+        after = await scrape(http, port)
+    assert moved(before, after, "outpost_db_write_failures_total", error_class="BrokenDatabase") == 1
+    assert moved(before, after, "outpost_db_write_duration_seconds_count", status="error") == 1
+
+
+class BrokenDatabase(Exception):
+    pass
 
 
 async def test_forwarder_connections_and_channels(start_outpost, http, traits, keys, echo_port):  # noqa: F811
