@@ -10,20 +10,28 @@ from __future__ import annotations
 import base64
 import os
 import re
+import signal
+import socket
 import subprocess
 from pathlib import Path
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
 from cryptography.fernet import Fernet
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from traitlets.config import PyFileConfigLoader
+
+from outpost_client.errors import Unavailable
 
 from outpost_server.app import Outpost
 from outpost_server.certs import generate_certs
 from outpost_server.forwarder import SSHForwarder
 
-from .harness.outpost import ROOT
+from .harness.hub import hub_client
+from .harness.outpost import OUTPOST_BIN, ROOT, outpost_env
+from .harness.util import free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -220,7 +228,9 @@ def test_inline_pem_goes_into_the_charts_secret(helm, tmp_path):
         "--set-file", f"tls.key={certs.server.key}",
         "--set-file", f"tls.clientCA={certs.ca.cert}",
         "--set", f"cryptKey.value={key}",
+        "--set-json", 'outpost.userMapping="{hub}-{name}"',
     )  # fmt: skip
+    assert 'c.Outpost.user_mapping = "{hub}-{name}"' in config_text(docs)
     validate(docs)
     data = one(docs, "Secret")["data"]
     assert base64.b64decode(data["tls.key"]).decode() == Path(certs.server.key).read_text()
@@ -235,15 +245,91 @@ def test_inline_pem_goes_into_the_charts_secret(helm, tmp_path):
         (["tls.cert=x"], "tls: set tls.cert and tls.key together"),
         (["tls.cert=x", "tls.key=y"], "tls.clientCA: hubs authenticate with client certificates"),
         (["tls.existingSecret=t", "tls.clientCertificates=false"], "outpost.hubTokens: with tls.clientCertificates: false"),
-        (["tls.existingSecret=t", "database.type=postgresql"], "database: type postgresql needs database.urlExistingSecret"),
-        (["tls.existingSecret=t", "database.type=mysql"], 'database.type: "mysql" is neither sqlite nor postgresql'),
-        (["tls.existingSecret=t", "persistence.enabled=false"], "persistence.enabled: false with SQLite"),
+        (["tls.existingSecret=t"], "outpost.allowedHubs: with mTLS any hub whose certificate the CA signed can connect"),
+        (["tls.existingSecret=t", "outpost.allowedHubs={a}", "database.type=postgresql"], "database: type postgresql needs database.urlExistingSecret"),
+        (["tls.existingSecret=t", "outpost.allowedHubs={a}", "database.type=mysql"], 'database.type: "mysql" is neither sqlite nor postgresql'),
+        (["tls.existingSecret=t", "outpost.allowedHubs={a}", "persistence.enabled=false"], "persistence.enabled: false with SQLite"),
     ],
-    ids=["no-tls", "cert-without-key", "mtls-without-ca", "no-client-auth", "postgresql-without-url",
-         "unknown-database", "sqlite-without-volume"],
+    ids=["no-tls", "cert-without-key", "mtls-without-ca", "no-client-auth", "any-hub-without-user-mapping",
+         "postgresql-without-url", "unknown-database", "sqlite-without-volume"],
 )  # fmt: skip
 def test_values_that_would_not_work_are_refused_with_what_to_set(helm, values, says):
     args = [arg for value in values for arg in ("--set", value)]
     out = helm("template", "outpost", str(CHART), *args, check=False)
     assert out.returncode != 0
     assert says in out.stderr
+
+
+# --- the rendered pod's files run a real Outpost ------------------------------------------
+
+
+async def test_rendered_config_and_secret_boot_a_real_outpost(helm, tmp_path):
+    """What the pod would get (the ConfigMap's outpost_config.py, the Secret's TLS files and
+    generated database key, the probes' port) run as the console script: the probe's plaintext
+    health check answers SERVING for the readiness service while hubs need their certificate."""
+    certs = generate_certs(str(tmp_path / "certs"), ["127.0.0.1"], ["hub-a"])
+    grpc_port, health_port, ssh_port = free_port(), free_port(), free_port()
+    docs = render(
+        helm,
+        "--set-file", f"tls.cert={certs.server.cert}",
+        "--set-file", f"tls.key={certs.server.key}",
+        "--set-file", f"tls.clientCA={certs.ca.cert}",
+        "--set", f"outpost.grpcPort={grpc_port}",
+        "--set", f"outpost.healthPort={health_port}",
+        "--set", f"sshForwarder.port={ssh_port}",
+        "--set", "outpost.spawnerClass=simple",
+        "--set", "outpost.allowedHubs={hub-a}",
+    )  # fmt: skip
+    c = container(docs)
+    config_dir, state_dir = Path(c["args"][-1]).parent, c["workingDir"]
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    (etc / "tls").mkdir(parents=True)
+    state.mkdir(mode=0o700)
+    secret = one(docs, "Secret")["data"]
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (etc / "tls" / name).write_bytes(base64.b64decode(secret[name]))
+    (etc / "tls" / "tls.key").chmod(0o600)
+    # the pod's paths and all-interfaces addresses, moved to this test's directory and loopback
+    text = config_text(docs).replace(str(config_dir), str(etc)).replace(state_dir, str(state))
+    (etc / "outpost_config.py").write_text(text.replace('"0.0.0.0"', '"127.0.0.1"'))
+    env = outpost_env({"OUTPOST_CRYPT_KEY": base64.b64decode(secret["crypt-key"]).decode()})
+    log = open(tmp_path / "outpost.log", "w")
+    proc = subprocess.Popen(
+        [str(OUTPOST_BIN), "-f", str(etc / "outpost_config.py")],
+        cwd=state, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    log.close()
+    try:
+        readiness = c["readinessProbe"]["grpc"]
+        assert readiness["port"] == health_port
+
+        async def serving():
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "outpost.log").read_text())
+            try:
+                return await check_health(health_port, readiness["service"]) == health_pb2.HealthCheckResponse.SERVING
+            except grpc.aio.AioRpcError:
+                return False
+
+        await wait_for(serving, timeout=60, message="the probe's health check never answered SERVING")
+        async with hub_client(f"127.0.0.1:{grpc_port}", certs, certs.hubs["hub-a"]) as hub:
+            assert await hub.list_servers() == []
+        async with hub_client(f"127.0.0.1:{grpc_port}", certs, None) as stranger:
+            with pytest.raises(Unavailable):
+                await stranger.list_servers()
+        assert (state / "ssh_host_key").exists()  # the forwarder's key, on the state volume
+        with socket.create_connection(("127.0.0.1", ssh_port), timeout=5) as s:
+            assert s.recv(4).startswith(b"SSH-")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=30)
+    assert returncode == 0, (tmp_path / "outpost.log").read_text()
+    assert (state / "outpost.sqlite").exists()
+
+
+async def check_health(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=2
+        )
+        return reply.status

@@ -6,15 +6,19 @@ running through a restart and keep the database key out of the environment."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
-from .harness.outpost import ROOT
+from .harness.outpost import OUTPOST_BIN, ROOT, outpost_env
+from .harness.util import free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -119,3 +123,57 @@ def test_sudo_works_without_no_new_privileges_and_fails_with_it():
     assert plain.returncode == 0, plain.stderr
     assert nnp.returncode != 0
     assert "no new privileges" in nnp.stderr
+
+
+async def test_first_run_config_of_the_docs_starts_an_outpost(tmp_path, pki):
+    """docs/deploy.md's outpost_config.py for the unit, with its key where LoadCredential=
+    puts it ($CREDENTIALS_DIRECTORY/crypt-key, a file of the service's own): the Outpost
+    starts with it (mTLS, the forwarder, batchspawner's SlurmSpawner) and stops cleanly on
+    SIGTERM. Only the machine's paths, ports, addresses and the placeholder SSH key are
+    swapped for this test's."""
+    import asyncssh
+
+    docs = (ROOT / "docs" / "deploy.md").read_text().split("\n## systemd\n", 1)[1]
+    (config,) = re.findall(r"```python\n(.*?)```", docs, re.S)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    (credentials / "crypt-key").write_text(Fernet.generate_key().decode() + "\n")
+    (credentials / "crypt-key").chmod(0o400)
+    hub_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    port, ssh_port = free_port(), free_port()
+    for old, new in [
+        ("/etc/jupyterhub-outpost/tls/outpost-server.crt", pki.server.cert),
+        ("/etc/jupyterhub-outpost/tls/outpost-server.key", pki.server.key),
+        ("/etc/jupyterhub-outpost/tls/outpost-ca.crt", pki.ca.cert),
+        ("ssh-ed25519 AAAA... hub-a", hub_key),
+        ('"0.0.0.0"', '"127.0.0.1"'),
+    ]:
+        assert old in config
+        config = config.replace(old, new)
+    config += f"c.Outpost.port = {port}\nc.SSHForwarder.port = {ssh_port}\n"
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = tmp_path / "outpost_config.py"
+    path.write_text(config)
+    env = outpost_env({"CREDENTIALS_DIRECTORY": str(credentials)})
+    env.pop("OUTPOST_CRYPT_KEY", None)  # the unit has no key in the environment
+    log = tmp_path / "outpost.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(OUTPOST_BIN), "-f", str(path)], cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+
+        def serving():
+            if proc.poll() is not None:
+                raise AssertionError(f"exited {proc.returncode}:\n{log.read_text()}")
+            return "SSH forwarder listening" in log.read_text()
+
+        await wait_for(serving, timeout=60, message="the Outpost did not start")
+        assert f"on 127.0.0.1:{port} (mTLS, identity from CN) with SlurmSpawner" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=30)
+    assert returncode == 0, log.read_text()
+    assert (state / "outpost.sqlite").exists() and (state / "outpost_ssh_host_key.pub").exists()

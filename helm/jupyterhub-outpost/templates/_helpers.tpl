@@ -78,6 +78,10 @@ safely; each message says what to set. */}}
 {{- if not (or $tls.clientCertificates .Values.outpost.hubTokens) }}
 {{- fail "outpost.hubTokens: with tls.clientCertificates: false hubs authenticate with bearer tokens; give hub name -> \"sha256:...\" (`jupyterhub-outpost hash-token < token-file`)." }}
 {{- end }}
+{{- $extra := values .Values.outpost.extraConfig | join "\n" }}
+{{- if and $tls.clientCertificates (not .Values.outpost.allowedHubs) (not .Values.outpost.userMapping) (not (contains "user_mapping" $extra)) (not (contains "allowed_hubs" $extra)) }}
+{{- fail "outpost.allowedHubs: with mTLS any hub whose certificate the CA signed can connect; name the hubs that may (outpost.allowedHubs: [hub-a]) or say which local account each hub's user is (outpost.userMapping: \"{hub}-{name}\")." }}
+{{- end }}
 {{- if not (has .Values.database.type (list "sqlite" "postgresql")) }}
 {{- fail (printf "database.type: %q is neither sqlite nor postgresql." .Values.database.type) }}
 {{- end }}
