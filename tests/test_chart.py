@@ -188,7 +188,7 @@ def test_deployment_is_one_non_root_read_only_pod_with_grpc_probes(helm, tmp_pat
     # the Service: gRPC and SSH, not the health port
     ports = {p["name"]: p["port"] for p in one(docs, "Service")["spec"]["ports"]}
     assert ports == {"grpc": 50051, "ssh": 2222}
-    # the key the chart made is a Fernet key, handed over in the environment
+    # the key from the values, handed over in the environment
     secret = one(docs, "Secret")
     Fernet(base64.b64decode(secret["data"]["crypt-key"]))
     (env,) = [e for e in c["env"] if e["name"] == "OUTPOST_CRYPT_KEY"]
@@ -244,13 +244,14 @@ def test_inline_pem_goes_into_the_charts_secret(helm, tmp_path):
         ([], "tls: hubs reach the Outpost over TLS. Set tls.existingSecret"),
         (["tls.cert=x"], "tls: set tls.cert and tls.key together"),
         (["tls.cert=x", "tls.key=y"], "tls.clientCA: hubs authenticate with client certificates"),
-        (["tls.existingSecret=t", "tls.clientCertificates=false"], "outpost.hubTokens: with tls.clientCertificates: false"),
-        (["tls.existingSecret=t"], "outpost.allowedHubs: with mTLS any hub whose certificate the CA signed can connect"),
-        (["tls.existingSecret=t", "outpost.allowedHubs={a}", "database.type=postgresql"], "database: type postgresql needs database.urlExistingSecret"),
-        (["tls.existingSecret=t", "outpost.allowedHubs={a}", "database.type=mysql"], 'database.type: "mysql" is neither sqlite nor postgresql'),
-        (["tls.existingSecret=t", "outpost.allowedHubs={a}", "persistence.enabled=false"], "persistence.enabled: false with SQLite"),
+        (["tls.existingSecret=t", "cryptKey.existingSecret=k", "tls.clientCertificates=false"], "outpost.hubTokens: with tls.clientCertificates: false"),
+        (["tls.existingSecret=t"], "cryptKey: the database needs an encryption key: set cryptKey.existingSecret"),
+        (["tls.existingSecret=t", "cryptKey.existingSecret=k"], "outpost.allowedHubs: with mTLS any hub whose certificate the CA signed can connect"),
+        (["tls.existingSecret=t", "cryptKey.existingSecret=k", "outpost.allowedHubs={a}", "database.type=postgresql"], "database: type postgresql needs database.urlExistingSecret"),
+        (["tls.existingSecret=t", "cryptKey.existingSecret=k", "outpost.allowedHubs={a}", "database.type=mysql"], 'database.type: "mysql" is neither sqlite nor postgresql'),
+        (["tls.existingSecret=t", "cryptKey.existingSecret=k", "outpost.allowedHubs={a}", "persistence.enabled=false"], "persistence.enabled: false with SQLite"),
     ],
-    ids=["no-tls", "cert-without-key", "mtls-without-ca", "no-client-auth", "any-hub-without-user-mapping",
+    ids=["no-tls", "cert-without-key", "mtls-without-ca", "no-client-auth", "no-crypt-key", "any-hub-without-user-mapping",
          "postgresql-without-url", "unknown-database", "sqlite-without-volume"],
 )  # fmt: skip
 def test_values_that_would_not_work_are_refused_with_what_to_set(helm, values, says):
@@ -279,6 +280,7 @@ async def test_rendered_config_and_secret_boot_a_real_outpost(helm, tmp_path):
         "--set", f"sshForwarder.port={ssh_port}",
         "--set", "outpost.spawnerClass=simple",
         "--set", "outpost.allowedHubs={hub-a}",
+        "--set", f"cryptKey.value={Fernet.generate_key().decode()}",
     )  # fmt: skip
     c = container(docs)
     config_dir, state_dir = Path(c["args"][-1]).parent, c["workingDir"]

@@ -51,17 +51,6 @@ app.kubernetes.io/component: outpost
 {{- if .Values.tls.clientCertificates }}true{{ end }}
 {{- end }}
 
-{{/* The database key: the one already in the release's Secret (upgrades keep it), or a
-new Fernet key (32 random bytes, url-safe base64). */}}
-{{- define "outpost.cryptKey" -}}
-{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "outpost.secretName" .) }}
-{{- if and $secret $secret.data (hasKey $secret.data .Values.cryptKey.existingSecretKey) }}
-{{- index $secret.data .Values.cryptKey.existingSecretKey | b64dec }}
-{{- else }}
-{{- randBytes 32 | replace "+" "-" | replace "/" "_" }}
-{{- end }}
-{{- end }}
-
 {{/* Refuse values that would give an Outpost that cannot start or that nobody can use
 safely; each message says what to set. */}}
 {{- define "outpost.validate" -}}
@@ -77,6 +66,9 @@ safely; each message says what to set. */}}
 {{- end }}
 {{- if not (or $tls.clientCertificates .Values.outpost.hubTokens) }}
 {{- fail "outpost.hubTokens: with tls.clientCertificates: false hubs authenticate with bearer tokens; give hub name -> \"sha256:...\" (`jupyterhub-outpost hash-token < token-file`)." }}
+{{- end }}
+{{- if not (or .Values.cryptKey.value .Values.cryptKey.existingSecret) }}
+{{- fail "cryptKey: the database needs an encryption key: set cryptKey.existingSecret (a Secret with the key under cryptKey.existingSecretKey) or cryptKey.value; make one with: python -c \"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())\" (keep it with the database's backups)." }}
 {{- end }}
 {{- $extra := values .Values.outpost.extraConfig | join "\n" }}
 {{- if and $tls.clientCertificates (not .Values.outpost.allowedHubs) (not .Values.outpost.userMapping) (not (contains "user_mapping" $extra)) (not (contains "allowed_hubs" $extra)) }}
