@@ -133,6 +133,8 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
     store: Store | None = None
     manager: LifecycleManager | None = None
     server: grpc.aio.Server | None = None
+    health_server: grpc.aio.Server | None = None
+    health_bound_port: int | None = None
     health: health.aio.HealthServicer | None = None
 
     config_file = Unicode(
@@ -381,6 +383,8 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
         else:
             self.bound_port = self.server.add_insecure_port(address)
         await self.server.start()
+        if self.health_port is not None:
+            await self.init_health_port()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         # a line tests and scripts can wait for
@@ -393,6 +397,19 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             mode,
             self.spawner_class.__name__,
         )
+
+    async def init_health_port(self):
+        """The plaintext health-only port (health_port): the same health servicer, no
+        interceptor, no other service, few streams per connection (Watch)."""
+        self.health_server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 4)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        ip = self.health_ip
+        address = f"{ip}:{self.health_port}" if ":" not in ip else f"[{ip}]:{self.health_port}"
+        self.health_bound_port = self.health_server.add_insecure_port(address)
+        await self.health_server.start()
+        self.log.info("Health service (only) in plaintext on %s:%d", ip, self.health_bound_port)
 
     async def init_forwarder(self):
         # SSH is authenticated (by key), so the plaintext-on-loopback rule does not apply
@@ -465,6 +482,9 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
                 await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.forwarder is not None:
             await self.forwarder.stop()
+        health_server, self.health_server = self.health_server, None
+        if health_server is not None:
+            await health_server.stop(0)
         server, self.server = self.server, None
         if server is not None:
             await server.stop(self.shutdown_grace)
