@@ -105,14 +105,19 @@ async def test_a_previous_release_database_is_refused_upgraded_and_keeps_its_ser
     assert f"jupyterhub-outpost upgrade-db -f {op.config}" in line
     assert await revision_in(db_url) is None
 
-    out = run_outpost("upgrade-db", "-f", str(op.config), env=outpost_env())
+    if db_url.startswith("sqlite"):
+        db_file = Path(db_url.removeprefix("sqlite:///"))
+        db_file.chmod(0o600)
+    # the secret columns stay as they are: upgrade-db needs no key
+    keyless = {k: v for k, v in outpost_env().items() if k != "OUTPOST_CRYPT_KEY"}
+    out = run_outpost("upgrade-db", "-f", str(op.config), env=keyless)
     assert out.returncode == 0, out.stderr
     assert "from schema revision 0001 to 0002" in out.stdout
     assert await revision_in(db_url) == "0002"
     if db_url.startswith("sqlite"):
-        db_file = Path(db_url.removeprefix("sqlite:///"))
         (backup,) = db_file.parent.glob(db_file.name + ".20*")
         assert f"Backed up {db_file} to {backup}" in out.stdout
+        assert backup.stat().st_mode & 0o777 == 0o600  # the database's own mode
         with sqlite3.connect(backup) as old:  # the database as it was: release 0001's
             assert old.execute("SELECT count(*) FROM outpost_servers").fetchone() == (2,)
             assert "flavor" not in {row[1] for row in old.execute("PRAGMA table_info(outpost_servers)")}
