@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
@@ -203,8 +204,6 @@ def test_upgrade_db_needs_a_database(tmp_path):
 
 
 def _upgrade_to(sync_conn, revision: str) -> None:
-    from alembic import command
-
     command.upgrade(migrations.alembic_config(sync_conn), revision)
 
 
@@ -225,5 +224,30 @@ async def test_the_revisions_build_the_tables_of_store_py(db_url):
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
             assert tables == set(store.metadata.tables) | {migrations.VERSION_TABLE}
             assert (await conn.execute(text("SELECT version FROM outpost_schema"))).scalar() == store.SCHEMA_VERSION
+    finally:
+        await engine.dispose()
+
+
+async def test_the_newest_revision_downgrades_and_upgrades_again(db_url):
+    """alembic's downgrade of each revision works (the way back for a developer; an
+    operator restores the backup instead)."""
+    engine = create_async_engine(store.async_url(db_url), poolclass=NullPool)
+
+    def columns(sync_conn) -> set[str]:
+        return {c["name"] for c in inspect(sync_conn).get_columns("outpost_servers")}
+
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: _upgrade_to(c, "head"))
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.downgrade(migrations.alembic_config(c), "0001"))
+        async with engine.connect() as conn:
+            assert "flavor" not in await conn.run_sync(columns)
+            assert await conn.run_sync(migrations.revision_of) == ("0001", True)
+            assert (await conn.execute(text("SELECT version FROM outpost_schema"))).scalar() == 1
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: _upgrade_to(c, "head"))
+        async with engine.connect() as conn:
+            assert {"flavor", "flavor_spec", "end_time", "stop_message"} <= await conn.run_sync(columns)
     finally:
         await engine.dispose()
