@@ -7,6 +7,7 @@ Reads like JupyterHub's own: a traitlets Application with `outpost_config.py`,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import resource
@@ -44,6 +45,7 @@ from .identity import (
     unauthenticated_refusal,
 )
 from .interceptors import OutpostInterceptor
+from .migrations import DatabaseSchemaError, SchemaOutdated
 from .manager import LifecycleManager, ManagerSettings, StartPolicies
 from .flavors import FlavorConfigError, FlavorSet
 from .options import ConnectionOptions, FlavorOptions, HostingOptions, StorageOptions
@@ -106,6 +108,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
     jupyterhub-outpost --generate-config
     jupyterhub-outpost --port 50051 --spawner-class simple --allow-unauthenticated   # a laptop: no credentials
     jupyterhub-outpost -f /etc/outpost/outpost_config.py
+    jupyterhub-outpost upgrade-db -f /etc/outpost/outpost_config.py
     jupyterhub-outpost generate-certs --out certs --host outpost.example.org --hub hub1
     jupyterhub-outpost --tls-cert certs/outpost-server/outpost-server.crt \\
         --tls-key certs/outpost-server/outpost-server.key --tls-client-ca certs/outpost-ca/outpost-ca.crt
@@ -120,6 +123,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
         "hash-token": (
             "outpost_server.app.HashToken",
             "Read a hub's bearer token from stdin and print its hash for c.Outpost.hub_tokens.",
+        ),
+        "upgrade-db": (
+            "outpost_server.app.UpgradeDB",
+            "Upgrade the Outpost's database to this version's schema (a SQLite file is backed up first).",
         ),
         "fingerprint": (
             "outpost_server.app.Fingerprint",
@@ -449,7 +456,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
 
     async def start(self):
         if self.subapp is not None:
-            return self.subapp.start()
+            result = self.subapp.start()
+            if inspect.isawaitable(result):  # upgrade-db
+                await result
+            return
         if self.generate_config:
             self.write_config_file()
             return
@@ -464,8 +474,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             await self.setup()
         except (
             RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError, AccountsConfigError,
-            FlavorConfigError,
+            FlavorConfigError, DatabaseSchemaError,
         ) as e:  # fmt: skip
+            if isinstance(e, SchemaOutdated):  # name the config file in the command
+                e = SchemaOutdated(e.current, e.head, self.config_file)
             raise one_line_exit(e) from None
         try:
             await stop.wait()
@@ -583,6 +595,42 @@ class HashToken(Application):
                 'e.g. from python -c "import secrets; print(secrets.token_urlsafe(32))"'
             )
         print(hash_token(token))
+
+
+class UpgradeDB(Application):
+    """The `upgrade-db` subcommand: the database of the Outpost's config to this version's
+    schema (migrations/)."""
+
+    name = "jupyterhub-outpost upgrade-db"
+    version = __version__
+    description = """Upgrade the Outpost's database (c.Outpost.db_url of its config file) to
+    the schema of this version; an Outpost refuses to start on an older one. Stop every
+    Outpost using the database first. A SQLite file is backed up first, next to it
+    (outpost.sqlite.YYYY-mm-dd-HHMMSS); back up a PostgreSQL database yourself. A
+    database at this schema already is left as it is."""
+    examples = """
+    jupyterhub-outpost upgrade-db -f /etc/outpost/outpost_config.py
+    jupyterhub-outpost upgrade-db --db-url postgresql://outpost@db.example.org/outpost
+    """
+    aliases = {
+        "f": "Outpost.config_file",
+        "config": "Outpost.config_file",
+        "db-url": "Outpost.db_url",
+        "log-level": "Application.log_level",
+    }
+    flags = {}
+
+    async def start(self):
+        from .migrations import upgrade_database
+
+        outpost = Outpost(parent=self)
+        outpost.load_config_file(outpost.config_file)
+        if self.cli_config:  # command-line options win over the config file
+            outpost.update_config(self.cli_config)
+        try:
+            await upgrade_database(outpost.db_url)
+        except (DatabaseSchemaError, LookupError) as e:
+            raise SystemExit(f"{self.name}: {e}") from None
 
 
 class Fingerprint(Application):
