@@ -21,7 +21,6 @@ import pytest
 from cryptography.fernet import Fernet
 
 from outpost_client import pb
-from outpost_server.app import Outpost
 from outpost_server.certs import Pair
 
 from .harness.docker import PrivateDockerd, base_image_tar, docker_unavailable
@@ -165,10 +164,10 @@ async def test_hub_spawns_a_notebook_in_the_container(engine, hub_factory, tmp_p
         (uid, " ".join(args.split()[:2])) for uid, args in procs
     ], procs
     assert all(uid == str(UID) for uid, _ in procs), procs
-    if "health_port" in Outpost.class_trait_names():  # c.Outpost.health_port (the chart's slice)
-        await wait_for(
-            lambda: health(docker, name) == "healthy", timeout=60, interval=0.5, message=f"not healthy:\n{logs()}"
-        )
+    # the image's HEALTHCHECK: the gRPC health service on c.Outpost.health_port
+    await wait_for(
+        lambda: health(docker, name) == "healthy", timeout=60, interval=0.5, message=f"not healthy:\n{logs()}"
+    )
 
     host_pub = docker("exec", name, "cat", "/var/lib/jupyterhub-outpost/ssh_host_key.pub").stdout.strip()
     known_hosts = tmp_path / "known_hosts"
