@@ -46,6 +46,7 @@ lint-proto: node_modules/.installed
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(BUF) lint
+	$(VENV)/bin/hadolint Dockerfile
 
 # PostgreSQL runs on this machine kind already; start it if it was stopped.
 postgres:

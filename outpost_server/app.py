@@ -7,6 +7,7 @@ Reads like JupyterHub's own: a traitlets Application with `outpost_config.py`,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import resource
@@ -44,6 +45,7 @@ from .identity import (
     unauthenticated_refusal,
 )
 from .interceptors import OutpostInterceptor
+from .migrations import DatabaseSchemaError, SchemaOutdated
 from .manager import LifecycleManager, ManagerSettings, StartPolicies
 from .flavors import FlavorConfigError, FlavorSet
 from .metrics import MetricsServer
@@ -111,6 +113,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
     jupyterhub-outpost --generate-config
     jupyterhub-outpost --port 50051 --spawner-class simple --allow-unauthenticated   # a laptop: no credentials
     jupyterhub-outpost -f /etc/outpost/outpost_config.py
+    jupyterhub-outpost upgrade-db -f /etc/outpost/outpost_config.py
     jupyterhub-outpost generate-certs --out certs --host outpost.example.org --hub hub1
     jupyterhub-outpost --tls-cert certs/outpost-server/outpost-server.crt \\
         --tls-key certs/outpost-server/outpost-server.key --tls-client-ca certs/outpost-ca/outpost-ca.crt
@@ -126,6 +129,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             "outpost_server.app.HashToken",
             "Read a hub's bearer token from stdin and print its hash for c.Outpost.hub_tokens.",
         ),
+        "upgrade-db": (
+            "outpost_server.app.UpgradeDB",
+            "Upgrade the Outpost's database to this version's schema (a SQLite file is backed up first).",
+        ),
         "fingerprint": (
             "outpost_server.app.Fingerprint",
             "Print the SHA-256 fingerprint of certificates (PEM files), for c.Outpost.revoked_certificates.",
@@ -138,6 +145,8 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
     store: Store | None = None
     manager: LifecycleManager | None = None
     server: grpc.aio.Server | None = None
+    health_server: grpc.aio.Server | None = None
+    health_bound_port: int | None = None
     health: health.aio.HealthServicer | None = None
     metrics_server: MetricsServer | None = None
 
@@ -387,6 +396,8 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
         else:
             self.bound_port = self.server.add_insecure_port(address)
         await self.server.start()
+        if self.health_port is not None:
+            await self.init_health_port()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         # a line tests and scripts can wait for
@@ -399,6 +410,19 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             mode,
             self.spawner_class.__name__,
         )
+
+    async def init_health_port(self):
+        """The plaintext health-only port (health_port): the same health servicer, no
+        interceptor, no other service, few streams per connection (Watch)."""
+        self.health_server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 4)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        ip = self.health_ip
+        address = f"{ip}:{self.health_port}" if ":" not in ip else f"[{ip}]:{self.health_port}"
+        self.health_bound_port = self.health_server.add_insecure_port(address)
+        await self.health_server.start()
+        self.log.info("Health service (only) in plaintext on %s:%d", ip, self.health_bound_port)
 
     async def init_forwarder(self):
         # SSH is authenticated (by key), so the plaintext-on-loopback rule does not apply
@@ -456,7 +480,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
 
     async def start(self):
         if self.subapp is not None:
-            return self.subapp.start()
+            result = self.subapp.start()
+            if inspect.isawaitable(result):  # upgrade-db
+                await result
+            return
         if self.generate_config:
             self.write_config_file()
             return
@@ -471,8 +498,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             await self.setup()
         except (
             RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError, AccountsConfigError,
-            FlavorConfigError, MetricsConfigError,
+            FlavorConfigError, DatabaseSchemaError, MetricsConfigError,
         ) as e:  # fmt: skip
+            if isinstance(e, SchemaOutdated):  # name the config file in the command
+                e = SchemaOutdated(e.current, e.head, self.config_file)
             raise one_line_exit(e) from None
         try:
             await stop.wait()
@@ -489,6 +518,9 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
                 await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.forwarder is not None:
             await self.forwarder.stop()
+        health_server, self.health_server = self.health_server, None
+        if health_server is not None:
+            await health_server.stop(0)
         server, self.server = self.server, None
         if server is not None:
             await server.stop(self.shutdown_grace)
@@ -590,6 +622,42 @@ class HashToken(Application):
                 'e.g. from python -c "import secrets; print(secrets.token_urlsafe(32))"'
             )
         print(hash_token(token))
+
+
+class UpgradeDB(Application):
+    """The `upgrade-db` subcommand: the database of the Outpost's config to this version's
+    schema (migrations/)."""
+
+    name = "jupyterhub-outpost upgrade-db"
+    version = __version__
+    description = """Upgrade the Outpost's database (c.Outpost.db_url of its config file) to
+    the schema of this version; an Outpost refuses to start on an older one. Stop every
+    Outpost using the database first. A SQLite file is backed up first, next to it
+    (outpost.sqlite.YYYY-mm-dd-HHMMSS); back up a PostgreSQL database yourself. A
+    database at this schema already is left as it is."""
+    examples = """
+    jupyterhub-outpost upgrade-db -f /etc/outpost/outpost_config.py
+    jupyterhub-outpost upgrade-db --db-url postgresql://outpost@db.example.org/outpost
+    """
+    aliases = {
+        "f": "Outpost.config_file",
+        "config": "Outpost.config_file",
+        "db-url": "Outpost.db_url",
+        "log-level": "Application.log_level",
+    }
+    flags = {}
+
+    async def start(self):
+        from .migrations import upgrade_database
+
+        outpost = Outpost(parent=self)
+        outpost.load_config_file(outpost.config_file)
+        if self.cli_config:  # command-line options win over the config file
+            outpost.update_config(self.cli_config)
+        try:
+            await upgrade_database(outpost.db_url)
+        except (DatabaseSchemaError, LookupError) as e:
+            raise SystemExit(f"{self.name}: {e}") from None
 
 
 class Fingerprint(Application):

@@ -54,6 +54,27 @@ class ConnectionOptions(HasTraits):
         """,
     )
     port = Integer(50051, min=0, max=65535, config=True, help="The port the gRPC server listens on (0: any free port).")
+    health_port = Integer(
+        None,
+        allow_none=True,
+        min=0,
+        max=65535,
+        config=True,
+        help="""A second, plaintext port that serves only the gRPC health service
+        (grpc.health.v1.Health), for probes that cannot present TLS or a client
+        certificate: Kubernetes' native gRPC probes, a container's health check.
+
+        None (default): no such port; the health service is on the main port only. It
+        answers nothing but SERVING / NOT_SERVING for "" and
+        jupyterhub.outpost.v1.OutpostService (no reflection, no Outpost RPCs), on
+        health_ip. 0 picks any free port.""",
+    )
+    health_ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""The address the health port (health_port) listens on. A Kubernetes probe
+        comes from the node, so a pod sets 0.0.0.0; on a host, keep loopback.""",
+    )
     allow_plaintext = Bool(
         False,
         config=True,

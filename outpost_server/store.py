@@ -15,6 +15,9 @@ because the database was unreachable fails all its callers at once (Unavailable)
 pool checks a connection before each use (``pool_pre_ping``), so the first write after an
 outage gets a fresh one (tests/test_faults.py).
 
+The schema is alembic's (migrations/): :meth:`Store.open` creates a new database at the
+newest revision and refuses one at another (``jupyterhub-outpost upgrade-db``).
+
 The secret columns (``env``, ``spawner_state``) are encrypted in Python by the op builders,
 before a write is queued (the prebuilt statements stay as they are), and decrypted by
 :meth:`Store.load` (crypto.py).
@@ -52,13 +55,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from outpost_client.errors import PersistenceUnavailable
 
-from . import metrics
+from . import metrics, migrations
 from .crypto import Crypt, DecryptionError
 
 log = logging.getLogger("outpost.store")
 
-#: 2: the servers' flavor and flavor_spec columns, end_time and stop_message (runtime.py);
-#: added to a version 1 database at open (add_missing_columns)
+#: outpost_schema.version of the newest schema revision (migrations/versions/), which
+#: the releases before alembic check. 2: the servers' flavor and flavor_spec columns,
+#: end_time and stop_message (runtime.py); revision 0002
 SCHEMA_VERSION = 2
 
 metadata = MetaData()
@@ -127,28 +131,6 @@ TRIM_EVENTS = delete(events).where(_EVENTS_KEY, events.c.sequence < bindparam("k
 
 # encrypted at rest (crypto.py): the notebook's API token is in env
 SECRET_COLUMNS = ("env", "spawner_state")
-
-
-def add_missing_columns(sync_conn) -> list[str]:
-    """Add the columns of this version's tables that an older database lacks (each is
-    nullable or has a server default, so existing rows stay valid); their names.
-
-    Schema changes so far only add columns: an ALTER TABLE ADD COLUMN per column, which
-    SQLite and PostgreSQL both do in place."""
-    from sqlalchemy import inspect as sa_inspect
-    from sqlalchemy.schema import CreateColumn
-
-    inspector = sa_inspect(sync_conn)
-    added = []
-    for table in metadata.sorted_tables:
-        existing = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in existing:
-                continue
-            ddl = CreateColumn(column).compile(dialect=sync_conn.dialect)
-            sync_conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
-            added.append(f"{table.name}.{column.name}")
-    return added
 
 
 def now() -> datetime:
@@ -230,20 +212,9 @@ class Store:
 
         try:
             async with self.engine.begin() as conn:
-                await conn.run_sync(metadata.create_all)
-                version = (await conn.execute(select(schema_info.c.version))).scalar()
-                if version is None:
-                    await conn.execute(insert(schema_info).values(version=SCHEMA_VERSION))
-                elif version > SCHEMA_VERSION:
-                    raise RuntimeError(
-                        f"database schema version {version} is newer than this Outpost "
-                        f"({SCHEMA_VERSION}); upgrade the Outpost"
-                    )
-                added = await conn.run_sync(add_missing_columns)
-                if added:
-                    log.info("Database upgraded: added the columns %s", ", ".join(added))
-                if version is not None and version < SCHEMA_VERSION:
-                    await conn.execute(update(schema_info).values(version=SCHEMA_VERSION))
+                # a new database is created at the newest schema revision; an older or
+                # newer one is refused (DatabaseSchemaError: upgrade-db upgrades it)
+                await conn.run_sync(migrations.prepare)
         except Exception:
             await self.engine.dispose()
             raise

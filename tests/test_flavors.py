@@ -22,6 +22,7 @@ from outpost_client import (
     pb,
 )
 from outpost_client.errors import FLAVOR_LIMIT_REACHED, FLAVOR_NOT_ALLOWED, INVALID_FIELD, UNKNOWN_FLAVOR
+from outpost_server import migrations
 from outpost_server.flavors import Flavor, FlavorConfigError, FlavorSet, Usage, limit_refusal, parse_flavor
 from outpost_server.store import async_url
 from outpost_server.testing import SlowSpawner
@@ -305,7 +306,7 @@ async def test_counts_come_back_from_the_database_after_a_restart(start_outpost,
             await op.client.start("s3", sid(), user_name="u3", flavor="small")
 
 
-async def test_a_database_from_before_flavors_still_opens(start_outpost, db_url):
+async def test_a_database_from_before_flavors_opens_after_upgrade_db(start_outpost, db_url):
     async with start_outpost(db_url=db_url) as op:
         await op.client.start("old", sid(), user_name="ann", wait_until_ready=True)
 
@@ -313,16 +314,23 @@ async def test_a_database_from_before_flavors_still_opens(start_outpost, db_url)
         engine = create_async_engine(async_url(db_url))
         try:
             async with engine.begin() as conn:
-                return [(await conn.exec_driver_sql(statement)).fetchall() if statement.startswith("SELECT")
-                        else None for statement in statements]  # fmt: skip
+                results = [await conn.exec_driver_sql(statement) for statement in statements]
+                return [r.fetchall() if r.returns_rows else None for r in results]
         finally:
             await engine.dispose()
 
     await sql(  # as schema version 1 left it
         "ALTER TABLE outpost_servers DROP COLUMN flavor",
         "ALTER TABLE outpost_servers DROP COLUMN flavor_spec",
+        "ALTER TABLE outpost_servers DROP COLUMN end_time",
+        "ALTER TABLE outpost_servers DROP COLUMN stop_message",
         "UPDATE outpost_schema SET version = 1",
+        f"DROP TABLE {migrations.VERSION_TABLE}",  # before alembic (tests/test_migrations.py)
     )
+    with pytest.raises(migrations.SchemaOutdated):
+        async with start_outpost(db_url=db_url):
+            pass
+    await migrations.upgrade_database(db_url, say=lambda _: None)
     async with start_outpost(db_url=db_url, flavors={"small": {"default": True}}) as op:
         status = await op.client.poll("old")
         assert status.state == pb.SERVER_STATE_RUNNING and status.flavor == ""

@@ -18,7 +18,7 @@ from sqlalchemy import Column, MetaData, Table, insert
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from outpost_client import OutpostClient, pb
-from outpost_server import runtime, store
+from outpost_server import migrations, runtime, store
 from outpost_server.runtime import admitted_message, format_duration, format_end_time, stop_message
 from outpost_server.testing import HangingStopSpawner, InstantSpawner, class_state
 
@@ -82,9 +82,10 @@ def test_messages_name_the_end_time_the_limit_and_the_flavor():
 # --- the schema -------------------------------------------------------------------------
 
 
-async def test_a_database_of_schema_1_opens_and_keeps_its_servers(tmp_path):
-    """An Outpost upgraded in place: its database (no end_time, no stop_message) opens,
-    gains the columns, and its servers read back without an end time."""
+async def test_a_database_of_schema_1_is_upgraded_and_keeps_its_servers(tmp_path):
+    """An Outpost upgraded in place: its database (no end_time, no stop_message) is
+    refused until upgrade-db (tests/test_migrations.py) gives it the columns, and its
+    servers read back without an end time."""
     url = f"sqlite:///{tmp_path}/old.sqlite"
     old = MetaData()
     for table in (store.servers, store.events, store.schema_info):
@@ -106,7 +107,10 @@ async def test_a_database_of_schema_1_opens_and_keeps_its_servers(tmp_path):
         ))  # fmt: skip
     await engine.dispose()
 
-    for _ in range(2):  # and a second start-up adds nothing twice
+    with pytest.raises(migrations.SchemaOutdated):
+        await store.Store(url).open()
+    await migrations.upgrade_database(url, say=lambda _: None)
+    for _ in range(2):  # and a second start-up changes nothing
         db = store.Store(url)
         await db.open()
         try:

@@ -24,6 +24,8 @@ and by import (``from .harness.util import wait_for``); the benchmarks by import
 - ``slurm``: ``SlurmCluster``, a private single-node Slurm cluster (``private_cluster()``),
   ``JOB_NAME``, ``our_jobs()``, ``queue_reason_recipe()``.
 - ``netns``: two network namespaces, hub and site (``hub_and_site()``).
+- ``docker``: ``PrivateDockerd`` (a private Docker engine), ``base_image_tar()`` (a Debian
+  base image made with debootstrap, cached per machine), ``docker_unavailable()``.
 - ``browser``: ``Browser``, a headless Chromium driven by selenium as a person uses a hub
   (``login()``, ``open()``, ``wait_text()``, ``shot()``), and ``browser_unavailable()``.
 - ``e2e_driver``: drives a hub as a user would, from inside the hub's namespace

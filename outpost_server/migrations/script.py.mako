@@ -1,0 +1,24 @@
+"""${message}
+
+Revision ID: ${up_revision}
+Revises: ${down_revision | comma,n}
+Create Date: ${create_date}
+"""
+
+import sqlalchemy as sa
+from alembic import op
+${imports if imports else ""}
+revision = ${repr(up_revision)}
+down_revision = ${repr(down_revision)}
+branch_labels = ${repr(branch_labels)}
+depends_on = ${repr(depends_on)}
+
+
+def upgrade() -> None:
+    ${upgrades if upgrades else "pass"}
+    # releases before alembic refuse a database whose version is newer than theirs
+    op.execute("UPDATE outpost_schema SET version = <SCHEMA_VERSION of store.py>")
+
+
+def downgrade() -> None:
+    ${downgrades if downgrades else "pass"}

@@ -1,0 +1,1 @@
+# the revisions (alembic loads every module here but this one)
