@@ -27,7 +27,10 @@ Then, each in a fresh Outpost of its own (0 skips them):
   ``start_noflavor_p50_ms``, target within 10 %); 200 concurrent Starts at a flavor with a
   total of 7 (``flavor_admit_200_total_s``; exactly 7 must be admitted, or the benchmark
   fails); ListFlavors with ``--flavor-servers`` (2,000) running servers over the 20
-  flavors (``list_flavors_p50_ms``).
+  flavors (``list_flavors_p50_ms``);
+- ``--metrics-rounds``: an Outpost with ``c.Outpost.metrics_port`` (scraped every
+  ``--metrics-scrape-interval`` seconds, default 15) next to one without: Starts, and 64 concurrent Polls in 1 s windows, at each in turn,
+  ABBA (``metrics_start_slowdown``, ``metrics_poll_c64_slowdown``, target within 5 %).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import multiprocessing as mp
 import random
 import sys
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -53,7 +57,7 @@ from outpost_client.v1 import outpost_pb2 as pb  # noqa: E402
 
 from benchmarks.bench_spawners import stamp_of  # noqa: E402
 from benchmarks.common import BenchOutpost, machine_info, source_info, write_json  # noqa: E402
-from tests.harness.util import percentile  # noqa: E402
+from tests.harness.util import free_port, percentile  # noqa: E402
 
 RUNNING = ServerState.Value("SERVER_STATE_RUNNING")
 STOPPED = StopOutcome.Value("STOP_OUTCOME_STOPPED")
@@ -111,6 +115,9 @@ EXTRA_TARGETS = {
     # a start through a flavor (with limits) against one without, same moment, same load
     "start_flavor_slowdown": ("<=", 1.1),
     "flavor_admit_200_admitted": ("==", ADMIT_MAX),
+    # metrics on against off (c.Outpost.metrics_port), same moment, same load
+    "metrics_start_slowdown": ("<=", 1.05),
+    "metrics_poll_c64_slowdown": ("<=", 1.05),
 }
 
 # Ratios of another size's figures to n=100's (target: within RATIO_TARGET).
@@ -766,6 +773,239 @@ async def run_flavors(outpost: BenchOutpost, starts: int, servers: int) -> dict:
     return results
 
 
+# --- metrics: the cost of c.Outpost.metrics_port, on against off -------------------------
+
+METRICS_SERVERS = 100  # running servers the Polls go to (and the scrapes count)
+METRICS_STARTS = 100  # sequential Starts per Outpost and round
+SCRAPE_INTERVAL = 15.0  # seconds between two scrapes (--metrics-scrape-interval): a usual Prometheus setting
+POLL_WINDOW = 1.0  # seconds of Polls at one Outpost before switching to the other
+
+
+def _scrape_loop(url: str, interval: float, stop, results) -> None:
+    """A scraper process: GET url every interval until stop is set; its durations to results."""
+    durations: list[float] = []
+    try:
+        while not stop.wait(interval):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=RPC_TIMEOUT) as response:
+                response.read()
+            durations.append(time.perf_counter() - t0)
+    finally:
+        results.put(durations)
+
+
+class Scraper:
+    """A Prometheus stand-in: GET /metrics every ``interval`` seconds from a process of its own
+    (not this one: its thread would take the GIL from the client it measures) while
+    ``with`` lasts; the scrapes' durations are kept."""
+
+    def __init__(self, port: int, interval: float = SCRAPE_INTERVAL):
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.interval = interval
+        self.durations: list[float] = []
+        self._ctx = mp.get_context("spawn")
+
+    def scrape(self) -> bytes:
+        with urllib.request.urlopen(self.url, timeout=RPC_TIMEOUT) as response:
+            return response.read()
+
+    def __enter__(self):
+        self._stop = self._ctx.Event()
+        self._results = self._ctx.Queue()
+        self._proc = self._ctx.Process(
+            target=_scrape_loop, args=(self.url, self.interval, self._stop, self._results), daemon=True
+        )
+        self._proc.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.durations += self._results.get(timeout=RPC_TIMEOUT + 10)
+        self._proc.join(10)
+
+
+async def _paired_poll_worker_async(addresses, names, coroutines, offset, ready, go, windows, window):
+    """One client process polling two Outposts in turn: window after window of `window`
+    seconds, the side of window j given by ABBA (j % 4 in (0, 3): addresses[0]); answers
+    the calls each window completed. Every process keeps the same clock (time.time()), so
+    all of them switch sides together."""
+    async with (
+        OutpostClient(addresses[0], timeout=RPC_TIMEOUT) as first,
+        OutpostClient(addresses[1], timeout=RPC_TIMEOUT) as second,
+    ):
+        for client in (first, second):
+            for name in names[:10]:
+                await client.poll(name)
+        ready.set()
+        while go.value == 0:
+            await asyncio.sleep(0.01)
+        start = go.value
+        calls = [0] * windows
+
+        async def caller(k: int) -> None:
+            i = offset + k * 7
+            while True:
+                j = int((time.time() - start) // window)
+                if j >= windows:
+                    return
+                if j < 0:
+                    await asyncio.sleep(start - time.time())
+                    continue
+                client = first if j % 4 in (0, 3) else second
+                await client.poll(names[i % len(names)])
+                if int((time.time() - start) // window) == j:  # a call across a switch counts for neither
+                    calls[j] += 1
+                i += 1
+
+        await asyncio.gather(*(caller(k) for k in range(coroutines)))
+        return calls
+
+
+def _paired_poll_worker(addresses, names, coroutines, offset, ready, go, windows, window, results):
+    try:
+        calls = asyncio.run(
+            _paired_poll_worker_async(addresses, names, coroutines, offset, ready, go, windows, window)
+        )
+        results.put(("ok", calls))
+    except BaseException as e:
+        ready.set()
+        results.put(("error", repr(e)))
+
+
+def paired_polls(addresses: list[str], names: list[str], windows: int, window: float) -> list[float]:
+    """64 concurrent Polls (2 client processes x 32) at two Outposts in turn (ABBA windows);
+    the rate of each window (calls / window seconds), first Outpost in windows j % 4 in (0, 3)."""
+    ctx = mp.get_context("spawn")
+    ready = [ctx.Event() for _ in range(2)]
+    go = ctx.Value("d", 0.0)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_paired_poll_worker,
+            args=(addresses, names, 32, p * 997, ready[p], go, windows, window, results),
+            daemon=True,
+        )
+        for p in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not all(event.is_set() for event in ready):
+            if time.monotonic() > deadline or any(not proc.is_alive() for proc in procs):
+                raise BenchmarkError("a poll client process did not get ready")
+            time.sleep(0.05)
+        go.value = time.time() + 0.2
+        collected = [results.get(timeout=windows * window + 30) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    errors = [r[1] for r in collected if r[0] != "ok"]
+    if errors:
+        raise BenchmarkError(f"poll client process failed: {errors[0]}")
+    return [sum(r[1][j] for r in collected) / window for j in range(windows)]
+
+
+async def run_metrics(outpost: BenchOutpost, rounds: int, metrics_port: int, scrape_interval: float) -> dict:
+    """``outpost`` serves metrics on metrics_port; a second Outpost without them runs beside
+    it, configured the same otherwise, and a separate process scrapes the first every
+    scrape_interval seconds throughout. Both are measured in turn, ABBA, in small steps so that the
+    machine's noise hits both alike: ``rounds`` x 100 sequential Starts alternating between
+    them, then 64 concurrent Polls switching between them every POLL_WINDOW seconds
+    (``rounds`` x 4 windows)."""
+    results: dict = {}
+    notes: dict = {}
+    ids = Ids()
+    plain = BenchOutpost()
+    scraper = Scraper(metrics_port, scrape_interval)
+    try:
+        plain.launch()
+        async with (
+            OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as on_client,
+            OutpostClient(plain.address, timeout=RPC_TIMEOUT) as off_client,
+        ):
+            await outpost.wait_serving(READY_TIMEOUT)
+            await plain.wait_serving(READY_TIMEOUT)
+            polled = server_names(METRICS_SERVERS, prefix="polled")
+            for c in (on_client, off_client):
+                warm = server_names(WARMUP, prefix="warmup")
+                for name in warm:
+                    await timed_start(c, name, ids.next())
+                await wait_running(c, warm)
+                for name in warm:
+                    await timed_stop(c, name)
+                for name in polled:
+                    await timed_start(c, name, ids.next())
+                await wait_running(c, polled)
+            if b"outpost_servers" not in scraper.scrape():
+                raise BenchmarkError("the Outpost with metrics_port serves no outpost_servers gauge")
+            with scraper:
+                await asyncio.sleep(1.0)  # the scraper process is up
+                starts: dict[str, list[float]] = {"on": [], "off": []}
+                for round_ in range(rounds):
+                    names = server_names(METRICS_STARTS, prefix=f"r{round_}")
+                    for i, name in enumerate(names):
+                        order = ("on", "off") if i % 2 == 0 else ("off", "on")  # ABBA
+                        for side in order:
+                            client = on_client if side == "on" else off_client
+                            starts[side].append(await timed_start(client, name, ids.next()))
+                    for c in (on_client, off_client):
+                        await wait_running(c, names)
+                        for name in names:
+                            await timed_stop(c, name)
+                # each Outpost as the first and as the second of the client's two channels:
+                # which channel goes first alone moved the rate by up to 30 % on this
+                # machine (two Outposts without metrics), so both orders are measured
+                cpu_on, cpu_off = outpost.cpu_seconds(), plain.cpu_seconds()
+                windows = paired_polls([outpost.address, plain.address], polled, rounds * 4, POLL_WINDOW)
+                swapped = paired_polls([plain.address, outpost.address], polled, rounds * 4, POLL_WINDOW)
+                cpu_on, cpu_off = outpost.cpu_seconds() - cpu_on, plain.cpu_seconds() - cpu_off
+            for c in (on_client, off_client):
+                for name in polled:
+                    await timed_stop(c, name)
+    finally:
+        plain.terminate()
+        plain.cleanup()
+    first = [rate for j, rate in enumerate(windows) if j % 4 in (0, 3)]
+    second = [rate for j, rate in enumerate(windows) if j % 4 in (1, 2)]
+    first_swapped = [rate for j, rate in enumerate(swapped) if j % 4 in (0, 3)]
+    second_swapped = [rate for j, rate in enumerate(swapped) if j % 4 in (1, 2)]
+    rps_on, rps_off = first + second_swapped, second + first_swapped
+    results["poll_c64_metrics_first_rps"] = sum(first) / len(first)
+    results["poll_c64_nometrics_second_rps"] = sum(second) / len(second)
+    results["poll_c64_nometrics_first_rps"] = sum(first_swapped) / len(first_swapped)
+    results["poll_c64_metrics_second_rps"] = sum(second_swapped) / len(second_swapped)
+    results["start_metrics_p50_ms"] = ms(percentile(starts["on"], 50))
+    results["start_nometrics_p50_ms"] = ms(percentile(starts["off"], 50))
+    results["metrics_start_slowdown"] = percentile(starts["on"], 50) / percentile(starts["off"], 50)
+    results["poll_c64_metrics_rps"] = sum(rps_on) / len(rps_on)
+    results["poll_c64_nometrics_rps"] = sum(rps_off) / len(rps_off)
+    results["metrics_poll_c64_slowdown"] = sum(rps_off) / sum(rps_on)
+    # the Outposts' CPU (user+sys, all threads) per Poll served: what the metrics cost the
+    # Outpost itself, whatever else the machine runs (each is idle while the other is polled)
+    results["poll_cpu_metrics_us"] = cpu_on / (sum(rps_on) * POLL_WINDOW) * 1e6
+    results["poll_cpu_nometrics_us"] = cpu_off / (sum(rps_off) * POLL_WINDOW) * 1e6
+    results["metrics_poll_cpu_slowdown"] = results["poll_cpu_metrics_us"] / results["poll_cpu_nometrics_us"]
+    results["scrape_p50_ms"] = ms(percentile(scraper.durations, 50))
+    results["scrapes"] = len(scraper.durations)
+    notes["metrics"] = (
+        f"{rounds} x {METRICS_STARTS} sequential Starts at each Outpost, alternating ABBA; then "
+        f"Polls of {METRICS_SERVERS} running servers from 2 client processes x 32 coroutines, "
+        f"switching Outpost every {POLL_WINDOW:g} s ({rounds * 4} windows, ABBA), then again with "
+        "the Outposts' places on the clients swapped (_first/_second: which place); the Outpost "
+        f"with metrics scraped every {scrape_interval:g} s by a separate process throughout. "
+        "slowdown = with / without for the Start p50 and the CPU per Poll, without / with for "
+        "the Poll rate (above 1 is worse); CPU per Poll: each Outpost's user+sys time over "
+        "both Poll phases / the Polls it answered (each Outpost also answers the scrapes, "
+        "and its own poll loop, in that time)"
+    )
+    results["_notes"] = notes
+    return results
+
+
 # --- output -----------------------------------------------------------------------------
 
 
@@ -885,6 +1125,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--flavor-starts", type=int, default=100, help="Starts with and without a flavor to compare (default 100)"
     )
+    parser.add_argument(
+        "--metrics-rounds",
+        type=int,
+        default=4,
+        help="rounds of Starts and Polls at an Outpost with metrics and one without, alternately (default 4; 0 skips)",
+    )
+    parser.add_argument(
+        "--metrics-scrape-interval",
+        type=float,
+        default=SCRAPE_INTERVAL,
+        help=f"seconds between two scrapes of the Outpost with metrics (default {SCRAPE_INTERVAL:g})",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     parser.add_argument(
         "--suffix",
@@ -902,6 +1154,8 @@ def main(argv=None) -> int:
         parser.error("--events and --cpu-seconds must not be negative, --cpu-servers at least 1")
     if args.flavor_servers < 0 or args.flavor_starts < 1:
         parser.error("--flavor-servers must not be negative, --flavor-starts at least 1")
+    if args.metrics_rounds < 0:
+        parser.error("--metrics-rounds must not be negative")
 
     def suffix_of(n: int) -> str:
         if args.suffix is not None:
@@ -930,6 +1184,13 @@ def main(argv=None) -> int:
             "flavors",
             lambda: BenchOutpost(config=flavors_config()),
             lambda outpost: run_flavors(outpost, args.flavor_starts, args.flavor_servers),
+        ))  # fmt: skip
+    if args.metrics_rounds:
+        metrics_port = free_port()
+        runs.append((
+            "metrics",
+            lambda: BenchOutpost(config=f"c.Outpost.metrics_port = {metrics_port}\n"),
+            lambda outpost: run_metrics(outpost, args.metrics_rounds, metrics_port, args.metrics_scrape_interval),
         ))  # fmt: skip
 
     source = source_info()  # before the runs: the code the Outposts below import
@@ -980,6 +1241,7 @@ def main(argv=None) -> int:
         ("events", "Event latency (StampedProgressSpawner in the Outpost -> client's Events stream)"),
         ("cpu", f"CPU of {args.cpu_servers} servers under a hub's polling"),
         ("flavors", f"Flavors ({FLAVORS} flavors; ListFlavors with {args.flavor_servers} servers running)"),
+        ("metrics", f"Metrics on (c.Outpost.metrics_port, scraped every {args.metrics_scrape_interval:g} s) against off"),
     ):
         if label in measured:
             misses += print_table(title, measured[label], notes[label], EXTRA_TARGETS)

@@ -48,7 +48,8 @@ from .interceptors import OutpostInterceptor
 from .migrations import DatabaseSchemaError, SchemaOutdated
 from .manager import LifecycleManager, ManagerSettings, StartPolicies
 from .flavors import FlavorConfigError, FlavorSet
-from .options import ConnectionOptions, FlavorOptions, HostingOptions, StorageOptions
+from .metrics import MetricsServer
+from .options import ConnectionOptions, FlavorOptions, HostingOptions, MetricsOptions, StorageOptions
 from .policy import env_policy, override_policy, user_options_policy
 from .relay import HubAPIRelay, RelayConfigError
 from .servicer import OutpostServicer
@@ -88,12 +89,16 @@ flags = {
 }
 
 
+class MetricsConfigError(ValueError):
+    """The metrics endpoint cannot listen (a one-line message for the operator)."""
+
+
 def one_line_exit(error: Exception) -> SystemExit:
     """How a configuration error ends start-up: one line on stderr, exit status 1."""
     return SystemExit(f"jupyterhub-outpost: {error}")
 
 
-class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, Application):
+class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, MetricsOptions, Application):
     """Host a JupyterHub Spawner for remote hubs, over gRPC."""
 
     name = "jupyterhub-outpost"
@@ -143,6 +148,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
     health_server: grpc.aio.Server | None = None
     health_bound_port: int | None = None
     health: health.aio.HealthServicer | None = None
+    metrics_server: MetricsServer | None = None
 
     config_file = Unicode(
         "outpost_config.py", config=True, help="The config file to load (Python, like jupyterhub_config.py)."
@@ -432,18 +438,36 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             forwarder.host_key.get_fingerprint(),
         )
 
+    async def init_metrics(self):
+        """The Prometheus endpoint, if metrics_port is set. First: a port in use stops
+        start-up before anything serves; the gauges read the other parts when scraped,
+        and skip those not there yet."""
+        if not self.metrics_port:
+            return
+        server = MetricsServer(self, self.metrics_ip, self.metrics_port)
+        try:
+            await server.start()
+        except OSError as e:
+            raise MetricsConfigError(
+                f"the metrics endpoint cannot listen on {self.metrics_ip}:{self.metrics_port} ({e.strerror or e}); "
+                "change c.Outpost.metrics_port or metrics_ip, or set metrics_port = 0"
+            ) from None
+        self.metrics_server = server
+        self.log.info("Prometheus metrics at http://%s:%d/metrics", self.metrics_ip, server.bound_port)
+
     async def setup(self):
-        """Every start-up step, in order: database, lifecycle manager, hub API relay,
-        restored servers, gRPC server, SSH forwarder.
+        """Every start-up step, in order: metrics endpoint, database, lifecycle manager,
+        hub API relay, restored servers, gRPC server, SSH forwarder.
 
         What start() runs before it waits for a signal, and what an in-process Outpost
         (tests, benchmarks) runs instead of start(). A step that fails tears down the
         steps before it (cleanup()) and raises: RelayConfigError, TLSConfigError,
-        ForwarderConfigError, AuthConfigError and AccountsConfigError carry a one-line
-        message for the operator.
+        ForwarderConfigError, AuthConfigError, AccountsConfigError and MetricsConfigError
+        carry a one-line message for the operator.
         """
         raise_open_files_limit(self.log)
         try:
+            await self.init_metrics()
             await self.init_store()
             await self.init_manager()
             await self.init_relay()
@@ -474,7 +498,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             await self.setup()
         except (
             RelayConfigError, TLSConfigError, ForwarderConfigError, AuthConfigError, AccountsConfigError,
-            FlavorConfigError, DatabaseSchemaError,
+            FlavorConfigError, DatabaseSchemaError, MetricsConfigError,
         ) as e:  # fmt: skip
             if isinstance(e, SchemaOutdated):  # name the config file in the command
                 e = SchemaOutdated(e.current, e.head, self.config_file)
@@ -508,6 +532,9 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
         store, self.store = self.store, None
         if store is not None:
             await store.close()
+        metrics_server, self.metrics_server = self.metrics_server, None
+        if metrics_server is not None:
+            await metrics_server.stop()
 
     def write_config_file(self):
         path = self.config_file

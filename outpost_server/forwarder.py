@@ -33,6 +33,8 @@ import asyncssh
 from traitlets import Bool, Dict, Float, Integer, List, TraitError, Unicode, validate
 from traitlets.config import Configurable
 
+from . import metrics
+
 log = logging.getLogger("outpost.forwarder")
 
 SESSION_REFUSED = "This SSH server only forwards ports for JupyterHub Outpost hubs; sessions are not allowed"
@@ -414,7 +416,10 @@ class _HubConnection(asyncssh.SSHServer):
         self.hub: str | None = None
         self.fingerprint = ""
 
-    def _refuse(self, what: str, why: str) -> None:
+    def _refuse(self, what: str, why: str, reason: str = "other") -> None:
+        """Log a refusal; ``reason`` is its label in outpost_ssh_refusals_total (metrics.py)."""
+        if metrics.enabled:
+            metrics.SSH_REFUSALS.labels(reason).inc()
         who = f"hub {self.hub!r} (key {self.fingerprint})" if self.hub else "unauthenticated client"
         log.warning("SSH forwarder refused %s from %s at %s: %s", what, who, self.peer, why)
 
@@ -452,7 +457,7 @@ class _HubConnection(asyncssh.SSHServer):
         self.hub = self.forwarder._hub_by_key.get(key.public_data)
         self.fingerprint = key.get_fingerprint()
         if self.hub is None:
-            self._refuse(f"key {self.fingerprint} (user {username!r})", "not an authorized key of any hub")
+            self._refuse(f"key {self.fingerprint} (user {username!r})", "not an authorized key of any hub", "unknown_key")
             return False
         if len(self.forwarder._hub_connections.get(self.hub, ())) >= self.forwarder.max_connections_per_hub:
             self._refuse_connection_over_cap()
@@ -464,6 +469,7 @@ class _HubConnection(asyncssh.SSHServer):
             "another SSH connection",
             f"the hub has {self.forwarder.max_connections_per_hub} open "
             "(c.SSHForwarder.max_connections_per_hub)",
+            "connection_cap",
         )
 
     def auth_completed(self):
@@ -474,6 +480,8 @@ class _HubConnection(asyncssh.SSHServer):
             self.conn.close()
             return
         mine.add(self)
+        if metrics.enabled:
+            metrics.SSH_CONNECTIONS.labels(self.hub).inc()
         log.info("SSH connection of hub %r from %s (key %s)", self.hub, self.peer, self.fingerprint)
 
     # --- what a hub may do ---------------------------------------------------------------
@@ -489,18 +497,22 @@ class _HubConnection(asyncssh.SSHServer):
             log.exception("allowed_destinations(%r) failed", self.hub)
             allowed = False
         if not allowed:
-            self._refuse(what, "not the address of one of this hub's running servers")
+            self._refuse(what, "not the address of one of this hub's running servers", "destination")
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 f"{dest_host}:{dest_port} is not a running server of hub {self.hub!r} on this Outpost",
             )
         if not self.forwarder.take_channel(self.hub):
             limit = self.forwarder.max_channels_per_hub
-            self._refuse(what, f"the hub has {limit} forwards open (c.SSHForwarder.max_channels_per_hub)")
+            self._refuse(
+                what, f"the hub has {limit} forwards open (c.SSHForwarder.max_channels_per_hub)", "channel_cap"
+            )
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_RESOURCE_SHORTAGE,
                 f"hub {self.hub!r} has {limit} forwards open on this Outpost (its limit); close some first",
             )
+        if metrics.enabled:
+            metrics.SSH_CHANNELS.labels(self.hub).inc()
         log.debug("Hub %r forwards to %s:%d", self.hub, dest_host, dest_port)
         return self._forward(dest_host, dest_port)
 
@@ -530,7 +542,7 @@ class _HubConnection(asyncssh.SSHServer):
         what = f"a reverse forward listening on {listen_host}:{listen_port}"
         key = (listen_host, listen_port)
         if key not in self.forwarder.reverse_allowed(self.hub) or key not in self.forwarder._held:
-            self._refuse(what, f"not in c.SSHForwarder.reverse_listen[{self.hub!r}]")
+            self._refuse(what, f"not in c.SSHForwarder.reverse_listen[{self.hub!r}]", "reverse_listen")
             return False
         previous = self.forwarder._reverse_owner.get(key)
         if previous is not None and previous is not self:

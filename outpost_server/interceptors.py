@@ -6,11 +6,13 @@
 - errors: an :class:`OutpostError` raised anywhere below becomes its status with one
   ErrorInfo; any other exception becomes INTERNAL with its class name, and its traceback
   goes to the log only;
-- an access log line per call (at DEBUG, with duration and status).
+- an access log line per call (at DEBUG, with duration and status), and the call in
+  ``outpost_rpc_duration_seconds`` when metrics are served (metrics.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -22,6 +24,7 @@ from google.protobuf.message import DecodeError
 
 from outpost_client.errors import InvalidArgument, OutpostBug, OutpostError, Unauthenticated, to_status_proto
 
+from . import metrics
 from .identity import HubResolver
 
 log = logging.getLogger("outpost.rpc")
@@ -74,6 +77,23 @@ async def abort(context, error: OutpostError):
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+def aborted_code(context) -> str:
+    """The status a handler aborted its call with itself (UNKNOWN if not known)."""
+    try:
+        code = context.code()
+    except Exception:
+        code = None
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def done(name: str, code: str, started: float) -> None:
+    """One call ended: its access log line (DEBUG) and its metric (when served)."""
+    if metrics.enabled:
+        metrics.observe_rpc(name, code, time.perf_counter() - started)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s %s %.2fms", name, code, (time.perf_counter() - started) * 1e3)
+
+
 class OutpostInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, resolve_hub: HubResolver):
         self.resolve_hub = resolve_hub
@@ -123,15 +143,18 @@ class OutpostInterceptor(grpc.aio.ServerInterceptor):
                 self._enter(context)
                 check_decoded(request)
                 return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the client went away, or the server stops
+                raise
             except Exception as e:
                 if isinstance(e, grpc.aio.AbortError):
+                    code = aborted_code(context)
                     raise
                 error = self._error(name, e)
                 code = error.code.name
                 await abort(context, error)
             finally:
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s %s %.2fms", name, code, (time.perf_counter() - started) * 1e3)
+                done(name, code, started)
 
         return unary
 
@@ -144,14 +167,17 @@ class OutpostInterceptor(grpc.aio.ServerInterceptor):
                 check_decoded(request)
                 async for item in behavior(request, context):
                     yield item
+            except asyncio.CancelledError:
+                code = "CANCELLED"  # the client went away, or the server stops
+                raise
             except Exception as e:
                 if isinstance(e, grpc.aio.AbortError):
+                    code = aborted_code(context)
                     raise
                 error = self._error(name, e)
                 code = error.code.name
                 await abort(context, error)
             finally:
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s %s %.2fms", name, code, (time.perf_counter() - started) * 1e3)
+                done(name, code, started)
 
         return stream

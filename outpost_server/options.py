@@ -274,6 +274,36 @@ class ConnectionOptions(HasTraits):
         return grpc.ssl_server_credentials([(tls.key, tls.cert)])
 
 
+class MetricsOptions(HasTraits):
+    """Prometheus metrics on an HTTP port of their own (metrics.py); off by default."""
+
+    metrics_port = Integer(
+        0,
+        min=0,
+        max=65535,
+        config=True,
+        help="""The port of the Prometheus metrics endpoint (GET /metrics, plain HTTP); 0: no
+        metrics (the default: no port is opened and nothing is recorded).
+
+        The metrics name hubs (the site's own configuration), count servers by hub and
+        state, and time RPCs, starts, database writes, SSH forwards and relay requests;
+        they never name users or servers. Anyone who can reach the port reads them: keep
+        metrics_ip on loopback, or let only the scraper reach it (a NetworkPolicy, a
+        firewall). See docs/deploy.md, "Metrics".
+        """,
+    )
+    metrics_ip = Unicode(
+        "127.0.0.1",
+        config=True,
+        help="""The address the metrics endpoint listens on (with metrics_port).
+
+        Loopback by default: every local user of this host can read it there, nobody
+        else. In a container scraped from its pod address use "0.0.0.0" (or "::") and
+        let only the scraper reach the port.
+        """,
+    )
+
+
 class StorageOptions(HasTraits):
     """The database, and the keys that encrypt its secret columns."""
 

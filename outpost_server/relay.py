@@ -62,6 +62,7 @@ from traitlets.config import Configurable
 
 from outpost_client.v1 import outpost_pb2 as pb
 
+from . import metrics
 from .forwarder import split_host_port
 
 log = logging.getLogger("outpost.relay")
@@ -638,6 +639,9 @@ class RelayHandler(web.RequestHandler):
     def initialize(self, relay: HubAPIRelay) -> None:
         self.relay = relay
         self.hub = self.server_name = ""
+        #: outpost_relay_request_duration_seconds' route: callback, api, or none (refused
+        #: before the path named a server)
+        self.route = "none"
 
     def prepare(self) -> None:
         self._chunks: list[bytes] = []
@@ -685,12 +689,14 @@ class RelayHandler(web.RequestHandler):
     async def _handle(self) -> None:
         method = self.request.method
         if method == "POST" and self.rest.rstrip("/") == f"{self.api_path}/{CALLBACK_PATH}":
+            self.route = "callback"
             answer = self.relay.set_from_callback(
                 self.hub, self.server_name, self.record, token_from(self.request.headers), self.body
             )
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps(answer))
             return
+        self.route = "api"
         # jupyterhub-singleuser's first call, before it uses its token: GET <api_url> (the
         # hub's version, which the hub serves to anyone; singleuser/extension.py
         # check_hub_version); it exits if that fails
@@ -710,8 +716,14 @@ class RelayHandler(web.RequestHandler):
 
 
 def _access_log(handler: web.RequestHandler) -> None:
-    """Tornado's access log without the query string (it may carry a token)."""
+    """Tornado's access log without the query string (it may carry a token), and the
+    request's metric when metrics are served (hub and route only once the path named a
+    server: never a label a notebook makes up)."""
     status = handler.get_status()
+    if metrics.enabled:
+        metrics.RELAY_REQUEST_DURATION.labels(
+            getattr(handler, "hub", ""), getattr(handler, "route", "none"), str(status)
+        ).observe(handler.request.request_time())
     level = logging.DEBUG if status < 400 else logging.INFO
     log.log(
         level,

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from jupyterhub.spawner import Spawner
 
 from outpost_client.errors import Unavailable
 from outpost_client.v1 import outpost_pb2 as pb
 
-from . import convert
+from . import convert, metrics
 from .aio import cancel_and_wait, wait_event
 from .hosting import certs_location, install_certificates, maybe_await, normalise_address
 from .journal import Journal
@@ -58,6 +59,8 @@ class StartRun:
         self.records = records
         self.cleanup_timeout = cleanup_timeout
         self.task: asyncio.Task | None = None
+        #: when the start was accepted (time.monotonic()), for its duration's metric
+        self.accepted_at = time.monotonic()
 
     def launch(self) -> None:
         rec = self.rec
@@ -129,9 +132,12 @@ class StartRun:
             await self._stop_progress(progress_task)
             progress_task = None
             await self._ready(spawner, {"scheme": scheme, "host": host, "port": port})
+            self._observe("success")
         except asyncio.CancelledError:
             if progress_task is not None:
                 progress_task.cancel()
+            if not self.journal.closing:
+                self._observe("cancelled")
             if self.journal.closing:
                 # shutdown: keep what the Spawner knows, so a restart can clean up (or
                 # what the checkpoint knew, if the cancel made the Spawner forget it)
@@ -145,9 +151,16 @@ class StartRun:
             if progress_task is not None:
                 await self._stop_progress(progress_task)
             await fail_start(rec, e, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
+            self._observe("failure")
         finally:
             if rec.run is self:
                 rec.run = None
+
+    def _observe(self, status: str) -> None:
+        """The start's duration from accepted to its end, when metrics are served."""
+        if metrics.enabled:
+            seconds = time.monotonic() - self.accepted_at
+            metrics.SERVER_START_DURATION.labels(self.rec.hub, status).observe(seconds)
 
     def _check_address(self, host: str, port: int) -> None:
         """AddressInUse if an active server of another hub has host:port already.
@@ -330,6 +343,8 @@ async def fail_start(
         run_post_stop_hook(spawner)
     remove_start_certificates(rec, certs_dir)
     error_class = type(error).__name__
+    if metrics.enabled:
+        metrics.SERVER_START_FAILURES.labels(rec.hub, error_class).inc()
 
     def stopped() -> None:
         rec.state = pb.SERVER_STATE_STOPPED

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -54,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from outpost_client.errors import PersistenceUnavailable
 
-from . import migrations
+from . import metrics, migrations
 from .crypto import Crypt, DecryptionError
 
 log = logging.getLogger("outpost.store")
@@ -244,9 +245,20 @@ class Store:
         future = asyncio.get_running_loop().create_future()
         self._queue.append((ops, future))
         self._wake.set()
-        # shielded: once queued, the write happens; a cancelled caller must not make
-        # memory and database disagree about whether it did
-        await asyncio.shield(future)
+        if not metrics.enabled:
+            # shielded: once queued, the write happens; a cancelled caller must not make
+            # memory and database disagree about whether it did
+            await asyncio.shield(future)
+            return
+        started = time.perf_counter()
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            raise  # the caller left; the write goes on and is not its to count
+        except Exception:
+            metrics.DB_WRITE_ERROR.observe(time.perf_counter() - started)
+            raise
+        metrics.DB_WRITE_OK.observe(time.perf_counter() - started)
 
     async def _writer(self) -> None:
         while True:
@@ -278,13 +290,18 @@ class Store:
 
     async def _commit(self, ops: list[Op]) -> None:
         assert self.engine is not None
+        started = time.perf_counter()
         async with self.engine.begin() as conn:
             for op in ops:
                 await op(conn)
+        if metrics.enabled:
+            metrics.DB_COMMIT_DURATION.observe(time.perf_counter() - started)
 
     @staticmethod
     def _fail(future: asyncio.Future, error: Exception) -> None:
         log.error("Database write failed: %s: %s", type(error).__name__, error)
+        if metrics.enabled:
+            metrics.DB_WRITE_FAILURES.labels(type(error).__name__).inc()
         if not future.done():
             future.set_exception(
                 PersistenceUnavailable(
