@@ -145,6 +145,35 @@ class BenchmarkError(Exception):
     """The benchmark could not run (as opposed to: a figure missed its target)."""
 
 
+def run_client_processes(procs, ready, go, results, timeout: float) -> list:
+    """Start the client processes, wait until each is connected and warm (notice one that
+    died early), call go() to let them all start at once, and collect one result from
+    each; the processes are always joined (killed after 10 s). BenchmarkError if one
+    failed."""
+    for proc in procs:
+        proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not all(event.is_set() for event in ready):
+            if any(not proc.is_alive() for proc in procs):
+                raise BenchmarkError("a poll client process exited before it was ready")
+            if time.monotonic() > deadline:
+                raise BenchmarkError("a poll client process did not get ready within 30 s")
+            time.sleep(0.05)
+        go()
+        collected = [results.get(timeout=timeout) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    errors = [r[1] for r in collected if r[0] != "ok"]
+    if errors:
+        raise BenchmarkError(f"poll client process failed: {errors[0]}")
+    return collected
+
+
 # --- small helpers ------------------------------------------------------------------
 
 
@@ -292,30 +321,7 @@ def poll_multiprocess(address: str, names: list[str], processes: int, coroutines
         )
         for p in range(processes)
     ]
-    for proc in procs:
-        proc.start()
-    try:
-        # wait for every process to be connected and warm; notice one that died early
-        deadline = time.monotonic() + 30
-        while not all(event.is_set() for event in ready):
-            if any(not proc.is_alive() for proc in procs):
-                raise BenchmarkError("a poll client process exited before it was ready")
-            if time.monotonic() > deadline:
-                raise BenchmarkError("a poll client process did not get ready within 30 s")
-            time.sleep(0.05)
-        go.set()
-        collected = []
-        for _ in procs:
-            collected.append(results.get(timeout=POLL_CONCURRENT_SECONDS + 30))
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    errors = [r[1] for r in collected if r[0] != "ok"]
-    if errors:
-        raise BenchmarkError(f"poll client process failed: {errors[0]}")
+    collected = run_client_processes(procs, ready, go.set, results, POLL_CONCURRENT_SECONDS + 30)
     wall = max(r[1] for r in collected)
     latencies = [lat for r in collected for lat in r[2]]
     return {
@@ -887,25 +893,11 @@ def paired_polls(addresses: list[str], names: list[str], windows: int, window: f
         )
         for p in range(2)
     ]
-    for proc in procs:
-        proc.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not all(event.is_set() for event in ready):
-            if time.monotonic() > deadline or any(not proc.is_alive() for proc in procs):
-                raise BenchmarkError("a poll client process did not get ready")
-            time.sleep(0.05)
+
+    def go_in_a_moment():
         go.value = time.time() + 0.2
-        collected = [results.get(timeout=windows * window + 30) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    errors = [r[1] for r in collected if r[0] != "ok"]
-    if errors:
-        raise BenchmarkError(f"poll client process failed: {errors[0]}")
+
+    collected = run_client_processes(procs, ready, go_in_a_moment, results, windows * window + 30)
     return [sum(r[1][j] for r in collected) / window for j in range(windows)]
 
 
@@ -989,7 +981,8 @@ async def run_metrics(outpost: BenchOutpost, rounds: int, metrics_port: int, scr
     results["poll_cpu_metrics_us"] = cpu_on / (sum(rps_on) * POLL_WINDOW) * 1e6
     results["poll_cpu_nometrics_us"] = cpu_off / (sum(rps_off) * POLL_WINDOW) * 1e6
     results["metrics_poll_cpu_slowdown"] = results["poll_cpu_metrics_us"] / results["poll_cpu_nometrics_us"]
-    results["scrape_p50_ms"] = ms(percentile(scraper.durations, 50))
+    if scraper.durations:  # a short run (--metrics-rounds 1) may end before the first scrape
+        results["scrape_p50_ms"] = ms(percentile(scraper.durations, 50))
     results["scrapes"] = len(scraper.durations)
     notes["metrics"] = (
         f"{rounds} x {METRICS_STARTS} sequential Starts at each Outpost, alternating ABBA; then "
