@@ -98,7 +98,7 @@ def test_units_keep_notebooks_and_the_key_safe(unit):
     assert options["WorkingDirectory"] == ["/var/lib/jupyterhub-outpost"]
     assert options["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # re-reads flavors_file
     # the docs' config reads the key from where LoadCredential puts it
-    docs = (ROOT / "docs" / "deploy.md").read_text().split("\n## systemd\n", 1)[1]
+    docs = (ROOT / "docs" / "deploy.md").read_text().split("\n## systemd\n", 1)[1].split("\n## ", 1)[0]
     assert 'c.Outpost.crypt_key_file = os.path.join(os.environ["CREDENTIALS_DIRECTORY"], "crypt-key")' in docs
 
 
@@ -133,7 +133,7 @@ async def test_first_run_config_of_the_docs_starts_an_outpost(tmp_path, pki):
     swapped for this test's."""
     import asyncssh
 
-    docs = (ROOT / "docs" / "deploy.md").read_text().split("\n## systemd\n", 1)[1]
+    docs = (ROOT / "docs" / "deploy.md").read_text().split("\n## systemd\n", 1)[1].split("\n## ", 1)[0]
     (config,) = re.findall(r"```python\n(.*?)```", docs, re.S)
     credentials = tmp_path / "credentials"
     credentials.mkdir(mode=0o700)
