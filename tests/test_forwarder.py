@@ -394,26 +394,25 @@ async def test_reverse_listen_port_cannot_be_squatted(start_outpost, traits, key
         finally:
             writer.close()
 
+    async def held_and_closed():
+        with pytest.raises(OSError) as squatted:
+            squat()
+        assert squatted.value.errno == errno.EADDRINUSE
+        assert await through_listen() == b""
+
+    async def reaches_the_hub(port):
+        async with ssh_connect(port, keys["default"]) as conn:
+            await conn.forward_remote_port("127.0.0.1", listen, "127.0.0.1", echo_port)
+            assert await through_listen() == b"to the hub API"
+
     async with forwarding_outpost(start_outpost, **traits) as op:
         port = op.app.forwarder.bound_port
-        # no hub connected yet: held, and a connection there is closed
-        with pytest.raises(OSError) as squatted:
-            squat()
-        assert squatted.value.errno == errno.EADDRINUSE
-        assert await through_listen() == b""
-        async with ssh_connect(port, keys["default"]) as conn:
-            await conn.forward_remote_port("127.0.0.1", listen, "127.0.0.1", echo_port)
-            assert await through_listen() == b"to the hub API"
+        await held_and_closed()  # no hub connected yet: held, a connection there is closed
+        await reaches_the_hub(port)
         # the hub disconnected: still held
         await wait_for(lambda: not op.app.forwarder._reverse_owner)
-        with pytest.raises(OSError) as squatted:
-            squat()
-        assert squatted.value.errno == errno.EADDRINUSE
-        assert await through_listen() == b""
-        # the hub reconnects: a request reaches the hub's side again
-        async with ssh_connect(port, keys["default"]) as conn:
-            await conn.forward_remote_port("127.0.0.1", listen, "127.0.0.1", echo_port)
-            assert await through_listen() == b"to the hub API"
+        await held_and_closed()
+        await reaches_the_hub(port)  # the hub reconnects: a request reaches its side again
     # the Outpost stopped: the port is free
     squat()
 
