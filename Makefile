@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 help:
 	@echo "make demo        JupyterHub on http://127.0.0.1:8000 spawning through an Outpost (gRPC 50051, SSH 2222)"
 	@echo "make test        set up everything and run the whole test suite"
-	@echo "make test-fast   the unit and RPC tests only (no sshd, hubs or Slurm; about a minute)"
+	@echo "make test-fast   the unit and RPC tests only (no sshd, hubs or Slurm; 2 to 3 minutes)"
 	@echo "make bench       benchmarks against a real Outpost (table + bench-results/bench.json)"
 	@echo "make soak        10 minutes of start/poll/stop with real processes (bench-results/soak.json)"
 	@echo "make proto       regenerate outpost_client/v1 from protos/"
@@ -60,7 +60,7 @@ test: setup postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # the unit and rpc layers (tests/conftest.py) without the slow ones: no sshd, hub, Slurm,
-# network namespace or PostgreSQL server, so no system packages either (about a minute)
+# network namespace or PostgreSQL server, so no system packages either (2 to 3 minutes)
 test-fast: $(VENV)/.installed node_modules/.installed
 	$(PY) -m pytest -m "(unit or rpc) and not slow and not postgres and not slurm" $(PYTEST_ARGS)
 
