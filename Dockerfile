@@ -9,6 +9,9 @@
 #   EXTRA_PACKAGES  more pip requirements into the Outpost's venv: the site's Spawner
 #                   (jupyterhub-kubespawner, batchspawner, ...) or, for notebooks that run
 #                   inside this container, "jupyter-server" (jupyterhub-singleuser needs it)
+#   APT_PACKAGES    Debian packages for the final stage: what the site's Spawner calls, e.g.
+#                   "slurm-client" for batchspawner (sbatch, squeue, scancel; mount the site's
+#                   slurm.conf and munge socket at run time)
 # A pip behind a TLS-intercepting proxy gets its CA bundle as a build secret (never in a
 # layer): --secret id=pipca,src=/etc/ssl/certs/ca-certificates.crt
 #
@@ -40,6 +43,15 @@ RUN --mount=type=secret,id=pipca --mount=type=cache,target=/root/.cache/pip \
     && find /opt/outpost -name __pycache__ -prune -exec rm -rf {} +
 
 FROM ${BASE}
+ARG APT_PACKAGES=""
+# only when asked for (the default image runs no apt); the base's Debian release pins the
+# versions, and the list is meant to split into words
+# hadolint ignore=DL3008,SC2086
+RUN if [ -n "$APT_PACKAGES" ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends $APT_PACKAGES \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=builder /usr/bin/tini-static /usr/bin/tini
 COPY --from=builder /opt/outpost /opt/outpost
 RUN useradd --uid 1000 --user-group --no-create-home --home-dir /var/lib/jupyterhub-outpost \

@@ -195,6 +195,23 @@ def test_deployment_is_one_non_root_read_only_pod_with_grpc_probes(helm, tmp_pat
     assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "crypt-key"}
 
 
+def test_metrics_on_opens_the_port_in_config_pod_and_service(helm, tmp_path, monkeypatch):
+    values = ("-f", str(CHART / "ci" / "mtls-sqlite-values.yaml"))
+    off = render(helm, *values)
+    assert "metrics_port" not in config_text(off)
+    assert "prometheus.io/scrape" not in one(off, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    docs = render(helm, *values, "--set", "metrics.enabled=true", "--set", "metrics.port=9123")
+    validate(docs)
+    app, _ = load_config(docs, tmp_path, monkeypatch)
+    assert (app.metrics_ip, app.metrics_port) == ("0.0.0.0", 9123)
+    c = container(docs)
+    assert {"name": "metrics", "containerPort": 9123} in c["ports"]
+    service = {p["name"]: p for p in one(docs, "Service")["spec"]["ports"]}
+    assert service["metrics"]["port"] == 9123 and service["metrics"]["targetPort"] == "metrics"
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9123"
+
+
 def test_existing_secrets_and_external_postgresql(helm, tmp_path, monkeypatch):
     docs = render(helm, "-f", str(CHART / "ci" / "tokens-postgresql-values.yaml"))
     validate(docs)
