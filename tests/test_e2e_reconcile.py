@@ -43,6 +43,17 @@ async def test_reconcile_stops_the_orphan_of_a_user_deleted_during_an_outage(sub
     # the Outpost goes away; the user is deleted meanwhile: the hub's Stop cannot reach it
     subreaper.pids.update(children_of(site.op.proc.pid))
     site.op.stop()
+    try:
+        await _delete_alice_and_come_back(site, hub, before)
+    finally:
+        if site.op.proc.poll() is not None:  # failed during the outage: the site fixture's
+            site.op.start()  # teardown stops the notebooks through the Outpost
+            await site.op.wait_serving()
+
+
+async def _delete_alice_and_come_back(site, hub, before):
+    """While the Outpost is down: delete alice at the hub; then bring the Outpost back
+    and watch the reconciler stop alice's server, and only it."""
 
     async def deleted():
         r = await hub.api("DELETE", "/users/alice")
