@@ -214,6 +214,19 @@ class OutpostClient:
             if not token:
                 return servers
 
+    async def list_server_pages(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[list[pb.ServerStatus]]:
+        """Every server of this hub, one page (one ListServers call) at a time."""
+        token = ""
+        while True:
+            request = pb.ListServersRequest(page_size=page_size, page_token=token)
+            response = await self._call(self.stub.ListServers, request, timeout)
+            yield list(response.servers)
+            token = response.next_page_token
+            if not token:
+                return
+
     async def events(
         self,
         server_name: str,

@@ -37,7 +37,7 @@ from tornado import web
 from traitlets import Any as AnyTrait
 from traitlets import Dict, Float, Integer, List, Unicode, default, observe
 
-from . import form
+from . import form, reconcile
 from .client import OutpostClient
 from .errors import DeadlineExceeded, OutpostError, ServerNotFound, Unavailable
 from .outposts import TRAIT_NAMES, DefaultOutpostTraits, OutpostConfig, default_config, outposts_help
@@ -191,6 +191,14 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
     # inherited from DefaultOutpostTraits: one per OutpostConfig field (outposts.py).
 
     outpost_timeout = Float(30.0, min=0.01, config=True, help="Deadline in seconds of each call to the Outpost (not of the whole start).")
+    outpost_retry_timeout = Float(
+        60.0,
+        min=0.1,
+        config=True,
+        help="""Seconds Start and Stop keep retrying while the Outpost is unavailable. A
+        Stop that gives up leaves the server at the site, and JupyterHub forgets it: the
+        Outpost reconciler (OutpostReconciler) stops it there later.""",
+    )
     poll_batch_window = Float(
         0.2,
         min=0,
@@ -384,6 +392,11 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         self.remote_scheme = self.remote_host = ""
         self.remote_port = self.local_port = 0
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # the first OutpostSpawner of a running hub starts the Outposts' reconcilers
+        reconcile.start_reconcilers(self)
+
     # --- helpers ----------------------------------------------------------------------------
 
     _configs_cache: dict[str, OutpostConfig] | None = None
@@ -435,9 +448,12 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         adopt_hub_logging(self.log)
         return self._resources.tunnel(self.hub.api_url)
 
-    async def _retry(self, what: str, call, timeout: float = 60):
-        """Call an idempotent RPC, retrying while the Outpost is unavailable."""
+    async def _retry(self, what: str, call, timeout: float | None = None):
+        """Call an idempotent RPC, retrying while the Outpost is unavailable (for
+        ``timeout`` seconds, default outpost_retry_timeout)."""
         result = {}
+        if timeout is None:
+            timeout = self.outpost_retry_timeout
 
         async def attempt():
             try:
