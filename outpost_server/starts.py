@@ -6,7 +6,9 @@ made), and a follower that turns the Spawner's ``progress()`` into events. The s
 ends in the READY event (address stored) or in :func:`fail_start` (FAILED event, the
 Spawner stopped, its certificates removed).
 
-The address a start ends with is checked before it is stored: an address an active server
+The address a start ends with is what start() returned, or the address the server's job
+reported through the relay's late-address endpoint (late.py: :meth:`StartRun._address`
+defines when each is used). It is checked before it is stored: an address an active server
 of another hub already has fails the start. A notebook reports its own port (the
 batchspawner callback), so without the check a notebook user could claim another hub's
 server's address. (Two servers of one hub with one address are not refused here; the SSH
