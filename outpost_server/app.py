@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import sys
+from functools import partial
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,7 +35,7 @@ from . import __version__
 from .accounts import AccountsConfigError
 from .crypto import ENV_VAR as CRYPT_KEY_ENV
 from .crypto import Crypt, CryptConfigError
-from .forwarder import ForwarderConfigError, SSHForwarder
+from .forwarder import ForwarderConfigError, SSHForwarder, split_host_port
 from .identity import (
     AuthConfigError,
     RevokedCertificates,
@@ -354,6 +355,7 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
         records = self.manager.records
         # a hub's upstream defaults to its reverse forward (init_forwarder runs later)
         forwarder = self.forwarder if self.forwarder is not None else SSHForwarder(parent=self)
+        relay.own_ports = partial(self.own_ports, forwarder)  # asked at each report: ports bound later count
         await relay.start(
             lambda hub, server_name: records.get((hub, server_name)),
             reverse_listen=forwarder.reverse_listen if forwarder.enabled else {},
@@ -361,6 +363,19 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
         self.log.info(
             "Hub API relay listening on %s:%d; notebooks reach it at %s", relay.ip, relay.bound_port, relay.base_url
         )
+
+    def own_ports(self, forwarder: SSHForwarder) -> set[int]:
+        """Every port this Outpost listens on (as bound, or as configured before it is):
+        a notebook's reported late address may not name one of them (relay.py)."""
+        ports = {getattr(self, "bound_port", None) or self.port, self.health_bound_port or self.health_port}
+        if self.metrics_server is not None:
+            ports.add(self.metrics_server.bound_port)
+        forwarder = self.forwarder or forwarder  # the one that runs, once it does
+        if forwarder.enabled:
+            ports.add(forwarder.bound_port or forwarder.port)
+            for addresses in forwarder.reverse_listen.values():
+                ports.update(split_host_port(address)[1] for address in addresses)
+        return {port for port in ports if port}
 
     async def init_servers(self):
         """Restore every server from the database, then poll them on the manager's schedule."""

@@ -113,7 +113,7 @@ SSH_REFUSALS = Counter(
 )
 RELAY_REQUEST_DURATION = Histogram(
     "relay_request_duration_seconds",
-    "Requests to the hub API relay by hub, route (callback, api, none) and HTTP status code",
+    "Requests to the hub API relay by hub, route (callback, address, api, none) and HTTP status code",
     ["hub", "route", "code"],
     namespace=NAMESPACE,
     buckets=RPC_BUCKETS,

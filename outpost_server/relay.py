@@ -33,6 +33,11 @@ the path is used, and only if it ends in ``/hub/api``. A hub without an upstream
 502 for everything but the callback. A request without a token never leaves the relay
 (401).
 
+It also serves the late-address endpoint, ``POST .../hubs/<hub>/servers/<server_name>
+/outpost/address`` (late.py): a starting server's job reports where its notebook
+listens, with that server's token, inside the networks the site allows
+(``late_address_networks``; none by default); that address ends the start.
+
 Hub and server come from the path, so one relay serves every hub of the Outpost and a
 request can only ever reach its own hub's upstream. Bounded: bodies, upstream time,
 a connection's idle and body time, relayed requests in flight per hub (503 with
@@ -57,13 +62,14 @@ from tornado import httputil, netutil, web
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 from tornado.simple_httpclient import HTTPTimeoutError, SimpleAsyncHTTPClient
-from traitlets import Bool, Dict, Float, Integer, TraitError, Unicode, validate
+from traitlets import Bool, Dict, Float, Integer, List, TraitError, Tuple, Unicode, validate
 from traitlets.config import Configurable
 
 from outpost_client.v1 import outpost_pb2 as pb
 
-from . import metrics
+from . import late, metrics
 from .forwarder import split_host_port
+from .late import parse_networks
 
 log = logging.getLogger("outpost.relay")
 
@@ -310,6 +316,59 @@ class HubAPIRelay(Configurable):
         (the Outpost also raises its soft open-files limit to the hard limit at start).""",
     )
 
+    late_address_networks = List(
+        Unicode(),
+        config=True,
+        help="""The networks a starting server's job may report its notebook's address in
+        (the late-address endpoint, POST <relay>/hubs/<hub>/servers/<server>/outpost/address):
+        e.g. ["10.20.0.0/16"] for a cluster's compute nodes, ["127.0.0.1"] when notebooks run
+        on the Outpost's own host.
+
+        The report is written by the notebook's user, and the hub's tunnel forwards that
+        hub's users to the address it names: list only networks where notebooks run, not
+        ones with the site's other services. A host name is resolved once, at the report;
+        every address it resolves to must be in one of these networks. Empty (default):
+        every report is refused (403).
+        """,
+    )
+    late_address_ports = Tuple(
+        Integer(min=1, max=65535),
+        Integer(min=1, max=65535),
+        default_value=(1024, 65535),
+        config=True,
+        help="""The lowest and highest port a reported late address may have. By default no
+        privileged port (below 1024: the host's system services). The Outpost's own
+        listening ports (gRPC, relay, SSH forwarder, metrics, health, reverse forwards) are
+        refused on any host.""",
+    )
+    late_address_grace = Float(
+        10.0,
+        min=0.0,
+        max=3600.0,
+        config=True,
+        help="""Seconds a hosted Spawner's start() that is still running when its job reports a
+        late address has to return. A start() that waits for self.port (as batchspawner's does)
+        returns at its next check, since the report sets the Spawner's ip and port. After
+        the grace start() is cancelled and the server is ready at the reported address
+        all the same: its Spawner's poll() and stop() then work from what start() set up
+        before it waited (the state the Outpost stored while it ran).""",
+    )
+
+    @validate("late_address_networks")
+    def _check_late_address_networks(self, proposal):
+        try:
+            parse_networks(proposal.value)
+        except ValueError as e:
+            raise TraitError(f"HubAPIRelay.late_address_networks: {e}") from None
+        return [value.strip() for value in proposal.value]
+
+    @validate("late_address_ports")
+    def _check_late_address_ports(self, proposal):
+        low, high = proposal.value
+        if low > high:
+            raise TraitError(f"HubAPIRelay.late_address_ports: ({low}, {high}) is empty; give (lowest, highest)")
+        return proposal.value
+
     @validate("url")
     def _check_url(self, proposal):
         value = proposal.value.strip()
@@ -337,6 +396,8 @@ class HubAPIRelay(Configurable):
         self._refused_connections = 0
         self._refusal_logged_at: float | None = None
         self.bound_port: int | None = None
+        #: the Outpost's own listening ports (late addresses may not name them); set by the app
+        self.own_ports: Callable[[], set[int]] = lambda: set()
 
     @property
     def open_connections(self) -> int:
@@ -372,7 +433,11 @@ class HubAPIRelay(Configurable):
             return env
         if self.upstream_for(hub) is None:
             self._warn_no_route(hub)
-        return relayed_env(env, original, relay_prefix(self.base_url, hub, server_name))
+        prefix = relay_prefix(self.base_url, hub, server_name)
+        relayed = relayed_env(env, original, prefix)
+        if self.late_address_networks:
+            relayed[late.ENV_KEY] = prefix + late.ADDRESS_PATH
+        return relayed
 
     def _warn_no_route(self, hub: str) -> None:
         if hub in self._warned_no_route:
@@ -481,6 +546,8 @@ class HubAPIRelay(Configurable):
         if "\\" in decoded or any(segment in (".", "..") for segment in decoded.split("/")):
             raise web.HTTPError(400, "dot segments and backslashes are not allowed")
         record = self._lookup(hub, server_name)
+        if record is not None and rest == late.ADDRESS_PATH:
+            return hub, server_name, record, rest, None
         original = record.spec.env.get("JUPYTERHUB_API_URL", "") if record is not None else ""
         if not original:
             raise web.HTTPError(404, "no such server")
@@ -530,6 +597,33 @@ class HubAPIRelay(Configurable):
             f" (ignored keys: {', '.join(ignored)})" if ignored else "",
         )
         return CALLBACK_ANSWER
+
+    async def report_address(self, hub: str, server_name: str, record, token: str, body: bytes, remote_ip: str) -> dict:
+        """Check and apply one late-address report (late.py); an HTTPError if refused."""
+        try:
+            if not same_token(token, record.spec.env.get("JUPYTERHUB_API_TOKEN", "")):
+                raise late.ReportRefused(403, "not this server's token (Authorization: token $JUPYTERHUB_API_TOKEN)")
+            run = record.run
+            if run is None or record.state != pb.SERVER_STATE_STARTING or record.spawner is None:
+                raise late.ReportRefused(409, "this server is not starting")
+            report = late.parse_report(body, remote_ip)
+            ips = await late.resolve(report.host, report.port)
+            ip = late.check_allowed(
+                ips,
+                report.port,
+                networks=late.parse_networks(self.late_address_networks),
+                ports=tuple(self.late_address_ports),
+                own_ports=self.own_ports() | ({self.bound_port} if self.bound_port else set()),
+            )
+            if record.run is not run:  # stopped or restarted while the name resolved
+                raise late.ReportRefused(409, "this server is not starting")
+            run.report_address(str(ip), report.port, self.late_address_grace)
+        except late.ReportRefused as e:
+            log.warning("Refused a late address for %s/%s: %s", hub, server_name, e)
+            raise web.HTTPError(e.status, str(e)) from None
+        named = "" if report.host == str(ip) else f" (named {report.host[:64]!r})"
+        log.info("%s/%s: the job reported its address %s:%d%s", hub, server_name, ip, report.port, named)
+        return {"host": str(ip), "port": report.port}
 
     async def forward(self, handler: RelayHandler, hub: str, target: str) -> None:
         """Pass the handler's request on to ``hub``'s upstream at ``target`` (path and query)."""
@@ -688,6 +782,17 @@ class RelayHandler(web.RequestHandler):
 
     async def _handle(self) -> None:
         method = self.request.method
+        if self.api_path is None:  # the late-address endpoint (late.py)
+            self.route = "address"
+            if method != "POST":
+                raise web.HTTPError(405, f"{late.ADDRESS_PATH} takes POST only")
+            answer = await self.relay.report_address(
+                self.hub, self.server_name, self.record, token_from(self.request.headers), self.body,
+                self.request.remote_ip,
+            )  # fmt: skip
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(answer))
+            return
         if method == "POST" and self.rest.rstrip("/") == f"{self.api_path}/{CALLBACK_PATH}":
             self.route = "callback"
             answer = self.relay.set_from_callback(

@@ -6,7 +6,9 @@ made), and a follower that turns the Spawner's ``progress()`` into events. The s
 ends in the READY event (address stored) or in :func:`fail_start` (FAILED event, the
 Spawner stopped, its certificates removed).
 
-The address a start ends with is checked before it is stored: an address an active server
+The address a start ends with is what start() returned, or the address the server's job
+reported through the relay's late-address endpoint (late.py: :meth:`StartRun._address`
+defines when each is used). It is checked before it is stored: an address an active server
 of another hub already has fails the start. A notebook reports its own port (the
 batchspawner callback), so without the check a notebook user could claim another hub's
 server's address. (Two servers of one hub with one address are not refused here; the SSH
@@ -28,6 +30,7 @@ from . import convert, metrics
 from .aio import cancel_and_wait, wait_event
 from .hosting import certs_location, install_certificates, maybe_await, normalise_address
 from .journal import Journal
+from .late import ReportRefused
 from .records import ACTIVE, Record, Records
 from .runtime import admitted_message
 from .spawners import recall_state, remove_start_certificates, run_post_stop_hook, safe_state, user_message
@@ -40,6 +43,8 @@ class StartRun:
 
     #: seconds between two comparisons of the Spawner's state with the stored one
     checkpoint_interval = 1.0
+    #: seconds between two polls of a Spawner whose job has yet to report its address
+    late_poll_interval = 2.0
 
     def __init__(
         self,
@@ -61,6 +66,14 @@ class StartRun:
         self.task: asyncio.Task | None = None
         #: when the start was accepted (time.monotonic()), for its duration's metric
         self.accepted_at = time.monotonic()
+        #: the job's late address (host, port) once reported (late.py); ``reported`` is
+        #: set then
+        self.late_address: tuple[str, int] | None = None
+        self.reported = asyncio.Event()
+        #: whether a report may still end this start (only while _run waits for its address)
+        self.accepts_report = False
+        #: seconds a running start() has after the report (c.HubAPIRelay.late_address_grace)
+        self.late_grace = 0.0
 
     def launch(self) -> None:
         rec = self.rec
@@ -113,20 +126,15 @@ class StartRun:
                 )
                 rec.spec.certificates = {}  # on disk now; not kept in memory too
             checkpoint_task = asyncio.create_task(self._checkpoint(spawner))
+            self.accepts_report = True
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(spawner))
             try:
-                done, _ = await asyncio.wait({start}, timeout=spawner.start_timeout)
-            except asyncio.CancelledError:
-                checkpoint_task.cancel()  # what a cancelled Spawner forgets is not stored
-                await cancel_and_wait(start)  # Stop or shutdown: the start ends first
-                raise
-            checkpoint_task.cancel()
-            if not done:
-                await cancel_and_wait(start)
-                raise asyncio.TimeoutError()
-            scheme, host, port = normalise_address(start.result(), spawner)
+                scheme, host, port = await self._address(spawner, start, checkpoint_task)
+            finally:
+                checkpoint_task.cancel()
+                self.accepts_report = False
             self._check_address(host, port)
             spawner._spawn_pending = spawner._start_pending = False
             await self._stop_progress(progress_task)
@@ -155,6 +163,108 @@ class StartRun:
         finally:
             if rec.run is self:
                 rec.run = None
+
+    async def _address(self, spawner: Spawner, start: asyncio.Future, checkpoint_task: asyncio.Task):
+        """Wait for start() (and, where it gives none, the job's late address: late.py)
+        within the Spawner's start_timeout; the address the start ends with.
+
+        Cancelled (Stop, shutdown) or timed out: start() is cancelled and has ended first
+        (the checkpoint before it: what a cancelled Spawner forgets is not stored)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spawner.start_timeout
+        reported = asyncio.ensure_future(self.reported.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {start, reported}, timeout=spawner.start_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if start not in done and reported in done:
+                # the job reported while start() still runs: start() gets the grace to
+                # return (one that waits for self.port, like batchspawner's, does)
+                grace = max(0.0, min(self.late_grace, deadline - loop.time()))
+                done, _ = await asyncio.wait({start}, timeout=grace)
+                if start not in done:
+                    checkpoint_task.cancel()
+                    await cancel_and_wait(start)
+                    # a cancelled batchspawner forgets its job id: the stored state has it
+                    recall_state(spawner, self.rec.spawner_state)
+                    log.info(
+                        "start() of %s/%s had not returned %gs after the job reported its address: "
+                        "cancelled it (c.HubAPIRelay.late_address_grace); the server runs at the reported address",
+                        self.rec.hub, self.rec.name, self.late_grace,
+                    )  # fmt: skip
+                    return self._late(spawner)
+        except asyncio.CancelledError:
+            checkpoint_task.cancel()
+            await cancel_and_wait(start)  # Stop or shutdown: the start ends first
+            raise
+        finally:
+            reported.cancel()
+        if start not in done:
+            checkpoint_task.cancel()
+            await cancel_and_wait(start)
+            raise asyncio.TimeoutError()
+        result = start.result()  # what start() raised fails the start
+        if self.late_address is None and result is None and not spawner.port:
+            await self._wait_for_report(spawner, deadline)
+        if self.late_address is not None:
+            return self._late(spawner)
+        return normalise_address(result, spawner)
+
+    def _late(self, spawner: Spawner) -> tuple[str, str, int]:
+        assert self.late_address is not None
+        scheme = "https" if getattr(spawner, "internal_ssl", False) else "http"
+        return scheme, self.late_address[0], self.late_address[1]
+
+    async def _wait_for_report(self, spawner: Spawner, deadline: float) -> None:
+        """start() returned no address: wait until the job reports one (late.py), polling
+        the Spawner every ``late_poll_interval`` seconds; a job that ends first fails the
+        start, and so does the deadline (start_timeout)."""
+        rec = self.rec
+        loop = asyncio.get_running_loop()
+        log.info("%s/%s: start() returned no address; waiting for the job to report it", rec.hub, rec.name)
+        await self.journal.emit(
+            rec,
+            {"kind": pb.EVENT_KIND_PROGRESS, "message": "Submitted; waiting for the notebook to report its address"},
+            durable=False,
+        )
+        while self.late_address is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise asyncio.TimeoutError()
+            await wait_event(self.reported, min(self.late_poll_interval, remaining))
+            if self.late_address is not None:
+                return
+            try:
+                status = await maybe_await(spawner.poll())
+            except Exception:
+                log.exception("poll() of %s/%s raised while its job had yet to report its address", rec.hub, rec.name)
+                continue
+            if status is not None:
+                raise LateAddressMissing(
+                    f"The notebook's job ended (exit status {status}) before it reported its address."
+                )
+
+    def report_address(self, host: str, port: int, grace: float) -> None:
+        """The job's late address (the relay checked its token and the site's limits):
+        it becomes the address this start ends with. ReportRefused (409) if the start
+        has a reported address already, has ended, or another active server has it."""
+        rec = self.rec
+        if self.late_address is not None:
+            raise ReportRefused(409, "this start has a reported address already")
+        if not self.accepts_report or rec.run is not self or rec.state != pb.SERVER_STATE_STARTING or rec.spawner is None:
+            raise ReportRefused(409, "this server is not starting")
+        if self.records is not None:
+            for other in self.records.values():
+                address = other.address
+                if other is not rec and address and address["host"] == host and address["port"] == port and (
+                    other.state in ACTIVE
+                ):
+                    raise ReportRefused(409, f"{host}:{port} is the address of another server on this Outpost")
+        self.late_address = (host, port)
+        self.late_grace = grace
+        spawner = rec.spawner
+        spawner.ip, spawner.port = host, port
+        self.reported.set()
 
     def _observe(self, status: str) -> None:
         """The start's duration from accepted to its end, when metrics are served."""
@@ -274,6 +384,10 @@ class StartRun:
             await task
         except asyncio.CancelledError:
             pass
+
+
+class LateAddressMissing(Exception):
+    """start() returned no address and the job ended before it reported one."""
 
 
 class AddressInUse(Exception):

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
+import signal
+import sys
 import zlib
 
 from jupyterhub.spawner import Spawner
-from traitlets import Float, Integer, Unicode
+from traitlets import Float, Integer, List, Unicode
 
 _CLASS_STATE: dict[type, dict[str, object]] = {}
 
@@ -255,3 +258,116 @@ class HangingStopSpawner(InstantSpawner):
         except asyncio.CancelledError:
             HangingStopSpawner.stops_abandoned += 1
             raise
+
+
+# The job of LateAddressSpawner: reports its address through the Outpost's late-address
+# endpoint (late.py) with its own token, as a UNICORE or batch job would. With a command
+# (argv[1:]) it picks a free port, reports it and becomes that command (a notebook told
+# the port by JUPYTERHUB_SERVICE_URL); without one it is a small HTTP server itself.
+# LATE_JOB_HOST: the host it reports ("" leaves host out: the address it reports from).
+LATE_JOB = r"""
+import http.server, json, os, socket, sys, urllib.request
+
+
+def report(port):
+    body = {"port": port}
+    host = os.environ.get("LATE_JOB_HOST", "127.0.0.1")
+    if host:
+        body["host"] = host
+    request = urllib.request.Request(
+        os.environ["OUTPOST_ADDRESS_URL"], data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"], "Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=30) as answer:
+        print("reported", answer.status, answer.read().decode(), flush=True)
+
+
+if len(sys.argv) > 1:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+    os.environ["JUPYTERHUB_SERVICE_URL"] = f"http://127.0.0.1:{port}{prefix}"
+    report(port)
+    os.execvp(sys.argv[1], sys.argv[1:])
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("late job of " + os.environ.get("JUPYTERHUB_USER", "?")).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+report(server.server_address[1])
+server.serve_forever()
+"""
+
+
+class LateAddressSpawner(Spawner):
+    """Runs a real job (:data:`LATE_JOB`, a real process) that reports its own address
+    through the Outpost's late-address endpoint. ``mode``: "none" (start() returns None
+    once the job runs: a UNICORE-like submit), "wait" (start() waits for self.port, as
+    batchspawner's does, then returns it) or "hang" (start() never returns by itself)."""
+
+    mode = Unicode("none", config=True, help="none, wait or hang (see the class).")
+    job_cmd = List(
+        Unicode(), config=True, help="A command the job reports for and then becomes (empty: the job serves HTTP)."
+    )
+
+    proc: asyncio.subprocess.Process | None = None
+    pid = 0
+
+    async def start(self):
+        self.port = 0
+        env = self.get_env()
+        for key in ("PATH", "HOME"):  # what a batch job's login environment has
+            if key in os.environ:
+                env.setdefault(key, os.environ[key])
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", LATE_JOB, *self.job_cmd, env=env, start_new_session=True
+        )
+        self.pid = self.proc.pid
+        if self.mode == "wait":
+            while not self.port:
+                await asyncio.sleep(0.05)
+            return (self.ip, self.port)
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        return None
+
+    def get_state(self):
+        state = super().get_state()
+        if self.pid:
+            state["pid"] = self.pid
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        self.pid = state.get("pid", 0)
+
+    async def poll(self):
+        if self.proc is not None:
+            return self.proc.returncode
+        return None if self.pid else 0
+
+    async def stop(self, now=False):
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                await self.proc.wait()
+        self.pid = 0
