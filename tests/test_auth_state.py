@@ -90,10 +90,32 @@ def _forget_warnings():
     spawner_module._warned_auth_state_in_clear.clear()
 
 
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def outpost_log():
+    """Every line the Outpost's lifecycle loggers write (hosted Spawners' logs included),
+    at DEBUG, whatever an earlier test did to the "outpost" logger (a hub's Spawner
+    adopts it: outpost_client.spawner.adopt_hub_logging)."""
+    logger = logging.getLogger("outpost.manager")
+    handler, level = Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
 async def test_auth_state_reaches_the_hosted_spawner_encrypted_never_logged_and_stop_removes_it(
-    start_outpost, pki, caplog
+    start_outpost, pki, outpost_log
 ):
-    caplog.set_level(logging.DEBUG)
     async with start_outpost(AuthStateSpawner, **mtls(pki, allow_auth_state=True)) as op:
         spawner = hub_spawner(op, pki, send_auth_state=True)
         await spawner.start()
@@ -112,8 +134,9 @@ async def test_auth_state_reaches_the_hosted_spawner_encrypted_never_logged_and_
         assert SECRET.encode() not in raw and REFRESH.encode() not in raw
         assert b"alice@idp" not in raw
         # never logged: the Spawner's own log line is redacted
-        assert "starting with auth_state" in caplog.text
-        assert SECRET not in caplog.text and REFRESH not in caplog.text
+        logged = "\n".join(outpost_log)
+        assert "starting with auth_state" in logged and "[secret]" in logged
+        assert SECRET not in logged and REFRESH not in logged
 
         await spawner.stop()
         assert AuthStateSpawner.stopped_with == [AUTH_STATE]  # stop() may act for the user
@@ -183,7 +206,8 @@ async def test_the_hub_sends_no_auth_state_over_a_plaintext_channel(start_outpos
     caplog.set_level(logging.WARNING)
     async with start_outpost(AuthStateSpawner, allow_auth_state=True) as op:
         for _ in range(2):
-            spawner = make_spawner(op, send_auth_state=True)
+            # the hub's log, as JupyterHub gives its Spawners one
+            spawner = make_spawner(op, send_auth_state=True, log=logging.getLogger("test.hub"))
             spawner.user.auth_state = AUTH_STATE
             await spawner.start()
             await spawner.stop()
