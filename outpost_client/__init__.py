@@ -2,6 +2,7 @@
 
 from .client import Event, OutpostClient, ServerState, ServerStatus, StopOutcome, TLSConfig
 from .errors import (
+    AuthStateNotAllowed,
     CertificateRevoked,
     DeadlineExceeded,
     EnvNotAllowed,
@@ -33,6 +34,7 @@ from .errors import (
 from .v1 import outpost_pb2 as pb
 
 __all__ = [
+    "AuthStateNotAllowed",
     "CertificateRevoked",
     "DeadlineExceeded",
     "EnvNotAllowed",

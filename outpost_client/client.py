@@ -145,10 +145,13 @@ class OutpostClient:
         internal_ssl: Mapping[str, str] | None = None,
         wait_until_ready: bool = False,
         flavor: str = "",
+        auth_state: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> pb.StartResponse:
         """Start a server (idempotent per (server_name, start_id)); flavor "": the
-        Outpost's default for this hub and user, if it has flavors."""
+        Outpost's default for this hub and user, if it has flavors. ``auth_state`` (None:
+        none) is the user's, sent as it is: the caller decides whether it may travel
+        (OutpostSpawner sends it only over TLS)."""
         request = pb.StartRequest(
             server_name=server_name,
             start_id=start_id,
@@ -164,6 +167,9 @@ class OutpostClient:
             request.config_overrides.update(dict(config_overrides))
         if internal_ssl:
             request.internal_ssl.CopyFrom(pb.InternalSslCertificates(**internal_ssl))
+        if auth_state is not None:
+            request.auth_state.SetInParent()  # present even when empty
+            request.auth_state.update(dict(auth_state))
         return await self._call(self.stub.Start, request, timeout)
 
     async def poll(self, server_name: str, *, timeout: float | None = None) -> pb.ServerStatus:

@@ -21,6 +21,7 @@ SERVER_ALREADY_STARTED = "SERVER_ALREADY_STARTED"
 OVERRIDE_NOT_ALLOWED = "OVERRIDE_NOT_ALLOWED"
 ENV_NOT_ALLOWED = "ENV_NOT_ALLOWED"
 USER_OPTION_NOT_ALLOWED = "USER_OPTION_NOT_ALLOWED"
+AUTH_STATE_NOT_ALLOWED = "AUTH_STATE_NOT_ALLOWED"
 USER_NOT_ALLOWED = "USER_NOT_ALLOWED"
 SPAWNER_ERROR = "SPAWNER_ERROR"
 INTERNAL_ERROR = "INTERNAL_ERROR"
@@ -162,6 +163,13 @@ class UserOptionNotAllowed(PermissionDenied):
     reason = USER_OPTION_NOT_ALLOWED
 
 
+class AuthStateNotAllowed(PermissionDenied):
+    """The hub sent auth_state the site does not accept from it (c.Outpost.allow_auth_state,
+    or an Outpost serving plaintext); metadata "keys" names the refused top-level keys."""
+
+    reason = AUTH_STATE_NOT_ALLOWED
+
+
 class UserNotAllowed(PermissionDenied):
     """The site does not run this hub user's servers: its mapping gives the user no local
     account, or the account is root, a system account or one allow_users does not allow
@@ -245,6 +253,7 @@ BY_REASON: dict[str, type[OutpostError]] = {
         OverrideNotAllowed,
         EnvNotAllowed,
         UserOptionNotAllowed,
+        AuthStateNotAllowed,
         UserNotAllowed,
         SpawnerError,
         OutpostBug,

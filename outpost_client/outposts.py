@@ -139,6 +139,18 @@ class OutpostConfig:
             help="Site-side listen port of the reverse forward (must be allowed for this hub at the SSH server).",
         ),
     )
+    send_auth_state: bool = option(
+        "send_auth_state",
+        Bool(
+            False,
+            help="""Send the user's auth_state (`await user.get_auth_state()`, after
+        auth_state_filter) with each start, for a site Spawner that acts for the user (it
+        reads `await self.user.get_auth_state()`). Needs the hub's enable_auth_state, TLS
+        to the Outpost (outpost_ca: over plaintext nothing is sent and a warning is logged
+        once) and the site's c.Outpost.allow_auth_state for this hub. The Outpost stores it
+        encrypted and deletes it when the server stops.""",
+        ),
+    )
     token: str | None = option(
         "outpost_token",
         Unicode(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ _HEX = frozenset("0123456789abcdef")
 # front (the Outpost wants a letter or digit first): so a name that starts with x...x and
 # then no letter or digit always had one added, and removing it gives the name back
 _NEEDS_X = re.compile(r"x*[^A-Za-z0-9]")
+
+# the Outposts (name, address) this hub process has warned about once: send_auth_state is
+# set but the channel is plaintext, so auth_state is not sent
+_warned_auth_state_in_clear: set[tuple[str, str]] = set()
 
 # with internal_ssl: the notebook's cert files on the hub's machine (not sent; see move_certs)
 _HUB_SSL_ENV_KEYS = ("JUPYTERHUB_SSL_KEYFILE", "JUPYTERHUB_SSL_CERTFILE", "JUPYTERHUB_SSL_CLIENT_CA")
@@ -343,6 +348,13 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         dict, or a callable (spawner) -> dict, sync or async. The Outpost applies only what
         its allow_override policy allows.""",
     )
+    auth_state_filter = AnyTrait(
+        None, allow_none=True, config=True,
+        help="""Callable (spawner, auth_state) -> auth_state, sync or async: what of the
+        user's auth_state is sent to the Outpost, with send_auth_state (e.g. only the access
+        token; spawner.outpost_name says which Outpost). A dict (JSON values), or None to
+        send none. Raising fails the start.""",
+    )
     check_allowed = AnyTrait(
         None, allow_none=True, config=True,
         help="""Callable (spawner, user_options) -> bool, sync or async, run before a start.
@@ -543,6 +555,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         overrides = self.config_overrides
         if callable(overrides):
             overrides = await _maybe_await(overrides(self))
+        auth_state = await self._auth_state_to_send(config)
         self._progress = _Progress()
         if self.stop_message:  # why the last server ended, before this start's events
             self._progress.add({"message": self.stop_message})
@@ -563,6 +576,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                     spawner_name=self.name,
                     internal_ssl=internal_ssl,
                     flavor=flavor,
+                    auth_state=auth_state,
                 ),
             )
             self._internal_ssl_pems = None  # sent; the Outpost has them now
@@ -579,6 +593,42 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         finally:
             self._progress.finish()
         return url
+
+    async def _auth_state_to_send(self, config: OutpostConfig) -> dict | None:
+        """The user's auth_state for Start: only with send_auth_state, only over TLS (over
+        plaintext: nothing, and a warning once per Outpost), after auth_state_filter.
+        Never logged."""
+        if not config.send_auth_state:
+            return None
+        if config.tls is None:
+            key = (self.outpost_name, config.address)
+            if key not in _warned_auth_state_in_clear:
+                _warned_auth_state_in_clear.add(key)
+                self.log.warning(
+                    "send_auth_state is set for Outpost %s (%s), but the channel to it is plaintext "
+                    "(no outpost_ca): auth_state is not sent to it (warned once)",
+                    self.outpost_name, config.address,
+                )  # fmt: skip
+            return None
+        auth_state = await self.user.get_auth_state()
+        if self.auth_state_filter is not None and auth_state is not None:
+            try:
+                auth_state = await _maybe_await(self.auth_state_filter(self, auth_state))
+            except Exception as e:
+                # not the message: it may quote the auth_state
+                self.log.error("OutpostSpawner.auth_state_filter raised %s for %s", type(e).__name__, self._log_name)
+                raise web.HTTPError(500, "The hub could not prepare this start (auth_state_filter failed).") from None
+        if auth_state is None:
+            return None
+        if not isinstance(auth_state, dict):
+            raise web.HTTPError(
+                500, f"auth_state for the Outpost must be a dict or None, not {type(auth_state).__name__} (auth_state_filter)"
+            )
+        try:
+            json.dumps(auth_state, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise web.HTTPError(500, f"auth_state for the Outpost must hold JSON values only: {type(e).__name__}") from None
+        return auth_state
 
     async def _start_or_forget(self, call) -> None:
         """Start, retrying while the Outpost is unavailable. A refusal (bad request,

@@ -51,7 +51,7 @@ from .manager import LifecycleManager, ManagerSettings, StartPolicies
 from .flavors import FlavorConfigError, FlavorSet
 from .metrics import MetricsServer
 from .options import ConnectionOptions, FlavorOptions, HostingOptions, MetricsOptions, StorageOptions
-from .policy import env_policy, override_policy, user_options_policy
+from .policy import auth_state_policy, env_policy, override_policy, user_options_policy
 from .relay import HubAPIRelay, RelayConfigError
 from .servicer import OutpostServicer
 from .spawners import SpawnerFactory
@@ -338,7 +338,13 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             env=env_policy(self.allow_env),
             user_options=user_options_policy(self.allow_user_options),
             accounts=self.make_account_policy(),
+            auth_state=auth_state_policy(self.allow_auth_state, tls=self.tls_enabled),
         )
+        if self.allow_auth_state is not False and not self.tls_enabled:
+            self.log.warning(
+                "c.Outpost.allow_auth_state is set, but this Outpost serves plaintext: it refuses "
+                "every auth_state (the user's credentials travel only over TLS)"
+            )
         if self.flavor_config is None:  # not checked by initialize() (an Outpost made in-process)
             self.flavor_config = self.flavor_set()
         self.manager = LifecycleManager(
@@ -398,7 +404,10 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
             ],
         )
         outpost_pb2_grpc.add_OutpostServiceServicer_to_server(
-            OutpostServicer(self.manager, max_struct_depth=self.max_struct_depth), self.server
+            OutpostServicer(
+                self.manager, max_struct_depth=self.max_struct_depth, max_auth_state_bytes=self.max_auth_state_bytes
+            ),
+            self.server,
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -43,6 +43,9 @@ class StartSpec:
     #: what the server keeps of its flavor (Flavor.record(): config, max_runtime), so
     #: that a reload of the flavors never changes it; stored
     flavor_spec: dict[str, Any] = field(default_factory=dict)
+    #: the user's auth_state the hub sent (None: none); secret: stored encrypted, never
+    #: logged, dropped when the server stops
+    auth_state: dict[str, Any] | None = None
 
     @property
     def flavor_config(self) -> dict[str, Any]:
@@ -85,7 +88,13 @@ def python_to_struct(data: dict[str, Any] | None) -> struct_pb2.Struct:
     return struct
 
 
-def start_spec_from_request(request: pb.StartRequest, *, max_depth: int) -> StartSpec:
+#: the default of c.Outpost.max_auth_state_bytes
+MAX_AUTH_STATE_BYTES = 64 * 1024
+
+
+def start_spec_from_request(
+    request: pb.StartRequest, *, max_depth: int, max_auth_state_bytes: int = MAX_AUTH_STATE_BYTES
+) -> StartSpec:
     """Validate a StartRequest and turn it into a StartSpec (raises InvalidArgument)."""
     v.check_server_name(request.server_name)
     v.check_start_id(request.start_id, required=True)
@@ -99,6 +108,10 @@ def start_spec_from_request(request: pb.StartRequest, *, max_depth: int) -> Star
     v.check_struct(request.user_options, "user_options", max_depth)
     v.check_struct(request.config_overrides, "config_overrides", max_depth)
     v.check_certificates(request.internal_ssl)
+    auth_state = None
+    if request.HasField("auth_state"):
+        v.check_auth_state(request.auth_state, max_depth, max_auth_state_bytes)
+        auth_state = struct_to_python(request.auth_state)
     if request.flavor:
         v.check_flavor_name(request.flavor)
     certs = {}
@@ -124,6 +137,7 @@ def start_spec_from_request(request: pb.StartRequest, *, max_depth: int) -> Star
         certificates=certs,
         wait_until_ready=request.wait_until_ready,
         flavor=request.flavor,
+        auth_state=auth_state,
     )
 
 

@@ -15,6 +15,7 @@ address only the site knows).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import logging
@@ -83,9 +84,16 @@ class StandInUser:
     groups: list[StandInGroup] = field(default_factory=list)
     url: str = ""
     hub_name: str = ""
+    #: the user's auth_state the hub sent (None: none); never in repr, so never in a log
+    auth_state: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.hub_name = self.hub_name or self.name
+
+    async def get_auth_state(self) -> dict | None:
+        """The user's auth_state, as JupyterHub's ``await user.get_auth_state()`` gives it
+        (a fresh copy each call: what a Spawner changes in it is not kept)."""
+        return copy.deepcopy(self.auth_state)
 
     @property
     def escaped_name(self) -> str:
@@ -115,9 +123,11 @@ def stand_ins_from_env(
     admin: bool,
     groups: list[str],
     account: str = "",
+    auth_state: dict | None = None,
 ) -> tuple[StandInUser, StandInHub]:
     """Build the stand-in user and hub from the env the hub computed for the notebook;
-    the user is named ``account`` (the local account; default: the hub's user_name)."""
+    the user is named ``account`` (the local account; default: the hub's user_name) and
+    carries the hub's ``auth_state`` (its ``get_auth_state()``)."""
     base = env.get("JUPYTERHUB_BASE_URL", "/") or "/"
     hub = StandInHub(
         api_url=env.get("JUPYTERHUB_API_URL", StandInHub.api_url),
@@ -131,6 +141,7 @@ def stand_ins_from_env(
         groups=[StandInGroup(g) for g in groups],
         url=url_path_join(base, "user", escape_user_name(user_name)) + "/",
         hub_name=user_name,
+        auth_state=auth_state,
     )
     return user, hub
 
@@ -247,7 +258,7 @@ def make_spawner(
         user_options=user_options,
     )
     if log is not None:
-        kwargs["log"] = RedactingLog(log, secrets_in_env(env))
+        kwargs["log"] = RedactingLog(log, redacted_values(secrets_in_env(env), secrets_in_auth_state(user.auth_state)))
     spawner = cls(**kwargs)
     spawner._outpost_name = spawner_name
     spawner._outpost_hub_env = dict(env)
@@ -272,6 +283,29 @@ def secrets_in_env(env: dict[str, str]) -> tuple[str, ...]:
     first so that a secret containing another is hidden whole."""
     found = {v for k, v in env.items() if SECRET_ENV_KEY.search(k) and isinstance(v, str) and len(v) >= 8}
     return tuple(sorted(found, key=len, reverse=True))
+
+
+def secrets_in_auth_state(auth_state: Any) -> tuple[str, ...]:
+    """Every string in an auth_state (keys aside), 8 characters or longer: all of it is
+    the user's credentials, and a Spawner that logs it must not put it in the log."""
+    found: set[str] = set()
+    stack = [auth_state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if len(value) >= 8:
+                found.add(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return tuple(found)
+
+
+def redacted_values(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    """The secrets of several sources as one tuple, longest first (a secret containing
+    another is hidden whole)."""
+    return tuple(sorted({s for group in groups for s in group}, key=len, reverse=True))
 
 
 class RedactingLog(logging.LoggerAdapter):

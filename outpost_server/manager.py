@@ -97,6 +97,7 @@ class StartPolicies:
     env: KeyPolicy | None = None
     user_options: KeyPolicy | None = None
     accounts: AccountPolicy | None = None
+    auth_state: KeyPolicy | None = None
 
     async def check(self, hub: str, spec: convert.StartSpec) -> None:
         """Refuse (PERMISSION_DENIED) what hub may not send, before anything is made; set
@@ -106,6 +107,7 @@ class StartPolicies:
             (self.env, spec.env),
             (self.user_options, spec.user_options),
             (self.overrides, spec.config_overrides),
+            (self.auth_state, spec.auth_state),
         ):
             if policy is not None and values:
                 await policy.check(hub, values)
@@ -551,11 +553,12 @@ class LifecycleManager:
     async def _keep_stopped(self, rec: Record, stop_message: str) -> None:
         """The end of a stop the Outpost made on its own: the record stays, STOPPED with
         stop_message, until its hub stops it or it expires (exited_server_retention)."""
-        values = {"state": "stopped", "stop_message": stop_message, "spawner_state": None}
+        values = {"state": "stopped", "stop_message": stop_message, "spawner_state": None, "auth_state": None}
 
         def stopped() -> None:
             rec.state = pb.SERVER_STATE_STOPPED
             rec.stop_message = stop_message
+            rec.spec.auth_state = None  # stopped: the user's credentials go
             rec.stopped_at = time.time()
             rec.spawner_state = None
             rec.spawner = None

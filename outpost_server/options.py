@@ -467,6 +467,34 @@ class HostingOptions(HasTraits):
         """,
     )
 
+    allow_auth_state = Any(
+        False,
+        config=True,
+        help="""Which hubs may send their user's auth_state with Start (by its top-level
+        keys), for Spawners that act for the user at the site (they read
+        `await self.user.get_auth_state()`; the Spawner's auth_state_hook gets it too).
+
+        auth_state holds the user's credentials (OAuth tokens, ...): the site opts in.
+        False (default): none; a Start that carries auth_state fails with
+        PERMISSION_DENIED (reason AUTH_STATE_NOT_ALLOWED, naming the keys), and the hub's
+        user sees why; nothing is dropped silently. True: any key. A list of keys: those.
+        A dict: hub name -> one of these. A callable (hub, auth_state) -> one of these,
+        sync or async (raising refuses, with its message as the reason).
+
+        It travels only over TLS: an Outpost that serves plaintext refuses every
+        auth_state, whatever this says. What it accepts is stored encrypted (like env),
+        never logged (the hosted Spawner's log has its strings redacted), and deleted
+        when the server stops.
+        """,
+    )
+    max_auth_state_bytes = Integer(
+        64 * 1024,
+        min=0,
+        config=True,
+        help="""The largest auth_state a Start may carry, in bytes (serialized); larger
+        gets INVALID_ARGUMENT (field auth_state).""",
+    )
+
     user_mapping = Any(
         None,
         allow_none=True,
@@ -718,7 +746,7 @@ class HostingOptions(HasTraits):
             mapping, self.allow_users, uid_min=self.account_uid_min, uid_max=self.account_uid_max
         )
 
-    @validate("allow_override", "allow_env", "allow_user_options", "allow_users")
+    @validate("allow_override", "allow_env", "allow_user_options", "allow_auth_state", "allow_users")
     def _check_policy(self, proposal):
         try:
             return check_policy(proposal.value, proposal.trait.name)

@@ -1,6 +1,7 @@
 """What a hub may send that reaches the site's Spawner: config_overrides
-(c.Outpost.allow_override), env keys (c.Outpost.allow_env) and user_options keys
-(c.Outpost.allow_user_options).
+(c.Outpost.allow_override), env keys (c.Outpost.allow_env), user_options keys
+(c.Outpost.allow_user_options) and the user's auth_state (c.Outpost.allow_auth_state, by
+its top-level keys).
 
 Each is a rule of the same shapes, checked as pure functions here, and enforced for the
 manager by a :class:`KeyPolicy`: default-deny, and a refusal names the keys and reaches
@@ -14,7 +15,13 @@ import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from outpost_client.errors import EnvNotAllowed, OverrideNotAllowed, PermissionDenied, UserOptionNotAllowed
+from outpost_client.errors import (
+    AuthStateNotAllowed,
+    EnvNotAllowed,
+    OverrideNotAllowed,
+    PermissionDenied,
+    UserOptionNotAllowed,
+)
 
 log = logging.getLogger("outpost.policy")
 
@@ -142,4 +149,32 @@ def user_options_policy(rule: Policy) -> KeyPolicy:
         denied="This Outpost does not accept the server options {keys} from your hub.",
         refused="This Outpost does not accept these server options: {why}",
         error=UserOptionNotAllowed,
+    )
+
+
+#: why an Outpost serving plaintext refuses auth_state, whatever allow_auth_state says
+PLAINTEXT_AUTH_STATE = (
+    "this Outpost serves plaintext gRPC, and auth_state (the user's credentials) travels "
+    "only over TLS; ask the site to serve TLS, or stop sending it (OutpostSpawner.send_auth_state)"
+)
+
+
+def _refuse_in_clear(hub: str, values: dict) -> bool:
+    raise PermissionError(PLAINTEXT_AUTH_STATE)
+
+
+def auth_state_policy(rule: Policy, *, tls: bool) -> KeyPolicy:
+    """allow_auth_state, enforced on the auth_state's top-level keys; an Outpost without
+    TLS refuses every auth_state (the hub's OutpostSpawner never sends it in clear either)."""
+    if not tls:
+        check_policy(rule, "allow_auth_state")  # still a configuration error if malformed
+        rule = _refuse_in_clear
+    return KeyPolicy(
+        rule,
+        option="allow_auth_state",
+        denied="This Outpost does not accept the auth_state keys {keys} from your hub; ask your "
+        "hub's administrators (OutpostSpawner.send_auth_state, auth_state_filter) or the site's "
+        "(c.Outpost.allow_auth_state).",
+        refused="This Outpost does not accept auth_state from your hub: {why}",
+        error=AuthStateNotAllowed,
     )

@@ -199,6 +199,7 @@ class Record:
             "flavor_spec": spec.flavor_spec or None,
             "end_time": self.end_time,
             "stop_message": self.stop_message,
+            "auth_state": spec.auth_state,
         }
 
     @classmethod
@@ -214,6 +215,7 @@ class Record:
             spawner_name=row["spawner_name"] or "",
             flavor=row.get("flavor") or "",
             flavor_spec=row.get("flavor_spec") or {},
+            auth_state=row.get("auth_state"),
         )
         rec = cls(
             hub=row["hub"],

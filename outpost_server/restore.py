@@ -152,7 +152,9 @@ class Restorer:
     async def _reencrypt(self, stale: list[Record]) -> None:
         """Write rows in plain text or under an older key again, under the first key."""
         ops = [
-            self.store.op_update_server(r.hub, r.name, env=r.spec.env, spawner_state=r.spawner_state)
+            self.store.op_update_server(
+                r.hub, r.name, env=r.spec.env, spawner_state=r.spawner_state, auth_state=r.spec.auth_state
+            )
             for r in stale
             if self.records.current(r)
         ]

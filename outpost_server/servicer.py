@@ -15,12 +15,21 @@ from .manager import LifecycleManager
 
 
 class OutpostServicer(pb_grpc.OutpostServiceServicer):
-    def __init__(self, manager: LifecycleManager, *, max_struct_depth: int):
+    def __init__(
+        self,
+        manager: LifecycleManager,
+        *,
+        max_struct_depth: int,
+        max_auth_state_bytes: int = convert.MAX_AUTH_STATE_BYTES,
+    ):
         self.manager = manager
         self.max_struct_depth = max_struct_depth
+        self.max_auth_state_bytes = max_auth_state_bytes
 
     async def Start(self, request: pb.StartRequest, context) -> pb.StartResponse:
-        spec = convert.start_spec_from_request(request, max_depth=self.max_struct_depth)
+        spec = convert.start_spec_from_request(
+            request, max_depth=self.max_struct_depth, max_auth_state_bytes=self.max_auth_state_bytes
+        )
         status, created = await self.manager.start(current_hub(), spec)
         return pb.StartResponse(status=status, created=created)
 

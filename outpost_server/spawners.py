@@ -47,6 +47,7 @@ class SpawnerFactory:
             spec.user.get("admin", False),
             spec.user.get("groups", []),
             account=spec.user.get("account", ""),  # the local account (accounts.py)
+            auth_state=spec.auth_state,
         )
         spawner = make_spawner(
             self.spawner_class,

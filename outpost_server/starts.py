@@ -118,6 +118,9 @@ class StartRun:
                 await self.journal.emit(rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": message}, durable=False)
             if until := admitted_message(rec):  # its runtime's end (runtime.py)
                 await self.journal.emit(rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": until}, durable=False)
+            # as JupyterHub does before a start: the auth_state hook (with the user's
+            # auth_state the hub sent, or None), then the pre-spawn hook
+            await spawner.run_auth_state_hook(await spawner.user.get_auth_state())
             await maybe_await(spawner.run_pre_spawn_hook())
             if rec.spec.certificates:
                 # as JupyterHub does after create_certs: move_certs, then start
@@ -445,7 +448,7 @@ async def fail_start(
 ) -> None:
     """End rec's start as failed: stop its Spawner (with the state the checkpoint stored;
     given up after ``cleanup_timeout`` seconds), remove its certificates, then the FAILED
-    event with a message for the user."""
+    event with a message for the user (its stored auth_state deleted with it)."""
     message = user_message(error)
     if isinstance(error, asyncio.TimeoutError) and rec.spawner is not None:
         message = f"The server did not start within {rec.spawner.start_timeout:g} seconds."
@@ -466,6 +469,7 @@ async def fail_start(
         rec.error_class = error_class
         rec.spawner_state = None
         rec.spawner = None
+        rec.spec.auth_state = None  # its clean-up is done: the user's credentials go
 
     await journal.emit(
         rec,
@@ -474,6 +478,7 @@ async def fail_start(
         apply=stopped,
         state="stopped",
         spawner_state=None,
+        auth_state=None,
         failure_message=message,
         error_class=error_class,
     )

@@ -18,7 +18,7 @@ outage gets a fresh one (tests/test_faults.py).
 The schema is alembic's (migrations/): :meth:`Store.open` creates a new database at the
 newest revision and refuses one at another (``jupyterhub-outpost upgrade-db``).
 
-The secret columns (``env``, ``spawner_state``) are encrypted in Python by the op builders,
+The secret columns (``env``, ``spawner_state``, ``auth_state``) are encrypted in Python by the op builders,
 before a write is queued (the prebuilt statements stay as they are), and decrypted by
 :meth:`Store.load` (crypto.py).
 """
@@ -62,8 +62,8 @@ log = logging.getLogger("outpost.store")
 
 #: outpost_schema.version of the newest schema revision (migrations/versions/), which
 #: the releases before alembic check. 2: the servers' flavor and flavor_spec columns,
-#: end_time and stop_message (runtime.py); revision 0002
-SCHEMA_VERSION = 2
+#: end_time and stop_message (runtime.py); revision 0002. 3: auth_state; revision 0003
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -95,6 +95,9 @@ servers = Table(
     # when the runtime ends (runtime.py), and why the Outpost stopped the server itself
     Column("end_time", DateTime(timezone=True), nullable=True),
     Column("stop_message", Text, nullable=True),
+    # the user's auth_state the hub sent (encrypted like env; NULL: none, or the server
+    # stopped); revision 0003
+    Column("auth_state", JSON, nullable=True),
 )
 
 events = Table(
@@ -129,8 +132,9 @@ DELETE_SERVER_OF_START = delete(servers).where(_SERVER_KEY, servers.c.start_id =
 DELETE_EVENTS_OF_START = delete(events).where(_EVENTS_KEY, events.c.start_id == bindparam("k_start"))
 TRIM_EVENTS = delete(events).where(_EVENTS_KEY, events.c.sequence < bindparam("k_keep"))
 
-# encrypted at rest (crypto.py): the notebook's API token is in env
-SECRET_COLUMNS = ("env", "spawner_state")
+# encrypted at rest (crypto.py): the notebook's API token is in env, the user's
+# credentials in auth_state
+SECRET_COLUMNS = ("env", "spawner_state", "auth_state")
 
 
 def now() -> datetime:

@@ -132,6 +132,19 @@ def check_struct(value: struct_pb2.Struct, field: str, max_depth: int):
     return value
 
 
+def check_auth_state(value: struct_pb2.Struct, max_depth: int, max_bytes: int, field: str = "auth_state"):
+    """The user's auth_state: a Struct like user_options, and at most max_bytes serialized
+    (the message never echoes its content: it holds the user's secrets)."""
+    size = value.ByteSize()
+    if size > max_bytes:
+        raise invalid(
+            field,
+            f"is {size} bytes; this Outpost accepts at most {max_bytes} (c.Outpost.max_auth_state_bytes): "
+            "send less of it (OutpostSpawner.auth_state_filter)",
+        )
+    return check_struct(value, field, max_depth)
+
+
 def check_certificates(certs, field: str = "internal_ssl"):
     present = [bool(certs.key_pem), bool(certs.cert_pem), bool(certs.ca_pem)]
     if any(present) and not all(present):

@@ -102,7 +102,7 @@ async def test_a_previous_release_database_is_refused_upgraded_and_keeps_its_ser
     # refused, the database untouched
     out = run_outpost("-f", str(op.config), "--port", "0", "--allow-unauthenticated", env=outpost_env())
     line = one_line(out)
-    assert line.startswith("jupyterhub-outpost: the database has schema revision 0001, this Outpost needs 0002")
+    assert line.startswith(f"jupyterhub-outpost: the database has schema revision 0001, this Outpost needs {migrations.head()}")
     assert f"jupyterhub-outpost upgrade-db -f {op.config}" in line
     assert await revision_in(db_url) is None
 
@@ -113,8 +113,8 @@ async def test_a_previous_release_database_is_refused_upgraded_and_keeps_its_ser
     keyless = {k: v for k, v in outpost_env().items() if k != "OUTPOST_CRYPT_KEY"}
     out = run_outpost("upgrade-db", "-f", str(op.config), env=keyless)
     assert out.returncode == 0, out.stderr
-    assert "from schema revision 0001 to 0002" in out.stdout
-    assert await revision_in(db_url) == "0002"
+    assert f"from schema revision 0001 to {migrations.head()}" in out.stdout
+    assert await revision_in(db_url) == migrations.head()
     if db_url.startswith("sqlite"):
         (backup,) = db_file.parent.glob(db_file.name + ".20*")
         assert f"Backed up {db_file} to {backup}" in out.stdout
@@ -127,7 +127,7 @@ async def test_a_previous_release_database_is_refused_upgraded_and_keeps_its_ser
 
     # upgrade-db again: nothing to do, no second backup
     again = run_outpost("upgrade-db", "-f", str(op.config), env=outpost_env())
-    assert again.returncode == 0 and "at schema revision 0002 already: nothing to do" in again.stdout
+    assert again.returncode == 0 and f"at schema revision {migrations.head()} already: nothing to do" in again.stdout
 
     op.start()
     await op.wait_serving()
@@ -146,7 +146,7 @@ async def test_a_new_database_is_created_at_head_and_starts_without_upgrade(tmp_
     cfg = outpost_config(tmp_path, "outpost_server.testing.InstantSpawner", db_url)
     async with running_outpost(cfg) as op:
         await op.client.start("amy", "a1", user_name="amy", wait_until_ready=True)
-    assert await revision_in(db_url) == migrations.head() == "0002"
+    assert await revision_in(db_url) == migrations.head() == "0003"
     async with running_outpost(cfg) as op:
         assert (await op.client.poll("amy")).state == pb.SERVER_STATE_RUNNING
     out = run_outpost("upgrade-db", "--db-url", db_url, env=outpost_env())
@@ -154,20 +154,26 @@ async def test_a_new_database_is_created_at_head_and_starts_without_upgrade(tmp_
     assert not list(tmp_path.glob("*.sqlite.20*"))  # no backup when nothing changes
 
 
-async def test_a_database_from_before_alembic_at_head_is_recognised_and_stamped(tmp_path, db_url):
+async def test_a_database_from_before_alembic_is_recognised_and_upgraded(tmp_path, db_url):
     """What the Outpost between flavors and alembic wrote (schema 2, no version table):
-    recognised as revision 0002, stamped, served."""
+    recognised as revision 0002, refused as outdated, upgraded by upgrade-db, served."""
     cfg = outpost_config(tmp_path, "outpost_server.testing.InstantSpawner", db_url)
     async with running_outpost(cfg) as op:
         await op.client.start("amy", "a1", user_name="amy", wait_until_ready=True)
     engine = create_async_engine(store.async_url(db_url), poolclass=NullPool)
-    async with engine.begin() as conn:
+    async with engine.begin() as conn:  # back to schema 2, as that Outpost left it
+        await conn.run_sync(lambda c: command.downgrade(migrations.alembic_config(c), "0002"))
         await conn.execute(text(f"DROP TABLE {migrations.VERSION_TABLE}"))
     await engine.dispose()
     assert await revision_in(db_url) is None
+    with pytest.raises(SchemaOutdated, match="schema revision 0002"):
+        async with running_outpost(cfg):
+            pass
+    out = run_outpost("upgrade-db", "--db-url", db_url, env=outpost_env())
+    assert out.returncode == 0 and f"from schema revision 0002 to {migrations.head()}" in out.stdout, out.stderr
     async with running_outpost(cfg) as op:
         assert (await op.client.poll("amy")).state == pb.SERVER_STATE_RUNNING
-    assert await revision_in(db_url) == "0002"
+    assert await revision_in(db_url) == migrations.head()
 
 
 async def test_a_database_of_a_newer_outpost_is_refused(tmp_path, db_url):
@@ -248,6 +254,6 @@ async def test_the_newest_revision_downgrades_and_upgrades_again(db_url):
         async with engine.begin() as conn:
             await conn.run_sync(lambda c: _upgrade_to(c, "head"))
         async with engine.connect() as conn:
-            assert {"flavor", "flavor_spec", "end_time", "stop_message"} <= await conn.run_sync(columns)
+            assert {"flavor", "flavor_spec", "end_time", "stop_message", "auth_state"} <= await conn.run_sync(columns)
     finally:
         await engine.dispose()

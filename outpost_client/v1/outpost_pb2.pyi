@@ -108,7 +108,7 @@ class ServerStatus(_message.Message):
     def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., state: _Optional[_Union[ServerState, str]] = ..., address: _Optional[_Union[ServerAddress, _Mapping]] = ..., exit_code: _Optional[int] = ..., failure_message: _Optional[str] = ..., user_name: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., flavor: _Optional[str] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_message: _Optional[str] = ...) -> None: ...
 
 class StartRequest(_message.Message):
-    __slots__ = ("server_name", "start_id", "user", "env", "user_options", "config_overrides", "internal_ssl", "spawner_name", "wait_until_ready", "flavor")
+    __slots__ = ("server_name", "start_id", "user", "env", "user_options", "config_overrides", "internal_ssl", "spawner_name", "wait_until_ready", "flavor", "auth_state")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class StartRequest(_message.Message):
     SPAWNER_NAME_FIELD_NUMBER: _ClassVar[int]
     WAIT_UNTIL_READY_FIELD_NUMBER: _ClassVar[int]
     FLAVOR_FIELD_NUMBER: _ClassVar[int]
+    AUTH_STATE_FIELD_NUMBER: _ClassVar[int]
     server_name: str
     start_id: str
     user: User
@@ -136,7 +137,8 @@ class StartRequest(_message.Message):
     spawner_name: str
     wait_until_ready: bool
     flavor: str
-    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., user_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., config_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., internal_ssl: _Optional[_Union[InternalSslCertificates, _Mapping]] = ..., spawner_name: _Optional[str] = ..., wait_until_ready: _Optional[bool] = ..., flavor: _Optional[str] = ...) -> None: ...
+    auth_state: _struct_pb2.Struct
+    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., user_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., config_overrides: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., internal_ssl: _Optional[_Union[InternalSslCertificates, _Mapping]] = ..., spawner_name: _Optional[str] = ..., wait_until_ready: _Optional[bool] = ..., flavor: _Optional[str] = ..., auth_state: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class StartResponse(_message.Message):
     __slots__ = ("status", "created")

@@ -110,7 +110,9 @@ class OutpostServiceServicer:
         CPU_GUARANTEE); anything else only as the Outpost's policy allows. Or the site
         runs no server for user.name (reason USER_NOT_ALLOWED): its user_mapping gives
         the user no local account, or the account is root, a system account or not in
-        its allow_users. Nothing is started or stored. Or the flavor is one of this hub's
+        its allow_users. Or auth_state this hub may not send (reason
+        AUTH_STATE_NOT_ALLOWED: the site did not allow_auth_state for this hub or these
+        keys, or it serves plaintext). Nothing is started or stored. Or the flavor is one of this hub's
         but not for this user (its users, groups or admin rule; reason FLAVOR_NOT_ALLOWED).
         - RESOURCE_EXHAUSTED: the request is larger than the Outpost's message size limit,
         or the hub already has as many starts in progress as the Outpost allows (reason
