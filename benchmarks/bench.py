@@ -6,7 +6,17 @@ of figures against their targets. Missing a target is not an error: the exit sta
 non-zero only when the benchmark itself fails (the Outpost does not start, an RPC fails).
 
     .venv/bin/python benchmarks/bench.py [--n 100 [2000 ...]] [--events 250]
-        [--cpu-seconds 60] [--json PATH]
+        [--cpu-seconds 60] [--method production|legacy|both] [--pin 0:1] [--json PATH]
+
+``--method production`` (the default) measures the Outpost as a site runs it: mTLS (a CA,
+server and hub certificates made by ``generate-certs``' code; the hub named by its client
+certificate), INFO logging, and Starts carrying what JupyterHub sends (the 18 env keys of
+its ``Spawner.get_env()``, user options). ``legacy`` is the method of the figures before
+issue 15 (plaintext without credentials, warnings only, a Start with a user name alone);
+``both`` runs each ``--n`` with each method (the legacy keys end in ``_legacy``) and shows
+production / legacy. Every main run also times Starts with ``wait_until_ready``
+(``start_wait_p50_ms``). ``--pin 0:1`` runs the Outposts on CPU 0 and this process and its
+client processes on CPU 1.
 
 Each size in ``--n`` gets a fresh Outpost. Keys of a run with n != 100 get a ``_n<N>``
 suffix (e.g. ``start_p50_ms_n2000``), so runs of different sizes are kept in one results
