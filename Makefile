@@ -72,11 +72,13 @@ demo: setup $(VENV)/.demo-installed
 	@bash demo/run.sh
 
 # n=100 and n=2000 (keys with _n2000, and their ratios), event latency, CPU of 2,000 servers;
-# spawn_bench runs jupyterhub-singleuser with JupyterLab, as the demo does (the demo extra)
+# spawn_bench runs jupyterhub-singleuser with JupyterLab, as the demo does (the demo extra);
+# burst_bench: 40 users logging in at once, 3 bursts per hub (about 10 minutes)
 bench: setup $(VENV)/.demo-installed
 	$(PY) benchmarks/bench.py --n 100 2000 --json bench-results/bench.json
 	$(PY) benchmarks/tunnel_bench.py --json bench-results/tunnel.json
 	$(PY) benchmarks/spawn_bench.py --json bench-results/spawn.json
+	$(PY) benchmarks/burst_bench.py --json bench-results/burst.json
 
 # not part of `make test`: 10 minutes (SOAK_ARGS="--minutes 2" for a shorter run)
 soak: setup

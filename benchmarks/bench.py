@@ -6,7 +6,17 @@ of figures against their targets. Missing a target is not an error: the exit sta
 non-zero only when the benchmark itself fails (the Outpost does not start, an RPC fails).
 
     .venv/bin/python benchmarks/bench.py [--n 100 [2000 ...]] [--events 250]
-        [--cpu-seconds 60] [--json PATH]
+        [--cpu-seconds 60] [--method production|legacy|both] [--pin 0:1] [--json PATH]
+
+``--method production`` (the default) measures the Outpost as a site runs it: mTLS (a CA,
+server and hub certificates made by ``generate-certs``' code; the hub named by its client
+certificate), INFO logging, and Starts carrying what JupyterHub sends (the 18 env keys of
+its ``Spawner.get_env()``, user options). ``legacy`` is the method of the figures before
+issue 15 (plaintext without credentials, warnings only, a Start with a user name alone);
+``both`` runs each ``--n`` with each method (the legacy keys end in ``_legacy``) and shows
+production / legacy. Every main run also times Starts with ``wait_until_ready``
+(``start_wait_p50_ms``). ``--pin 0:1`` runs the Outposts on CPU 0 and this process and its
+client processes on CPU 1.
 
 Each size in ``--n`` gets a fresh Outpost. Keys of a run with n != 100 get a ``_n<N>``
 suffix (e.g. ``start_p50_ms_n2000``), so runs of different sizes are kept in one results
@@ -39,6 +49,7 @@ import argparse
 import asyncio
 import math
 import multiprocessing as mp
+import os
 import random
 import sys
 import time
@@ -56,7 +67,18 @@ from outpost_client.batch import BatchPoller  # noqa: E402
 from outpost_client.v1 import outpost_pb2 as pb  # noqa: E402
 
 from benchmarks.bench_spawners import stamp_of  # noqa: E402
-from benchmarks.common import BenchOutpost, machine_info, source_info, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    METHODS,
+    USER_OPTIONS,
+    BenchOutpost,
+    connect,
+    hub_env,
+    machine_info,
+    parse_pin,
+    pin_process,
+    source_info,
+    write_json,
+)
 from tests.harness.util import free_port, percentile  # noqa: E402
 
 RUNNING = ServerState.Value("SERVER_STATE_RUNNING")
@@ -199,10 +221,34 @@ def server_names(n: int, prefix: str = "bench") -> list[str]:
     return [f"{prefix}-{i:04d}" for i in range(1, n + 1)]
 
 
-async def timed_start(client: OutpostClient, name: str, start_id: str) -> float:
-    """One Start; returns its latency in seconds."""
+class StartShape:
+    """What a Start carries (``--method``). "production": what OutpostSpawner sends for a
+    JupyterHub user -- the env of JupyterHub's own ``Spawner.get_env()``
+    (``benchmarks.common.hub_env``: 18 keys with the API token, OAuth client and URLs,
+    ~1 KB), ``USER_OPTIONS`` and the user's id; "legacy": the user name alone (the method
+    before issue 15). A user's env is made once, outside the timed calls."""
+
+    def __init__(self, method: str = "production"):
+        self.method = method
+        self._env: dict[str, dict[str, str]] = {}
+
+    def kwargs(self, user: str) -> dict:
+        if self.method == "legacy":
+            return {"user_name": user}
+        if user not in self._env:
+            self._env[user] = hub_env(user)
+        return {"user_name": user, "user_id": 1000, "env": self._env[user], "user_options": USER_OPTIONS}
+
+
+START = StartShape()  # main() sets the method
+
+
+async def timed_start(client: OutpostClient, name: str, start_id: str, *, wait: bool = False) -> float:
+    """One Start (user "bench", ``START``'s shape); with ``wait``, wait_until_ready (the
+    answer comes once the Spawner is ready). Returns its latency in seconds."""
+    kwargs = START.kwargs("bench")
     t0 = time.perf_counter()
-    response = await client.start(name, start_id, user_name="bench", wait_until_ready=False)
+    response = await client.start(name, start_id, wait_until_ready=wait, **kwargs)
     elapsed = time.perf_counter() - t0
     if not response.created:
         raise BenchmarkError(f"Start of {name} attached to an existing start instead of creating one")
@@ -265,9 +311,10 @@ async def poll_sequential(client: OutpostClient, names: list[str]) -> tuple[floa
 # --- concurrent polls from several client processes -----------------------------------
 
 
-async def _poll_worker_async(address, names, coroutines, offset, ready, go, duration):
-    """One client process: `coroutines` callers polling in a loop until `duration` passed."""
-    async with OutpostClient(address, timeout=RPC_TIMEOUT) as client:
+async def _poll_worker_async(target, names, coroutines, offset, ready, go, duration):
+    """One client process: `coroutines` callers polling in a loop until `duration` passed.
+    target: the Outpost's ``connect_args()``."""
+    async with connect(target, RPC_TIMEOUT) as client:
         # warm the channel (connection, HTTP/2 settings, stubs) before the clock starts
         for name in names[:10]:
             await client.poll(name)
@@ -291,11 +338,11 @@ async def _poll_worker_async(address, names, coroutines, offset, ready, go, dura
         return time.perf_counter() - t0, latencies
 
 
-def _poll_worker(address, names, coroutines, offset, ready, go, duration, results):
+def _poll_worker(target, names, coroutines, offset, ready, go, duration, results):
     """Entry point of a client process (spawned, so no gRPC state is inherited)."""
     try:
         wall, latencies = asyncio.run(
-            _poll_worker_async(address, names, coroutines, offset, ready, go, duration)
+            _poll_worker_async(target, names, coroutines, offset, ready, go, duration)
         )
         results.put(("ok", wall, latencies))
     except BaseException as e:
@@ -303,7 +350,7 @@ def _poll_worker(address, names, coroutines, offset, ready, go, duration, result
         results.put(("error", repr(e), []))
 
 
-def poll_multiprocess(address: str, names: list[str], processes: int, coroutines: int) -> dict:
+def poll_multiprocess(target: tuple, names: list[str], processes: int, coroutines: int) -> dict:
     """Poll from `processes` client processes with `coroutines` callers each.
 
     The processes connect and warm up first; then all start on one signal, and the rate is
@@ -316,7 +363,7 @@ def poll_multiprocess(address: str, names: list[str], processes: int, coroutines
     procs = [
         ctx.Process(
             target=_poll_worker,
-            args=(address, names, coroutines, p * 997, ready[p], go, POLL_CONCURRENT_SECONDS, results),
+            args=(target, names, coroutines, p * 997, ready[p], go, POLL_CONCURRENT_SECONDS, results),
             daemon=True,
         )
         for p in range(processes)
@@ -332,7 +379,7 @@ def poll_multiprocess(address: str, names: list[str], processes: int, coroutines
     }
 
 
-def best_poll_layout(address: str, names: list[str], concurrency: int) -> tuple[dict, str]:
+def best_poll_layout(target: tuple, names: list[str], concurrency: int) -> tuple[dict, str]:
     """Measure `concurrency` callers as 1 process and as 2 processes; keep the higher rate.
 
     With one Python client process the client's own CPU can be the limit; splitting the
@@ -342,7 +389,7 @@ def best_poll_layout(address: str, names: list[str], concurrency: int) -> tuple[
     layouts = [(1, concurrency), (2, concurrency // 2)]
     measured = []
     for processes, coroutines in layouts:
-        result = poll_multiprocess(address, names, processes, coroutines)
+        result = poll_multiprocess(target, names, processes, coroutines)
         result["layout"] = f"{processes} proc x {coroutines} coroutines"
         measured.append(result)
     best = max(measured, key=lambda r: r["rps"])
@@ -358,7 +405,7 @@ async def run(outpost: BenchOutpost, n: int) -> dict:
     notes: dict = {}
     ids = Ids()
     names = server_names(n)
-    async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
+    async with outpost.client(RPC_TIMEOUT) as client:
         await outpost.wait_serving(READY_TIMEOUT)
         if await client.list_servers():
             raise BenchmarkError("the fresh Outpost already has servers")
@@ -382,6 +429,18 @@ async def run(outpost: BenchOutpost, n: int) -> dict:
         results["stop_p50_ms"] = ms(percentile(stops, 50))
         results["stop_p95_ms"] = ms(percentile(stops, 95))
         notes["start, stop"] = f"1 proc x 1 coroutine, {n} calls each, one after the other"
+
+        # N sequential Starts that wait for the Spawner (wait_until_ready): the answer
+        # comes once the start is READY (its database write included), then N Stops
+        waits = [await timed_start(client, name, ids.next(), wait=True) for name in names]
+        results["start_wait_p50_ms"] = ms(percentile(waits, 50))
+        results["start_wait_p95_ms"] = ms(percentile(waits, 95))
+        notes["start_wait"] = (
+            f"1 proc x 1 coroutine, {n} Starts with wait_until_ready one after the other "
+            "(InstantSpawner: ready as soon as start() returns)"
+        )
+        for name in names:
+            await timed_stop(client, name)
 
         # N Starts, 16 in flight
         wall, starts = await run_concurrently(
@@ -422,7 +481,7 @@ async def run(outpost: BenchOutpost, n: int) -> dict:
         # concurrent Polls from separate client processes (blocking here is fine: the
         # Outpost is another process, and this loop has nothing else to do meanwhile)
         for concurrency in (16, 64):
-            best, summary = best_poll_layout(outpost.address, names, concurrency)
+            best, summary = best_poll_layout(outpost.connect_args(), names, concurrency)
             results[f"poll_c{concurrency}_rps"] = best["rps"]
             results[f"poll_c{concurrency}_p50_ms"] = best["p50_ms"]
             results[f"poll_c{concurrency}_p99_ms"] = best["p99_ms"]
@@ -481,10 +540,10 @@ async def run_event_latency(outpost: BenchOutpost, events: int) -> dict:
     starts = max(1, math.ceil(events / EVENTS_PER_START))
     ids = Ids()
     latencies: list[float] = []
-    async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
+    async with outpost.client(RPC_TIMEOUT) as client:
         await outpost.wait_serving(READY_TIMEOUT)
         for name in server_names(starts, prefix="events"):
-            await client.start(name, ids.next(), user_name="bench", wait_until_ready=False)
+            await client.start(name, ids.next(), wait_until_ready=False, **START.kwargs("bench"))
             terminal = None
             async for event in client.events(name, timeout=60):
                 arrived = time.time()
@@ -534,7 +593,7 @@ async def run_cpu(outpost: BenchOutpost, servers: int, seconds: float) -> dict:
     """
     ids = Ids()
     names = server_names(servers, prefix="cpu")
-    async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
+    async with outpost.client(RPC_TIMEOUT) as client:
         await outpost.wait_serving(READY_TIMEOUT)
         await run_concurrently(
             [lambda name=name: timed_start(client, name, ids.next()) for name in names], 16
@@ -633,9 +692,10 @@ def plain_config() -> str:
 
 
 async def start_flavor(client: OutpostClient, name: str, start_id: str, flavor: str, user: str) -> float:
-    """One Start through flavor; returns its latency in seconds."""
+    """One Start through flavor (``START``'s shape); returns its latency in seconds."""
+    kwargs = START.kwargs(user)
     t0 = time.perf_counter()
-    response = await client.start(name, start_id, user_name=user, flavor=flavor, wait_until_ready=False)
+    response = await client.start(name, start_id, flavor=flavor, wait_until_ready=False, **kwargs)
     elapsed = time.perf_counter() - t0
     if not response.created:
         raise BenchmarkError(f"Start of {name} attached to an existing start instead of creating one")
@@ -647,10 +707,11 @@ async def admit_round(client: OutpostClient, ids: Ids, round_: int) -> tuple[flo
     wall time until every one was answered, and the names admitted. Any answer but
     created or FLAVOR_LIMIT_REACHED (limit "total") fails the benchmark."""
     names = server_names(ADMIT_STARTS, prefix=f"admit{round_}")
+    shapes = {name: START.kwargs(f"u-{name}") for name in names}  # made before the clock starts
 
     async def one(name: str):
         try:
-            await client.start(name, ids.next(), user_name=f"u-{name}", flavor="scarce")
+            await client.start(name, ids.next(), flavor="scarce", **shapes[name])
         except FlavorLimitReached as e:
             if e.metadata.get("limit") != "total":
                 raise BenchmarkError(f"{name}: refused for limit {e.metadata.get('limit')!r}, expected total") from e
@@ -670,12 +731,12 @@ async def run_flavors(outpost: BenchOutpost, starts: int, servers: int) -> dict:
     results: dict = {}
     notes: dict = {}
     ids = Ids()
-    plain = BenchOutpost(config=plain_config())
+    plain = BenchOutpost(config=plain_config(), method=outpost.method, cpus=outpost.cpus)
     try:
         plain.launch()
         async with (
-            OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client,
-            OutpostClient(plain.address, timeout=RPC_TIMEOUT) as plain_client,
+            outpost.client(RPC_TIMEOUT) as client,
+            plain.client(RPC_TIMEOUT) as plain_client,
         ):
             await outpost.wait_serving(READY_TIMEOUT)
             await plain.wait_serving(READY_TIMEOUT)
@@ -720,7 +781,7 @@ async def run_flavors(outpost: BenchOutpost, starts: int, servers: int) -> dict:
         plain.terminate()
         plain.cleanup()
 
-    async with OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as client:
+    async with outpost.client(RPC_TIMEOUT) as client:
         # 200 Starts at once at a flavor with a total of 7, ADMIT_ROUNDS times
         walls = []
         for round_ in range(ADMIT_ROUNDS):
@@ -830,14 +891,14 @@ class Scraper:
         self._proc.join(10)
 
 
-async def _paired_poll_worker_async(addresses, names, coroutines, offset, ready, go, windows, window):
+async def _paired_poll_worker_async(targets, names, coroutines, offset, ready, go, windows, window):
     """One client process polling two Outposts in turn: window after window of `window`
     seconds, the side of window j given by ABBA (j % 4 in (0, 3): addresses[0]); answers
     the calls each window completed. Every process keeps the same clock (time.time()), so
     all of them switch sides together."""
     async with (
-        OutpostClient(addresses[0], timeout=RPC_TIMEOUT) as first,
-        OutpostClient(addresses[1], timeout=RPC_TIMEOUT) as second,
+        connect(targets[0], RPC_TIMEOUT) as first,
+        connect(targets[1], RPC_TIMEOUT) as second,
     ):
         for client in (first, second):
             for name in names[:10]:
@@ -867,10 +928,10 @@ async def _paired_poll_worker_async(addresses, names, coroutines, offset, ready,
         return calls
 
 
-def _paired_poll_worker(addresses, names, coroutines, offset, ready, go, windows, window, results):
+def _paired_poll_worker(targets, names, coroutines, offset, ready, go, windows, window, results):
     try:
         calls = asyncio.run(
-            _paired_poll_worker_async(addresses, names, coroutines, offset, ready, go, windows, window)
+            _paired_poll_worker_async(targets, names, coroutines, offset, ready, go, windows, window)
         )
         results.put(("ok", calls))
     except BaseException as e:
@@ -878,7 +939,7 @@ def _paired_poll_worker(addresses, names, coroutines, offset, ready, go, windows
         results.put(("error", repr(e)))
 
 
-def paired_polls(addresses: list[str], names: list[str], windows: int, window: float) -> list[float]:
+def paired_polls(targets: list[tuple], names: list[str], windows: int, window: float) -> list[float]:
     """64 concurrent Polls (2 client processes x 32) at two Outposts in turn (ABBA windows);
     the rate of each window (calls / window seconds), first Outpost in windows j % 4 in (0, 3)."""
     ctx = mp.get_context("spawn")
@@ -888,7 +949,7 @@ def paired_polls(addresses: list[str], names: list[str], windows: int, window: f
     procs = [
         ctx.Process(
             target=_paired_poll_worker,
-            args=(addresses, names, 32, p * 997, ready[p], go, windows, window, results),
+            args=(targets, names, 32, p * 997, ready[p], go, windows, window, results),
             daemon=True,
         )
         for p in range(2)
@@ -911,13 +972,13 @@ async def run_metrics(outpost: BenchOutpost, rounds: int, metrics_port: int, scr
     results: dict = {}
     notes: dict = {}
     ids = Ids()
-    plain = BenchOutpost()
+    plain = BenchOutpost(method=outpost.method, cpus=outpost.cpus)
     scraper = Scraper(metrics_port, scrape_interval)
     try:
         plain.launch()
         async with (
-            OutpostClient(outpost.address, timeout=RPC_TIMEOUT) as on_client,
-            OutpostClient(plain.address, timeout=RPC_TIMEOUT) as off_client,
+            outpost.client(RPC_TIMEOUT) as on_client,
+            plain.client(RPC_TIMEOUT) as off_client,
         ):
             await outpost.wait_serving(READY_TIMEOUT)
             await plain.wait_serving(READY_TIMEOUT)
@@ -952,8 +1013,12 @@ async def run_metrics(outpost: BenchOutpost, rounds: int, metrics_port: int, scr
                 # which channel goes first alone moved the rate by up to 30 % on this
                 # machine (two Outposts without metrics), so both orders are measured
                 cpu_on, cpu_off = outpost.cpu_seconds(), plain.cpu_seconds()
-                windows = paired_polls([outpost.address, plain.address], polled, rounds * 4, POLL_WINDOW)
-                swapped = paired_polls([plain.address, outpost.address], polled, rounds * 4, POLL_WINDOW)
+                windows = paired_polls(
+                    [outpost.connect_args(), plain.connect_args()], polled, rounds * 4, POLL_WINDOW
+                )
+                swapped = paired_polls(
+                    [plain.connect_args(), outpost.connect_args()], polled, rounds * 4, POLL_WINDOW
+                )
                 cpu_on, cpu_off = outpost.cpu_seconds() - cpu_on, plain.cpu_seconds() - cpu_off
             for c in (on_client, off_client):
                 for name in polled:
@@ -1089,6 +1154,34 @@ def print_ratios(found: dict[str, dict], n: int) -> list[str]:
     return misses
 
 
+METHOD_TITLES = {
+    "production": (
+        "InstantSpawner, SQLite, loopback mTLS with the hub's client certificate, INFO logging, "
+        "Starts with JupyterHub's env (18 keys) and user options"
+    ),
+    "legacy": (
+        "InstantSpawner, SQLite, loopback plaintext without credentials, warnings only, "
+        "Starts with a user name alone"
+    ),
+}
+
+
+def method_ratios(legacy: dict, production: dict) -> dict[str, float]:
+    """production / legacy of each number both runs have (the cost of measuring as
+    production runs)."""
+    return {
+        key: value / legacy[key]
+        for key, value in production.items()
+        if key in legacy and isinstance(value, (int, float)) and not isinstance(value, bool) and legacy[key]
+    }
+
+
+def print_method_ratios(found: dict[str, float], n: int) -> None:
+    rows = [("key", "production/legacy", "", "")]
+    rows += [(key, f"{r:.2f}", "", "") for key, r in found.items()]
+    print_rows(f"n={n}: the production method against the legacy one (rates: above 1 is faster)", rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1130,6 +1223,21 @@ def main(argv=None) -> int:
         default=SCRAPE_INTERVAL,
         help=f"seconds between two scrapes of the Outpost with metrics (default {SCRAPE_INTERVAL:g})",
     )
+    parser.add_argument(
+        "--method",
+        choices=[*METHODS, "both"],
+        default="production",
+        help="production (default): mTLS with the hub's client certificate, INFO logging, a Start "
+        "with what JupyterHub sends (env, user options); legacy: plaintext without credentials, "
+        "warnings only, a Start with a user name alone (the figures before issue 15); both: each "
+        "--n once with each method (legacy keys end in _legacy), the other runs with production",
+    )
+    parser.add_argument(
+        "--pin",
+        metavar="OUTPOST_CPUS:CLIENT_CPUS",
+        help="run the Outposts on some CPUs and this process and its client processes on others, "
+        "e.g. 0:1 (sched_setaffinity; default: no pinning)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     parser.add_argument(
         "--suffix",
@@ -1149,40 +1257,62 @@ def main(argv=None) -> int:
         parser.error("--flavor-servers must not be negative, --flavor-starts at least 1")
     if args.metrics_rounds < 0:
         parser.error("--metrics-rounds must not be negative")
+    outpost_cpus = None
+    if args.pin:
+        try:
+            outpost_cpus, client_cpus = parse_pin(args.pin)
+        except ValueError as e:
+            parser.error(str(e))
+        pin_process(os.getpid(), client_cpus)  # this process's threads; its children inherit it
+    # the main runs' methods; the other runs use the first
+    methods = ["legacy", "production"] if args.method == "both" else [args.method]
+    extra_method = "production" if args.method == "both" else args.method
+
+    def outpost_factory(method: str = extra_method, **kwargs):
+        return lambda: BenchOutpost(method=method, cpus=outpost_cpus, **kwargs)
 
     def suffix_of(n: int) -> str:
         if args.suffix is not None:
             return args.suffix
         return "" if n == 100 else f"_n{n}"
 
-    # (label, Outpost factory, coroutine function) of every run, in order
+    def main_label(n: int, method: str) -> str:
+        return f"n={n}" if method == methods[-1] else f"n={n} {method}"
+
+    # (label, method, Outpost factory, coroutine function) of every run, in order
     runs = [
-        (f"n={n}", BenchOutpost, lambda outpost, n=n: run(outpost, n)) for n in args.n
+        (main_label(n, method), method, outpost_factory(method), lambda outpost, n=n: run(outpost, n))
+        for n in args.n
+        for method in methods
     ]
     if args.events:
         runs.append((
             "events",
-            lambda: BenchOutpost(
-                "benchmarks.bench_spawners.StampedProgressSpawner", event_latency_config()
+            extra_method,
+            outpost_factory(
+                spawner_class="benchmarks.bench_spawners.StampedProgressSpawner", config=event_latency_config()
             ),
             lambda outpost: run_event_latency(outpost, args.events),
         ))  # fmt: skip
     if args.cpu_seconds:
-        runs.append(
-            ("cpu", BenchOutpost, lambda outpost: run_cpu(outpost, args.cpu_servers, args.cpu_seconds))
-        )
+        runs.append((
+            "cpu", extra_method, outpost_factory(),
+            lambda outpost: run_cpu(outpost, args.cpu_servers, args.cpu_seconds),
+        ))  # fmt: skip
 
     if args.flavor_servers:
         runs.append((
             "flavors",
-            lambda: BenchOutpost(config=flavors_config()),
+            extra_method,
+            outpost_factory(config=flavors_config()),
             lambda outpost: run_flavors(outpost, args.flavor_starts, args.flavor_servers),
         ))  # fmt: skip
     if args.metrics_rounds:
         metrics_port = free_port()
         runs.append((
             "metrics",
-            lambda: BenchOutpost(config=f"c.Outpost.metrics_port = {metrics_port}\n"),
+            extra_method,
+            outpost_factory(config=f"c.Outpost.metrics_port = {metrics_port}\n"),
             lambda outpost: run_metrics(outpost, args.metrics_rounds, metrics_port, args.metrics_scrape_interval),
         ))  # fmt: skip
 
@@ -1190,7 +1320,8 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     measured: dict[str, dict] = {}
     notes: dict[str, dict] = {}
-    for label, make_outpost, coroutine in runs:
+    for label, method, make_outpost, coroutine in runs:
+        START.method = method
         outpost = make_outpost()
         t_run = time.monotonic()
         try:
@@ -1212,14 +1343,21 @@ def main(argv=None) -> int:
     targets_doc: dict = {}
     misses: list[str] = []
     for n in args.n:
-        label, suffix = f"n={n}", suffix_of(n)
-        targets = targets_for(n)
-        title = f"Outpost benchmark, n={n} (InstantSpawner, SQLite, loopback plaintext)"
-        misses += [k + suffix for k in print_table(title, measured[label], notes[label], targets)]
-        if n != 100:
-            print("(the absolute targets are for n=100; this size is held to its ratios to n=100)")
-        document.update({f"{key}{suffix}": value for key, value in measured[label].items()})
-        targets_doc.update({f"{k}{suffix}": f"{op} {t}" for k, (op, t) in targets.items()})
+        for method in methods:
+            label, suffix = main_label(n, method), suffix_of(n)
+            if method != methods[-1]:  # --method both: the legacy run's keys
+                suffix += f"_{method}"
+            targets = targets_for(n)
+            title = f"Outpost benchmark, n={n} ({METHOD_TITLES[method]})"
+            misses += [k + suffix for k in print_table(title, measured[label], notes[label], targets)]
+            if n != 100:
+                print("(the absolute targets are for n=100; this size is held to its ratios to n=100)")
+            document.update({f"{key}{suffix}": value for key, value in measured[label].items()})
+            targets_doc.update({f"{k}{suffix}": f"{op} {t}" for k, (op, t) in targets.items()})
+        if len(methods) > 1:
+            found = method_ratios(measured[main_label(n, "legacy")], measured[main_label(n, "production")])
+            print_method_ratios(found, n)
+            document[f"method_ratios{suffix_of(n)}"] = {key: round(r, 4) for key, r in found.items()}
     if 100 in args.n and args.suffix is None:
         for n in args.n:
             if n == 100:
@@ -1253,6 +1391,12 @@ def main(argv=None) -> int:
                 "source": source,
                 "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "method": notes,
+                "measured_as": {
+                    "method": args.method,
+                    "main_runs": {m: METHOD_TITLES[m] for m in methods},
+                    "other_runs": METHOD_TITLES[extra_method],
+                    "pin": args.pin,
+                },
                 "targets": targets_doc,
                 "targets_missed": misses,
             }

@@ -31,9 +31,7 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,21 +43,12 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before grpc is imp
 
 from cryptography.fernet import Fernet  # noqa: E402
 
-from benchmarks.common import machine_info, write_json  # noqa: E402
+from benchmarks.common import HubPair, machine_info, versions, warm_notebook_imports, write_json  # noqa: E402
 from tests.harness.hub import JupyterHubProcess  # noqa: E402
-from tests.harness.outpost import BIN, OutpostProcess, outpost_process_factory  # noqa: E402
-from tests.harness.site import Site  # noqa: E402
 from tests.harness.util import percentile  # noqa: E402
 
 TARGET_RATIO = 1.3
 SPAWN_TIMEOUT = 90.0  # seconds for one spawn's progress stream
-
-DIRECT_CONFIG = """
-c.JupyterHub.spawner_class = "simple"
-c.Spawner.cmd = ["{bin}/jupyterhub-singleuser"]
-c.Spawner.args = ["--allow-root"]
-c.SimpleLocalProcessSpawner.home_dir_template = "{home}/{{username}}"
-"""
 
 TOOK = re.compile(r"User (\S+) took ([0-9.]+) seconds to start")
 # log timestamps for the breakdown of a spawn (hub, Outpost and notebook log one local clock)
@@ -88,40 +77,6 @@ def stamps(pattern: re.Pattern, text: str) -> dict[str, float]:
 
 class BenchmarkError(Exception):
     """The benchmark could not run (as opposed to: the ratio missed its target)."""
-
-
-def versions() -> dict:
-    """The software under test, for the JSON's ``machine`` entry."""
-    import jupyterhub
-
-    try:
-        import jupyter_server
-
-        js = jupyter_server.__version__
-    except Exception:  # pragma: no cover
-        js = "?"
-    return {"jupyterhub": jupyterhub.__version__, "jupyter_server": js}
-
-
-def our_processes(root: Path) -> list[tuple[int, str]]:
-    """Processes whose working directory is under root (the notebooks of this run:
-    SimpleLocalProcessSpawner starts them in their home dir below our work dir)."""
-    found = []
-    root_s = str(root)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cwd = os.readlink(entry / "cwd")
-            if cwd == root_s or cwd.startswith(root_s + "/"):
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state in ("Z", "X"):
-                    continue
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                found.append((int(entry.name), cmd))
-        except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
-            continue
-    return found
 
 
 # --- one hub under test ------------------------------------------------------------------
@@ -202,70 +157,15 @@ class Config:
         }
 
 
-async def stop_everything(
-    configs: list[Config], site: Site | None, outposts: list[OutpostProcess], root: Path
-) -> list[str]:
-    problems = []
-    for cfg in configs:
-        hub = cfg.hub
-        if hub.proc is not None and hub.proc.poll() is None:
-            for user in list(cfg.users):
-                try:
-                    await hub.stop_server(user)
-                    cfg.users.remove(user)
-                except Exception as e:
-                    problems.append(f"{cfg.label}: stopping {user}: {e}")
-        hub.stop()
-        hub.stop_proxy()
-    if site is not None:
-        await site.stop_all()  # OutpostClient list_servers + stop of each
-    for op in outposts:
-        op.stop()
-    # the notebooks are children of the direct hub / the Outpost; give them a moment
-    deadline = time.monotonic() + 10
-    while our_processes(root) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    for pid, cmd in our_processes(root):
-        problems.append(f"left behind, killed: {pid} {cmd}")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return problems
-
-
 async def run(n: int, root: Path) -> dict:
-    factory, outposts = outpost_process_factory(root)  # what Site expects of the fixture
-    site = Site(factory, root, "site")
-    configs: list[Config] = []
+    pair = HubPair(root)
+    direct = Config("direct", pair.direct)
+    outpost = Config("outpost", pair.outpost)
+    configs = [direct, outpost]
     try:
-        direct_dir = root / "hub-direct"
-        direct_dir.mkdir()
-        home = root / "direct-home"
-        direct = Config("direct", JupyterHubProcess(direct_dir, DIRECT_CONFIG.format(bin=BIN, home=home)))
-        configs.append(direct)
-        outpost_dir = root / "hub-outpost"
-        outpost_dir.mkdir()
-        outpost = Config("outpost", JupyterHubProcess(outpost_dir, site.hub_config()))
-        configs.append(outpost)
-
-        t0 = time.perf_counter()
-        await site.start()  # Outpost serving, its SSH host key known
-        direct.hub.start()
-        outpost.hub.start()
-        await asyncio.gather(direct.hub.wait_ready(), outpost.hub.wait_ready())
-        setup_s = time.perf_counter() - t0
+        setup_s = await pair.start()
         print(f"hubs and Outpost up in {setup_s:.1f}s (work dir {root})", flush=True)
-
-        # import the notebook's modules once, so that neither first spawn pays for a cold
-        # page cache / bytecode compile that the other then profits from
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(BIN / "python"), "-c", "import jupyterhub.singleuser, jupyter_server.serverapp, jupyterlab"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        await warm_notebook_imports()
         for cfg in configs:
             cfg.first = await cfg.spawn_timed(f"warm-{cfg.label}")
             print(f"  {cfg.label:8s} first spawn {cfg.first:6.2f}s", flush=True)
@@ -277,10 +177,10 @@ async def run(n: int, root: Path) -> dict:
         took = {cfg.label: cfg.took() for cfg in configs}
         phases = {
             "direct": direct.breakdown(direct.hub.log, direct.hub.log),
-            "outpost": outpost.breakdown(site.op.log, site.op.log),
+            "outpost": outpost.breakdown(pair.site.op.log, pair.site.op.log),
         }
     finally:
-        problems = await stop_everything(configs, site, outposts, root)
+        problems = await pair.stop({cfg.label: cfg.users for cfg in configs})
         for p in problems:
             print(f"cleanup: {p}", file=sys.stderr)
     if any(p.startswith("left behind") for p in problems):
