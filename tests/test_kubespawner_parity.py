@@ -393,3 +393,20 @@ def test_kubespawner_reads_only_what_the_stand_ins_have():
     missing = sorted(f"user.{n}" for n in names["user"] - not_hosted if not hasattr(user, n))
     missing += sorted(f"hub.{n}" for n in names["hub"] if not hasattr(hub, n))
     assert not missing, missing
+
+
+def test_kubespawner_as_the_charts_default_spawner_class_loads():
+    """The Helm chart's default spawnerClass is what c.Outpost.spawner_class resolves to
+    KubeSpawner (KubeSpawner registers no jupyterhub.spawners name: "kubespawner" is the
+    module, which the Outpost refuses at start-up)."""
+    import yaml
+    from kubespawner import KubeSpawner
+
+    from outpost_server.app import Outpost
+
+    from .harness.outpost import ROOT
+
+    values = yaml.safe_load((ROOT / "helm/jupyterhub-outpost/values.yaml").read_text())
+    cfg = Config()
+    cfg.Outpost.spawner_class = values["outpost"]["spawnerClass"]
+    assert Outpost(config=cfg).spawner_class is KubeSpawner
