@@ -170,6 +170,12 @@ class HostedSpawnerMixin:
     # set by the hub API relay when it is on (HubAPIRelay.attach): env -> env
     _outpost_env_filter = None
 
+    def __init__(self, *args, _outpost_name: str = "", **kwargs):
+        # known before the Spawner's own __init__: KubeSpawner names the pod, PVC and secret
+        # of a named server there, from self.name (tests/test_kubespawner_parity.py)
+        self._outpost_name = _outpost_name
+        super().__init__(*args, **kwargs)
+
     @property
     def name(self) -> str:  # Spawner.name reads the hub's ORM object; we have none
         return self._outpost_name
@@ -256,11 +262,11 @@ def make_spawner(
         api_token=env.get("JUPYTERHUB_API_TOKEN", ""),
         oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID", ""),
         user_options=user_options,
+        _outpost_name=spawner_name,
     )
     if log is not None:
         kwargs["log"] = RedactingLog(log, redacted_values(secrets_in_env(env), secrets_in_auth_state(user.auth_state)))
     spawner = cls(**kwargs)
-    spawner._outpost_name = spawner_name
     spawner._outpost_hub_env = dict(env)
     spawner._outpost_site_env_keys = frozenset(site_env_keys)
     hub_user_scopes(spawner)

@@ -400,8 +400,8 @@ class HostingOptions(HasTraits):
         help="""The JupyterHub Spawner class the Outpost hosts.
 
         A name registered under the jupyterhub.spawners entry point ("simple",
-        "localprocess", "kubespawner", ...) or an import string
-        ("batchspawner.SlurmSpawner"). Configure it exactly as in jupyterhub_config.py,
+        "localprocess", ...) or an import string ("batchspawner.SlurmSpawner",
+        "kubespawner.KubeSpawner": KubeSpawner registers no entry-point name). Configure it exactly as in jupyterhub_config.py,
         e.g. c.LocalProcessSpawner.cmd = [...]. An unknown name stops the Outpost at
         start-up with one line naming it.
         """,

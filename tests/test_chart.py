@@ -104,9 +104,9 @@ def load_config(docs: list[dict], tmp_path: Path, monkeypatch):
     for section, cls in (("Outpost", Outpost), ("SSHForwarder", SSHForwarder)):
         unknown = set(cfg[section]) - set(cls.class_trait_names(config=True))
         assert not unknown, f"{section} has no options {unknown}"
-    assert cfg.Outpost.spawner_class == "kubespawner"
-    cfg.Outpost.spawner_class = "simple"  # kubespawner is not installed here
+    assert cfg.Outpost.spawner_class == "kubespawner.KubeSpawner"
     app = Outpost(config=cfg)
+    assert app.spawner_class.__name__ == "KubeSpawner"  # resolved (the test extra installs it)
     forwarder = SSHForwarder(config=cfg)
     return app, forwarder
 

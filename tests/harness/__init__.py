@@ -23,6 +23,10 @@ and by import (``from .harness.util import wait_for``); the benchmarks by import
 - ``sshd``: ``PrivateSSHD``, a private OpenSSH server.
 - ``slurm``: ``SlurmCluster``, a private single-node Slurm cluster (``private_cluster()``),
   ``JOB_NAME``, ``our_jobs()``, ``queue_reason_recipe()``.
+- ``kube``: KubeSpawner without a cluster -- ``fake_kubernetes()`` (a kubeconfig naming no
+  server, ``FakeCoreV1Api``: a fault-injection API client that holds and then refuses the pod
+  create, ``LoadedReflector``), ``in_process_hub()`` (a JupyterHub application, initialized,
+  not started), ``hub_user()``, ``ReadRecorder``.
 - ``netns``: two network namespaces, hub and site (``hub_and_site()``).
 - ``docker``: ``PrivateDockerd`` (a private Docker engine), ``base_image_tar()`` (a Debian
   base image made with debootstrap, cached per machine), ``docker_unavailable()``.
