@@ -205,7 +205,9 @@ def hub_user_env(env: dict[str, str], user: StandInUser) -> dict[str, str]:
     activity = env.get("JUPYTERHUB_ACTIVITY_URL", "")
     suffix = f"/users/{escape_user_name(local)}/activity"
     if activity.endswith(suffix):
-        fixed["JUPYTERHUB_ACTIVITY_URL"] = activity[: -len(suffix)] + f"/users/{escape_user_name(hub_name)}/activity"
+        fixed["JUPYTERHUB_ACTIVITY_URL"] = (
+            activity[: -len(suffix)] + f"/users/{escape_user_name(hub_name)}/activity"
+        )
     return fixed
 
 
@@ -265,7 +267,9 @@ def make_spawner(
         _outpost_name=spawner_name,
     )
     if log is not None:
-        kwargs["log"] = RedactingLog(log, redacted_values(secrets_in_env(env), secrets_in_auth_state(user.auth_state)))
+        kwargs["log"] = RedactingLog(
+            log, redacted_values(secrets_in_env(env), secrets_in_auth_state(user.auth_state))
+        )
     spawner = cls(**kwargs)
     spawner._outpost_hub_env = dict(env)
     spawner._outpost_site_env_keys = frozenset(site_env_keys)
@@ -506,6 +510,16 @@ async def install_certificates(spawner: Spawner, certs: dict[str, str], base: Pa
     """
     spawner.internal_ssl = True
     paths = write_certificates(certs, base, name)
+    # JupyterHub gives every Spawner its trust bundles by component; Spawners that ship the
+    # certificates to the notebook themselves read them (KubeSpawner's secret appends
+    # "hub-ca" to the notebook's CA file). The site has one bundle, the notebooks' trust
+    # bundle the hub sent: the CAs the notebook needs to verify the hub and the proxy
+    bundle = paths["cafile"]
+    spawner.internal_trust_bundles = {
+        "notebooks-ca": bundle,
+        "hub-ca": bundle,
+        **(spawner.internal_trust_bundles or {}),
+    }
     moved = await maybe_await(spawner.move_certs(dict(paths)))
     spawner.cert_paths = dict(moved or paths)
     return spawner.cert_paths

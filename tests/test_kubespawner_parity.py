@@ -22,6 +22,7 @@ BY_DESIGN with the reason, and a listed field that no longer differs fails the t
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 
 import pytest
@@ -151,13 +152,19 @@ def flatten(obj, prefix: str = "") -> dict[str, object]:
 
 def differences(in_hub, hosted) -> dict[str, tuple]:
     a, b = flatten(plain(in_hub)), flatten(plain(hosted))
-    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    return {
+        k: (a.get(k, "<absent>"), b.get(k, "<absent>"))
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    }
 
 
 def assert_same_but_by_design(in_hub, hosted, what: str) -> None:
     diff = differences(in_hub, hosted)
     # an entry absent on one side appears under its leaves: group them by the listed path
-    unexplained = {k: v for k, v in diff.items() if not any(k == p or k.startswith(p + ".") for p in BY_DESIGN)}
+    unexplained = {
+        k: v for k, v in diff.items() if not any(k == p or k.startswith(p + ".") for p in BY_DESIGN)
+    }
     assert not unexplained, f"{what}: the hosted KubeSpawner differs from the hub's in {unexplained}"
 
 
@@ -220,13 +227,21 @@ async def snapshot(spawner, api) -> dict:
         "pod": await spawner.get_pod_manifest(),
         "pvc": spawner.get_pvc_manifest(),
         "service": spawner.get_service_manifest(owner, 8888),
-        "names": (spawner.pod_name, spawner.pvc_name, spawner.secret_name, spawner.dns_name, spawner.namespace),
+        "names": (
+            spawner.pod_name,
+            spawner.pvc_name,
+            spawner.secret_name,
+            spawner.dns_name,
+            spawner.namespace,
+        ),
         "user_options": dict(spawner.user_options),
         "calls": [name for name, _, _ in api.calls],
     }
 
 
-async def spawn_in_hub(app, api, server: str, options: dict, reads: dict[str, set]) -> tuple[dict, BaseException]:
+async def spawn_in_hub(
+    app, api, server: str, options: dict, reads: dict[str, set]
+) -> tuple[dict, BaseException]:
     user = hub_user(app, "alice")
     if server not in user.orm_spawners:
         user._new_orm_spawner(server, server)
@@ -244,7 +259,9 @@ async def spawn_in_hub(app, api, server: str, options: dict, reads: dict[str, se
     await until_pod_create(task, api)
     spawner._reads = None
     snap = await snapshot(spawner, api)
-    snap["attrs"] = {name: getattr(spawner, name) for name in reads["spawner"] if attribute_value(spawner, name)}
+    snap["attrs"] = {
+        name: getattr(spawner, name) for name in reads["spawner"] if attribute_value(spawner, name)
+    }
     api.release()
     with pytest.raises(Exception) as failed:
         await task
@@ -410,3 +427,29 @@ def test_kubespawner_as_the_charts_default_spawner_class_loads():
     cfg = Config()
     cfg.Outpost.spawner_class = values["outpost"]["spawnerClass"]
     assert Outpost(config=cfg).spawner_class is KubeSpawner
+
+
+async def test_kubespawner_hosted_with_internal_ssl_builds_its_certificate_secret(monkeypatch, tmp_path):
+    """internal_ssl: the hosted KubeSpawner's Secret (made before its pod) carries the
+    certificates the hub sent with Start; its trust bundle file has the hub's CA bundle."""
+    from kubespawner import KubeSpawner
+    from kubernetes_asyncio.client import V1OwnerReference
+
+    from outpost_server.hosting import install_certificates, make_spawner, stand_ins_from_env
+
+    with fake_kubernetes(monkeypatch, tmp_path):
+        user, hub_ = stand_ins_from_env(env={}, user_name="alice", user_id=7, admin=False, groups=[])
+        spawner = make_spawner(
+            KubeSpawner, config=Config({"KubeSpawner": {"namespace": NAMESPACE}}), spawner_name="", user=user,
+            hub=hub_, env={}, user_options={}, site_env_keys=frozenset(),
+        )  # fmt: skip
+        certs = {"key_pem": "KEY\n", "cert_pem": "CERT\n", "ca_pem": "NOTEBOOKS-CA-TRUST\n"}
+        await install_certificates(spawner, certs, tmp_path / "certs", "one")
+        owner = V1OwnerReference(
+            api_version="v1", kind="Pod", name=spawner.pod_name, uid="u", controller=True
+        )
+        secret = spawner.get_secret_manifest(owner)
+        data = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+        assert data["ssl.key"] == "KEY\n" and data["ssl.crt"] == "CERT\n"
+        assert "NOTEBOOKS-CA-TRUST" in data["notebooks-ca_trust.crt"]
+        assert secret.metadata.name == spawner.secret_name
