@@ -181,9 +181,7 @@ class HangingStartSpawner(Spawner):
     _proc: asyncio.subprocess.Process | None = None
 
     async def start(self):
-        self._proc = await asyncio.create_subprocess_exec(
-            "sleep", "600", stdin=asyncio.subprocess.DEVNULL
-        )
+        self._proc = await asyncio.create_subprocess_exec("sleep", "600", stdin=asyncio.subprocess.DEVNULL)
         HangingStartSpawner.children[self.user.name] = self._proc.pid
         await asyncio.Event().wait()
 
@@ -287,20 +285,20 @@ class LateListenSpawner(Spawner):
 
         async def listen_later():
             await asyncio.sleep(self.listen_delay)
-            self._server = await asyncio.start_server(answer, "127.0.0.1", port)
+            self._late_server = await asyncio.start_server(answer, "127.0.0.1", port)
             LateListenSpawner.listening_at.append(time.monotonic())
 
         if self.listen_delay >= 0:
-            self._listener = asyncio.ensure_future(listen_later())
+            self._late_listener = asyncio.ensure_future(listen_later())
         return ("127.0.0.1", port)
 
     async def poll(self):
         return LateListenSpawner.exit_status
 
     async def stop(self, now=False):
-        listener = getattr(self, "_listener", None)
+        listener = getattr(self, "_late_listener", None)
         if listener is not None:
             listener.cancel()
-        server = getattr(self, "_server", None)
+        server = getattr(self, "_late_server", None)
         if server is not None:
             server.close()
