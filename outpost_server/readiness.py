@@ -12,8 +12,9 @@ What counts as answering is what JupyterHub counts: any HTTP response below 500 
 without login). Connection refused or reset, a timeout and a 5xx mean "not yet". With
 internal_ssl the check speaks TLS with the notebook's own certificate files; it does not
 verify the notebook's certificate (it sends no credentials and reads nothing but the
-status), and a TLS handshake the notebook answers with an alert counts as answering: it
-listens and speaks TLS. No request carries a credential; the body is never read.
+status). The notebook asks for a client certificate of the hub's CAs, which the
+Outpost does not have: its refusal (an alert, or with TLS 1.3 a disconnect after the
+completed handshake, before any response) counts as answering: it listens and speaks TLS. No request carries a credential; the body is never read.
 
 The check is bounded (``readiness_timeout``): a notebook that never answers gets READY
 after the bound with a WARNING in the log (the hub's own check then decides, as without
@@ -72,16 +73,37 @@ def ssl_context(cert_paths: dict | None) -> ssl.SSLContext:
     return context
 
 
+#: the last reason a check said "not yet" (for the WARNING after the bound)
+last_miss: dict[str, str] = {}
+
+
 async def answers(session: aiohttp.ClientSession, url: str, context: ssl.SSLContext | None) -> bool:
     """One check: whether the notebook at url answers now."""
     tls = {"ssl": context} if context is not None else {}
     try:
         async with session.get(url, allow_redirects=False, **tls) as r:
+            if r.status >= 500:
+                last_miss[url] = f"HTTP {r.status}"
             return r.status < 500
-    except aiohttp.ClientSSLError:
-        return True  # it listens and speaks TLS (it refused our certificate)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-        return False
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        last_miss[url] = f"{type(e).__name__}: {e}"
+        # with TLS: a refusal of our certificate means it listens and speaks TLS, so it
+        # is up. With TLS 1.3 the refusal comes after the handshake completed, and
+        # reaches us as a plain disconnect before any response (a connection refused
+        # is another error: ClientConnectorError)
+        return context is not None and (isinstance(e, aiohttp.ServerDisconnectedError) or _tls_refusal(e))
+    return False
+
+
+def _tls_refusal(error: BaseException | None) -> bool:
+    """Whether error is (or was caused by) a TLS error from the peer."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, (ssl.SSLError, aiohttp.ClientSSLError)):
+            return True
+        error = getattr(error, "os_error", None) or error.__cause__ or error.__context__
+        seen += 1
+    return False
 
 
 async def wait_until_answers(

@@ -217,11 +217,12 @@ class StartRun:
         if took is None:
             log.warning(
                 "The notebook of %s/%s did not answer at %s within %gs (c.Outpost.readiness_timeout): "
-                "READY anyway, the hub's own check decides. If the Outpost cannot reach its "
-                "notebooks, set c.Outpost.readiness_check = False.",
-                rec.hub, rec.name, url, settings.readiness_timeout,
+                "READY anyway, the hub's own check decides (last: %s). If the Outpost cannot "
+                "reach its notebooks, set c.Outpost.readiness_check = False.",
+                rec.hub, rec.name, url, settings.readiness_timeout, readiness.last_miss.pop(url, "?"),
             )  # fmt: skip
         else:
+            readiness.last_miss.pop(url, None)
             log.debug("The notebook of %s/%s answered at %s after %.2fs", rec.hub, rec.name, url, took)
 
     def _observe(self, status: str) -> None:

@@ -181,7 +181,9 @@ class HangingStartSpawner(Spawner):
     _proc: asyncio.subprocess.Process | None = None
 
     async def start(self):
-        self._proc = await asyncio.create_subprocess_exec("sleep", "600", stdin=asyncio.subprocess.DEVNULL)
+        self._proc = await asyncio.create_subprocess_exec(
+            "sleep", "600", stdin=asyncio.subprocess.DEVNULL
+        )
         HangingStartSpawner.children[self.user.name] = self._proc.pid
         await asyncio.Event().wait()
 

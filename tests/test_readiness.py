@@ -90,3 +90,33 @@ def test_readiness_check_url_quotes_the_hubs_prefix():
     assert readiness.check_url("http", "10.0.0.5", 8888, "/user/ann/") == "http://10.0.0.5:8888/user/ann/api"
     assert readiness.check_url("https", "::1", 1, "user/a b") == "https://[::1]:1/user/a%20b/api"
     assert readiness.check_url("http", "h", 2, "/user/x?y#z/") == "http://h:2/user/x%3Fy%23z/api"
+
+
+async def test_readiness_tls_notebook_that_refuses_our_certificate_answers(pki):
+    """internal_ssl: the notebook asks for a client certificate of a CA the Outpost's is not
+    signed by; its TLS refusal still says it is up (and nothing listening is not)."""
+    import asyncio
+    import ssl
+
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki.server.cert, pki.server.key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(pki.ca.cert)
+
+    async def answer(reader, writer):
+        try:
+            await reader.read(100)
+        except (ssl.SSLError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    url = readiness.check_url("https", "127.0.0.1", port, "/user/ann/")
+    context = readiness.ssl_context(None)  # no client certificate at all
+    async with server:
+        took = await readiness.wait_until_answers(url, timeout=5, max_interval=0.1, context=context)
+        assert took is not None
+    server.close()
+    await server.wait_closed()
+    assert await readiness.wait_until_answers(url, timeout=0.3, max_interval=0.1, context=context) is None
