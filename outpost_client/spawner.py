@@ -561,6 +561,15 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
             self._progress.add({"message": self.stop_message})
             self.stop_message = ""
         client = self.client
+        # the SSH connection (and the hub API's reverse forward) before the notebook starts:
+        # it reaches the hub API while it starts, and the Outpost waits for it to answer
+        # (readiness_check) before READY; its errors surface in _connect()
+        if config.ssh_host:
+            tunnel = self._tunnel()
+            connect = getattr(tunnel, "connect", None)
+            if connect is not None and not getattr(tunnel, "connected", False):
+                connecting = asyncio.ensure_future(connect())
+                connecting.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             await self._start_or_forget(
                 lambda: client.start(

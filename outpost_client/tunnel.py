@@ -460,6 +460,12 @@ class Tunnel:
         elif self._loop is not loop:
             raise TunnelError(f"the tunnel to {self.target} belongs to another event loop")
 
+    async def connect(self) -> None:
+        """Connect now (and open the reverse forwards), if not connected yet: before a
+        notebook starts, so it reaches the hub API at the site while it starts."""
+        self._check_open()
+        await self._ensure_connected()
+
     async def _ensure_connected(self) -> asyncssh.SSHClientConnection:
         if self._conn is not None:
             return self._conn

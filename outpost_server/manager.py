@@ -41,6 +41,7 @@ from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
 from .accounts import AccountPolicy
+from .admission import FLAVOR, QUEUE, STARTS, Blocked, QueueClosed, StartQueue
 from .expiry import RecordExpiry
 from .flavors import Flavor, FlavorSet, Usage, limit_refusal
 from .hosting import certs_base_warning, default_certs_base
@@ -58,7 +59,7 @@ from .spawners import (
     safe_state,
     user_message,
 )
-from .starts import StartRun
+from .starts import Readiness, StartRun
 from .store import Store, now
 
 log = logging.getLogger("outpost.manager")
@@ -82,6 +83,13 @@ class ManagerSettings:
     failed_server_retention: float
     exited_server_retention: float
     cleanup_timeout: float
+    start_admission: str
+    flavor_admission: str
+    start_queue_limit: int
+    start_queue_timeout: float
+    readiness_check: bool
+    readiness_timeout: float
+    readiness_max_interval: float
 
     @classmethod
     def from_traits(cls, app) -> ManagerSettings:
@@ -159,6 +167,11 @@ class LifecycleManager:
         self.runtime = RuntimeLimits(self.records, self.stop, timeout=settings.cleanup_timeout)
         # the restore's clean-ups of interrupted starts, running in the background
         self._cleanups: set[asyncio.Task] = set()
+        #: starts waiting for a free slot (admission.py)
+        self.queue = StartQueue(max_per_hub=settings.start_queue_limit, timeout=settings.start_queue_timeout)
+        self.readiness = (
+            Readiness(settings.readiness_timeout, settings.readiness_max_interval) if settings.readiness_check else None
+        )
 
     @property
     def closing(self) -> bool:
@@ -207,21 +220,57 @@ class LifecycleManager:
             return 0
         ended = [r for r in starting if r.state != pb.SERVER_STATE_STARTING or not self.records.current(r)]
         starting.difference_update(ended)
-        return len(starting)
+        return sum(1 for r in starting if not r.queued)
 
-    def _check_start_limit(self, hub: str) -> None:
-        """Refuse a new start (RESOURCE_EXHAUSTED) while hub is at its limit of starts."""
+    def _start_limit_reached(self, hub: str) -> bool:
         limit = self.settings.max_concurrent_starts_per_hub
-        if limit <= 0:
-            return
+        return limit > 0 and self._starts_in_progress(hub) >= limit
+
+    def _check_start_limit(self, hub: str) -> bool:
+        """Whether a new start of hub must wait (True: queue it). Refuses it
+        (RESOURCE_EXHAUSTED) while hub is at its limit of starts in "refuse" mode, or
+        when its queue is full too."""
+        queueing = self.settings.start_admission == QUEUE
+        if not self._start_limit_reached(hub) and not (queueing and self.queue.waiting(hub)):
+            return False  # a free slot, and nobody of the hub waits before it (FIFO)
+        limit = self.settings.max_concurrent_starts_per_hub
         in_progress = self._starts_in_progress(hub)
-        if in_progress >= limit:
+        if not queueing:
             log.warning("Refused a start of hub %r: %d starts in progress (the limit)", hub, in_progress)
             raise TooManyStarts(
                 f"Hub {hub!r} already has {in_progress} server starts in progress on this "
                 "Outpost (the limit); try again when one of them finishes.",
                 metadata={"limit": str(limit)},
             )
+        self._check_queue_room(hub)
+        return True
+
+    def _check_queue_room(self, hub: str) -> None:
+        """Refuse a start that would have to wait (RESOURCE_EXHAUSTED) when hub's queue is full."""
+        if not self.queue.full(hub):
+            return
+        waiting = self.queue.waiting(hub)
+        log.warning("Refused a start of hub %r: %d starts already wait (c.Outpost.start_queue_limit)", hub, waiting)
+        raise TooManyStarts(
+            f"Hub {hub!r} already has {self._starts_in_progress(hub)} server starts in progress "
+            f"and {waiting} waiting on this Outpost (the limits); try again when one of them finishes.",
+            metadata={"limit": str(self.settings.max_concurrent_starts_per_hub), "queue_limit": str(waiting)},
+        )
+
+    def _blocked(self, hub: str, spec: convert.StartSpec, flavor: Flavor | None) -> Blocked:
+        """Why a queued start must still wait (admission.py), or None: it may start now.
+        A queued start's user limits were checked when it was accepted; what is left is
+        the hub's limit of starts and its flavor's hub and total limits."""
+        if self._start_limit_reached(hub):
+            limit = self.settings.max_concurrent_starts_per_hub
+            starts = "1 server" if limit == 1 else f"{limit} servers"
+            return STARTS, f"this Outpost starts at most {starts} of your hub at a time"
+        if flavor is not None:
+            usage = self.flavor_usage(flavor.name, hub, spec.user["name"])
+            refusal = limit_refusal(flavor, Usage(total=usage.total, hub=usage.hub), 0)
+            if refusal is not None:
+                return FLAVOR, f"every server of flavor {flavor.name!r} that may run is in use"
+        return None
 
     def server_limit(self, hub: str) -> int:
         """How many servers hub may hold (0: no limit)."""
@@ -248,23 +297,34 @@ class LifecycleManager:
         """Active servers of flavor (in total, of hub, of hub's user) and of that user
         across flavors, from memory."""
         of_flavor = self.records.active_of_flavor(flavor) if flavor else []
-        of_hub = [r for r in of_flavor if r.hub == hub]
+        admitted = [r for r in of_flavor if not r.queued]  # a queued start holds no server yet
         return Usage(
-            total=len(of_flavor),
-            hub=len(of_hub),
-            user=sum(1 for r in of_hub if r.user_name == user_name),
+            total=len(admitted),
+            hub=sum(1 for r in admitted if r.hub == hub),
+            # a user's own queued starts count: they hold the user's claim
+            user=sum(1 for r in of_flavor if r.hub == hub and r.user_name == user_name),
             user_total=len(self.records.active_of_user(hub, user_name)),
         )
 
-    def _check_flavor_limits(self, hub: str, spec: convert.StartSpec, flavor: Flavor | None, flavors: FlavorSet) -> None:
+    def _check_flavor_limits(self, hub: str, spec: convert.StartSpec, flavor: Flavor | None, flavors: FlavorSet) -> bool:
         """Refuse (RESOURCE_EXHAUSTED, FLAVOR_LIMIT_REACHED) a start beyond a limit of its
-        flavor or the site's per-user cap. Synchronous: the caller takes the record in the
-        same step, so no other start can be admitted between the count and the taking."""
+        flavor or the site's per-user cap; True: it waits for its flavor's hub or total
+        limit instead (c.Outpost.flavor_admission "queue"; a user's own limits are always
+        refused: only the user can free them). Synchronous: the caller takes the record
+        in the same step, so no other start can be admitted between the count and the
+        taking."""
         if flavor is None and flavors.max_servers_per_user <= 0:
-            return
+            return False
         user = spec.user["name"]
         usage = self.flavor_usage(spec.flavor, hub, user)
         refusal = limit_refusal(flavor, usage, flavors.max_servers_per_user)
+        if (
+            refusal is not None
+            and self.settings.flavor_admission == QUEUE
+            and refusal.metadata["limit"] in ("hub", "total")
+        ):
+            self._check_queue_room(hub)
+            return True
         if refusal is not None:
             log.warning(
                 "Refused a start of %s/%s (user %r, flavor %r): %s limit %s reached",
@@ -298,7 +358,7 @@ class LifecycleManager:
         # of a name the hub holds (a stopped one) takes no new record
         if rec is None:
             self._check_server_limit(hub)
-        self._check_start_limit(hub)
+        self._check_start_limit(hub)  # refused early; queued or not: decided below
         # the flavor: allowed for this hub and user (refused before anything is made), and
         # its limits (checked again below, in the step that takes the record). Admitted
         # under this set of flavors even if a SIGHUP replaces it meanwhile.
@@ -335,26 +395,30 @@ class LifecycleManager:
         # no await between these checks and taking the record
         if rec is None:
             self._check_server_limit(hub)
-        self._check_start_limit(hub)
-        self._check_flavor_limits(hub, spec, flavor, flavors)
+        wait = self._check_start_limit(hub)
+        wait = self._check_flavor_limits(hub, spec, flavor, flavors) or wait
         new.accepted = asyncio.get_running_loop().create_future()
         self.records.put(new)
         if self.settings.max_concurrent_starts_per_hub > 0:
             self._starting.setdefault(hub, set()).add(new)
+        waiter = self.queue.enqueue(new, lambda: self._blocked(hub, spec, flavor)) if wait else None
         # shielded: a client that goes away mid-Start does not undo an accepted start
-        await asyncio.shield(asyncio.ensure_future(self._accept(new, previous=rec)))
+        await asyncio.shield(asyncio.ensure_future(self._accept(new, previous=rec, waiter=waiter)))
         if spec.wait_until_ready:
             await self.wait_terminal(new)
         return new.status(), True
 
-    async def _accept(self, new: Record, previous: Record | None) -> None:
-        """Persist a new start, then run it; on failure put back what was there."""
+    async def _accept(self, new: Record, previous: Record | None, waiter=None) -> None:
+        """Persist a new start, then run it (after its wait in the queue, with a waiter);
+        on failure put back what was there."""
         try:
             if previous is None:
                 await self.store.write(self.store.op_insert_server(new.to_row()))
             else:  # a stopped start of the same name: replace its row and events
                 await self.store.write(self.store.op_replace_server(new.to_row()))
         except BaseException as e:
+            if waiter is not None:
+                self.queue._remove(waiter)
             if self.records.current(new):
                 if previous is not None:
                     self.records.put(previous)
@@ -374,6 +438,10 @@ class LifecycleManager:
             start_message=self.settings.start_message,
             records=self.records,
             cleanup_timeout=self.settings.cleanup_timeout,
+            queue=self.queue,
+            waiter=waiter,
+            readiness=self.readiness,
+            on_end=self.queue.wake,
         ).launch()
         self.runtime.schedule(new)
 
@@ -512,7 +580,9 @@ class LifecycleManager:
             # what the start made so far, kept before the cancel can make it forget
             rec.spawner_state = (safe_state(spawner) if spawner else None) or rec.spawner_state
             await run.cancel()
-            if rec.spawner is None:
+            if not run.spawner_called:
+                spawner = None  # a queued start, taken out of the queue: nothing ran
+            elif rec.spawner is None:
                 spawner = None  # the failed start already stopped it (fail_start)
             elif spawner is not None:
                 recall_state(spawner, rec.spawner_state)
@@ -548,6 +618,7 @@ class LifecycleManager:
         self.runtime.forget(rec)
         rec.spawner = None
         rec.changed()
+        self.queue.wake()  # its flavor's slot is free
         log.info("%s/%s stopped", rec.hub, rec.name)
 
     async def _keep_stopped(self, rec: Record, stop_message: str) -> None:
@@ -578,6 +649,9 @@ class LifecycleManager:
     async def shutdown(self, grace: float) -> None:
         """Stop polling; give pending starts `grace` seconds; keep running servers running."""
         self.journal.closing = True
+        self.queue.close(
+            QueueClosed("The Outpost was stopped while your server waited for a free slot. Please start it again.")
+        )
         self.expiry.stop()  # its stops under way are stop tasks: waited for below
         self.runtime.close()  # likewise
         polls = self.poller.stop()  # never cancelled; their answers get the grace too

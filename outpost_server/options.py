@@ -19,6 +19,7 @@ from traitlets import (
     Bool,
     CaselessStrEnum,
     Dict,
+    Enum,
     Float,
     HasTraits,
     Integer,
@@ -611,13 +612,97 @@ class HostingOptions(HasTraits):
         config=True,
         help="""How many servers of one hub may be starting at the same time (0: no limit).
 
-        A Start beyond it is answered at once with RESOURCE_EXHAUSTED (reason
-        TOO_MANY_STARTS, metadata limit) and leaves nothing behind: nothing is started or
-        stored. A slot frees when a start becomes RUNNING, fails or is stopped; the hub's
-        user may then try again.
-        Retrying a start already accepted (same start_id) is never refused. The limit
-        is per hub, so one hub flooding Starts does not keep the others from starting.
+        What happens to a Start beyond it is start_admission's: "queue" (default) accepts
+        it and it waits for a free slot, its user reading "N users ahead of you" on the
+        spawn page; "refuse" answers it at once with RESOURCE_EXHAUSTED (reason
+        TOO_MANY_STARTS, metadata limit), leaving nothing behind. A slot frees when a start
+        becomes RUNNING (with readiness_check: once its notebook answers), fails or is
+        stopped. Retrying a start already accepted (same start_id) is never refused. The
+        limit is per hub, so one hub flooding Starts does not keep the others from starting.
         """,
+    )
+    start_admission = Enum(
+        ["queue", "refuse"],
+        "queue",
+        config=True,
+        help="""What a Start beyond max_concurrent_starts_per_hub gets.
+
+        "queue": it is accepted (the server is STARTING, stored) and waits for a free slot;
+        its Events say how many of the hub's users are ahead ("3 users ahead of you,
+        waiting for a free slot: ..."), updated as the queue moves, and it proceeds when a
+        slot frees, first come first served per hub. Bounded by start_queue_limit (then
+        refused as with "refuse") and start_queue_timeout (then it fails with a message).
+        A Stop takes it out of the queue. A queued start does not survive a restart of
+        the Outpost: it fails with a message (shutdown) or as a start the restart
+        interrupted (crash); the user starts again.
+
+        "refuse": answered at once with RESOURCE_EXHAUSTED (reason TOO_MANY_STARTS); the
+        hub's user reads the refusal and may try again (the behaviour before 0.1.0).""",
+    )
+    flavor_admission = Enum(
+        ["refuse", "queue"],
+        "refuse",
+        config=True,
+        help="""What a Start beyond a flavor's max_per_hub or max_total gets (see
+        flavors.md): "refuse" (default: RESOURCE_EXHAUSTED, reason FLAVOR_LIMIT_REACHED)
+        or "queue": it waits, as with start_admission, until a server of that flavor
+        stops (bounded by start_queue_limit and start_queue_timeout; starts of other
+        flavors pass it), with slots that several hubs wait for handed out to the hubs in
+        turn. A user's own limits (a flavor's max_per_user, the site's
+        max_servers_per_user) are always refused: only the user can free them. Refuse is
+        the default because a flavor's slot frees only when a running server stops,
+        which may take hours; the spawn form already shows a full flavor.""",
+    )
+    start_queue_limit = Integer(
+        200,
+        min=1,
+        config=True,
+        help="""How many starts of one hub may wait for a free slot (start_admission or
+        flavor_admission "queue"). A Start beyond it is refused with RESOURCE_EXHAUSTED
+        (reason TOO_MANY_STARTS, metadata limit and queue_limit).""",
+    )
+    start_queue_timeout = Float(
+        300.0,
+        min=0.01,
+        config=True,
+        help="""Seconds a start may wait for a free slot. Then it fails (a FAILED event: "No
+        slot freed within N seconds ..."), as a start that was refused, and the user may
+        try again. The hub's own c.Spawner.start_timeout should be at least this plus
+        the time a start takes, or the hub gives up first.""",
+    )
+    readiness_check = Bool(
+        True,
+        config=True,
+        help="""READY only once the notebook answers at the site.
+
+        After the Spawner's start() returned its address, the Outpost GETs the notebook's
+        <JUPYTERHUB_SERVICE_PREFIX>api from the site, with a short timeout and a back-off
+        from 50 ms up to readiness_max_interval, until any answer below 500 (what
+        JupyterHub itself counts as up), and sends READY only then: the hub's own check
+        through the tunnel then succeeds at once instead of backing off. With
+        internal_ssl it speaks TLS with the notebook's certificate files (without
+        verifying the notebook's). A notebook whose Spawner's poll() reports it exited
+        meanwhile fails the start. The start counts against max_concurrent_starts_per_hub
+        until READY.
+
+        Switch it off (False) where the Outpost cannot reach its notebooks' addresses
+        (a firewall between it and the batch nodes) or its Spawner starts something that
+        does not serve HTTP: READY is then sent as soon as start() returns.""",
+    )
+    readiness_timeout = Float(
+        30.0,
+        min=0.01,
+        config=True,
+        help="""Seconds the readiness check waits for the notebook to answer. Then READY is
+        sent anyway (with a WARNING in the log) and the hub's own check (its
+        c.Spawner.http_timeout) decides, as without the check.""",
+    )
+    readiness_max_interval = Float(
+        0.5,
+        min=0.01,
+        config=True,
+        help="""The longest pause, in seconds, between two checks of a notebook that does not
+        answer yet (they begin 50 ms apart and grow by half each time).""",
     )
     max_servers_per_hub = Integer(
         1000,

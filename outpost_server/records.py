@@ -98,6 +98,9 @@ class Record:
     stop_message: str = ""
     #: the start while it runs (its tasks: start, checkpoint, progress); see starts.py
     run: StartRun | None = None
+    #: waiting in the admission queue (admission.py): STARTING, but not yet a start in
+    #: progress nor a server of its flavor (the limits do not count it)
+    queued: bool = False
     #: set while the start is being persisted (Start returns when it is done)
     accepted: asyncio.Future | None = None
     stop_task: asyncio.Task | None = None

@@ -20,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from jupyterhub.spawner import Spawner
 
 from outpost_client.errors import Unavailable
 from outpost_client.v1 import outpost_pb2 as pb
 
-from . import convert, metrics
+from . import convert, metrics, readiness
+from .admission import StartQueue, Waiter
 from .aio import cancel_and_wait, wait_event
 from .hosting import certs_location, install_certificates, maybe_await, normalise_address
 from .journal import Journal
@@ -36,6 +39,14 @@ from .runtime import admitted_message
 from .spawners import recall_state, remove_start_certificates, run_post_stop_hook, safe_state, user_message
 
 log = logging.getLogger("outpost.manager")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The readiness check's settings (readiness.py; the Outpost traits of these names)."""
+
+    readiness_timeout: float
+    readiness_max_interval: float
 
 
 class StartRun:
@@ -55,6 +66,10 @@ class StartRun:
         start_message: str,
         records: Records | None = None,
         cleanup_timeout: float | None = None,
+        queue: StartQueue | None = None,
+        waiter: Waiter | None = None,
+        readiness: Readiness | None = None,
+        on_end: Callable[[], None] | None = None,
     ):
         self.rec = rec
         self.journal = journal
@@ -63,6 +78,16 @@ class StartRun:
         #: every server (to refuse an address another one has); None: not checked
         self.records = records
         self.cleanup_timeout = cleanup_timeout
+        #: the admission queue and this start's place in it, if it was queued (admission.py)
+        self.queue = queue
+        self.waiter = waiter
+        #: READY only once the notebook answers at the site (readiness.py); None: at once
+        self.readiness = readiness
+        #: called when the run ends (a slot may have freed: the manager wakes its queue)
+        self.on_end = on_end
+        #: whether the Spawner's start() was called (a queued start stopped before it was
+        #: admitted has nothing at the site to stop)
+        self.spawner_called = False
         self.task: asyncio.Task | None = None
         #: when the start was accepted (time.monotonic()), for its duration's metric
         self.accepted_at = time.monotonic()
@@ -113,6 +138,9 @@ class StartRun:
         try:
             spawner._spawn_pending = True
             spawner._start_pending = True
+            if self.waiter is not None:
+                assert self.queue is not None
+                await self.queue.wait(self.waiter, self._notify_waiting)
             if self.start_message:
                 message = self.start_message.format(spawner_class=type(spawner).__name__, user=rec.spec.user["name"])
                 await self.journal.emit(rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": message}, durable=False)
@@ -130,6 +158,7 @@ class StartRun:
                 rec.spec.certificates = {}  # on disk now; not kept in memory too
             checkpoint_task = asyncio.create_task(self._checkpoint(spawner))
             self.accepts_report = True
+            self.spawner_called = True
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(spawner))
@@ -139,6 +168,8 @@ class StartRun:
                 checkpoint_task.cancel()
                 self.accepts_report = False
             self._check_address(host, port)
+            if self.readiness is not None:
+                await self._wait_answers(spawner, scheme, host, port)
             spawner._spawn_pending = spawner._start_pending = False
             await self._stop_progress(progress_task)
             progress_task = None
@@ -161,11 +192,49 @@ class StartRun:
         except Exception as e:
             if progress_task is not None:
                 await self._stop_progress(progress_task)
-            await fail_start(rec, e, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
+            await fail_start(
+                rec, e, self.journal, self.certs_dir,
+                cleanup_timeout=self.cleanup_timeout, stop_spawner=self.spawner_called,
+            )  # fmt: skip
             self._observe("failure")
         finally:
             if rec.run is self:
                 rec.run = None
+            if self.on_end is not None:
+                self.on_end()
+
+    async def _notify_waiting(self, message: str) -> None:
+        """A queued start's place, as a progress event (admission.py)."""
+        await self.journal.emit(self.rec, {"kind": pb.EVENT_KIND_PROGRESS, "message": message}, durable=False)
+
+    async def _wait_answers(self, spawner: Spawner, scheme: str, host: str, port: int) -> None:
+        """Until the notebook answers at the site, bounded (readiness.py)."""
+        settings = self.readiness
+        assert settings is not None
+        rec = self.rec
+        url = readiness.check_url(scheme, host, port, rec.spec.env.get("JUPYTERHUB_SERVICE_PREFIX", "/"))
+        context = readiness.ssl_context(getattr(spawner, "cert_paths", None)) if scheme == "https" else None
+
+        async def exited() -> int | None:
+            return await maybe_await(spawner.poll())
+
+        took = await readiness.wait_until_answers(
+            url,
+            timeout=settings.readiness_timeout,
+            max_interval=settings.readiness_max_interval,
+            context=context,
+            exited=exited,
+        )
+        if took is None:
+            log.warning(
+                "The notebook of %s/%s did not answer at %s within %gs (c.Outpost.readiness_timeout): "
+                "READY anyway, the hub's own check decides (last: %s). If the Outpost cannot "
+                "reach its notebooks, set c.Outpost.readiness_check = False.",
+                rec.hub, rec.name, url, settings.readiness_timeout, readiness.last_miss.pop(url, "?"),
+            )  # fmt: skip
+        else:
+            readiness.last_miss.pop(url, None)
+            log.debug("The notebook of %s/%s answered at %s after %.2fs", rec.hub, rec.name, url, took)
 
     async def _address(self, spawner: Spawner, start: asyncio.Future, checkpoint_task: asyncio.Task):
         """Wait for start() (and, where it gives none, the job's late address: late.py)
@@ -445,15 +514,17 @@ async def fail_start(
     certs_dir: str | None,
     *,
     cleanup_timeout: float | None = None,
+    stop_spawner: bool = True,
 ) -> None:
     """End rec's start as failed: stop its Spawner (with the state the checkpoint stored;
-    given up after ``cleanup_timeout`` seconds), remove its certificates, then the FAILED
-    event with a message for the user (its stored auth_state deleted with it)."""
+    given up after ``cleanup_timeout`` seconds; not with ``stop_spawner`` False: a queued
+    start whose Spawner never ran), remove its certificates, then the FAILED event with a
+    message for the user (its stored auth_state deleted with it)."""
     message = user_message(error)
     if isinstance(error, asyncio.TimeoutError) and rec.spawner is not None:
         message = f"The server did not start within {rec.spawner.start_timeout:g} seconds."
     log.error("Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error)
-    if rec.spawner is not None:
+    if rec.spawner is not None and stop_spawner:
         recall_state(rec.spawner, rec.spawner_state)  # what the checkpoint stored
         spawner = rec.spawner
         await stop_bounded(rec, spawner, cleanup_timeout)

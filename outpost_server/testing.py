@@ -371,3 +371,50 @@ class LateAddressSpawner(Spawner):
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 await self.proc.wait()
         self.pid = 0
+@class_state("listening_at", "paths", "exit_status")
+class LateListenSpawner(Spawner):
+    """A notebook that starts listening late: start() returns its address at once; an HTTP
+    server (answering 200 to any GET) listens there only ``listen_delay`` seconds later
+    (negative: never). ``listening_at`` (time.monotonic() when it began to listen, over
+    all instances), ``paths`` (what was asked of it); poll() answers ``exit_status``."""
+
+    listen_delay = Float(1.0, config=True, help="Seconds until the server listens (negative: never).")
+    listening_at: list[float] = []
+    paths: list[str] = []
+    exit_status = None
+
+    async def start(self):
+        import socket
+        import time
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()  # nothing listens at the port until the server below does
+
+        async def answer(reader, writer):
+            request = await reader.readuntil(b"\r\n\r\n")
+            LateListenSpawner.paths.append(request.split(b" ")[1].decode())
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+
+        async def listen_later():
+            await asyncio.sleep(self.listen_delay)
+            self._late_server = await asyncio.start_server(answer, "127.0.0.1", port)
+            LateListenSpawner.listening_at.append(time.monotonic())
+
+        if self.listen_delay >= 0:
+            self._late_listener = asyncio.ensure_future(listen_later())
+        return ("127.0.0.1", port)
+
+    async def poll(self):
+        return LateListenSpawner.exit_status
+
+    async def stop(self, now=False):
+        listener = getattr(self, "_late_listener", None)
+        if listener is not None:
+            listener.cancel()
+        server = getattr(self, "_late_server", None)
+        if server is not None:
+            server.close()

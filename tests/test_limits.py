@@ -1,5 +1,6 @@
-"""c.Outpost.max_concurrent_starts_per_hub: a hub's starts beyond the limit are refused
-(RESOURCE_EXHAUSTED, TOO_MANY_STARTS), leave nothing behind, and never touch other hubs."""
+"""c.Outpost.max_concurrent_starts_per_hub with start_admission "refuse": a hub's starts
+beyond the limit are refused (RESOURCE_EXHAUSTED, TOO_MANY_STARTS), leave nothing behind,
+and never touch other hubs. (The default, "queue": tests/test_admission.py.)"""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ async def stored_names(op) -> set[tuple[str, str]]:
 
 
 async def test_starts_beyond_the_limit_are_refused(start_outpost):
-    async with start_outpost(NEVER_READY, max_concurrent_starts_per_hub=2) as op:
+    async with start_outpost(NEVER_READY, max_concurrent_starts_per_hub=2, start_admission="refuse") as op:
         c = op.client
         first, second = sid(), sid()
         assert (await c.start("s1", first, user_name="ann")).created
@@ -79,7 +80,7 @@ async def test_zero_means_no_limit(start_outpost):
 
 async def test_concurrent_starts_take_exactly_the_limit(start_outpost):
     """The check and the taking of the record are one step: a burst cannot overshoot."""
-    async with start_outpost(NEVER_READY, max_concurrent_starts_per_hub=3) as op:
+    async with start_outpost(NEVER_READY, max_concurrent_starts_per_hub=3, start_admission="refuse") as op:
         results = await asyncio.gather(
             *(op.client.start(f"s{i}", sid(), user_name="u") for i in range(30)), return_exceptions=True
         )
@@ -99,6 +100,7 @@ async def test_a_flooding_hub_does_not_starve_another(start_outpost, pki):
         "tls_key": pki.server.key,
         "tls_client_ca": pki.ca.cert,
         "max_concurrent_starts_per_hub": limit,
+        "start_admission": "refuse",
         # hub-a's starts never finish; hub-b may make its own start instant
         "allow_override": {"hub-b": ["delay"]},
         "SlowSpawner.delay": 3600.0,

@@ -86,6 +86,9 @@ def outpost_config(tmp_path: Path, spawner_class, db_url: str | None = None, **t
     # plaintext without hub_tokens is the tests' "default" hub: an explicit opt-in (nobody
     # else on a test machine matters); TLS and token tests are unaffected by it
     cfg.Outpost.allow_unauthenticated = True
+    # the zoo's Spawners report addresses nothing listens at: READY as start() returns
+    # (tests of the readiness check pass readiness_check=True)
+    cfg.Outpost.readiness_check = False
     for key, value in traits.items():
         if "." in key:
             section, name = key.split(".", 1)
@@ -176,6 +179,9 @@ class OutpostProcess:
         self.log = workdir / "outpost.log"
         self.runs = 0
         self.netns: str | None = None  # run inside this network namespace
+        #: False: started with --Outpost.readiness_check=False (the zoo's Spawners and the
+        #: tests' sleep commands serve no HTTP); harness.site.Site (real notebooks) sets it
+        self.readiness_check = False
 
     @property
     def address(self) -> str:
@@ -190,7 +196,8 @@ class OutpostProcess:
         self.proc = subprocess.Popen(
             [
                 *prefix, str(OUTPOST_BIN), "-f", str(self.config), "--port", str(self.port),
-                "--allow-unauthenticated", *extra,
+                "--allow-unauthenticated",
+                *([] if self.readiness_check else ["--Outpost.readiness_check=False"]), *extra,
             ],  # fmt: skip
             cwd=self.workdir,
             env=outpost_env(self.env),

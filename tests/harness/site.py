@@ -78,6 +78,7 @@ class Site:
         self.netns = netns
         self.op = outpost_process("", name=name)
         self.op.netns = netns
+        self.op.readiness_check = True  # real notebooks: the Outpost's default
         text = config.format(
             site=name, ip=ip, allow_plaintext=ip != "127.0.0.1", workdir=self.op.workdir, bin=BIN,
             python=sys.executable, **fields,
