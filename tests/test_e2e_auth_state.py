@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sqlite3
 
 import pytest
 import requests
 
+from .harness.e2e_driver import hub_login
 from .harness.outpost import BIN, sqlite_bytes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -84,15 +84,7 @@ c.OutpostSpawner.send_auth_state = True
 def login(hub_url: str, user: str) -> None:
     """Log in on the hub's login page, as a browser does (not following the redirect to
     the spawn: the test starts the server itself)."""
-    browser = requests.Session()
-    page = browser.get(f"{hub_url}/hub/login", timeout=30).text
-    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page)
-    r = browser.post(
-        f"{hub_url}/hub/login",
-        data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
-        allow_redirects=False,
-        timeout=30,
-    )
+    r = hub_login(requests.Session(), hub_url, user, follow=False)
     assert r.status_code == 302, (r.status_code, r.text[:500])
 
 

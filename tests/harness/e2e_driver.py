@@ -32,20 +32,27 @@ def read_progress(url: str, headers: dict, timeout: float, into: list | None = N
     return events
 
 
+def hub_login(browser: requests.Session, hub_url: str, user: str, follow: bool = True) -> requests.Response:
+    """Log in on the hub's login form as a browser does (its _xsrf field; any password:
+    the tests' hubs use a dummy authenticator); the answer, redirects followed or not."""
+    page = browser.get(f"{hub_url}/hub/login", timeout=30).text
+    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page)
+    return browser.post(
+        f"{hub_url}/hub/login",
+        data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
+        allow_redirects=follow,
+        timeout=30,
+    )
+
+
 def browser_oauth(hub_url: str, user: str) -> dict:
     """Log in like a browser, then open pages of the user's running notebook: the
     notebook's OAuth (redirect to the hub, back to its oauth_callback, the code exchanged
     with the hub API). The redirects taken, whether the notebook's cookie was set, and
     the status of an API page with that cookie alone (no token)."""
     browser = requests.Session()
-    page = browser.get(f"{hub_url}/hub/login", timeout=30).text
-    xsrf = re.search(r'name="_xsrf"\s+value="([^"]+)"', page)
     # after login the hub sends the browser to its running server
-    r = browser.post(
-        f"{hub_url}/hub/login",
-        data={"username": user, "password": "any", "_xsrf": xsrf.group(1) if xsrf else ""},
-        timeout=30,
-    )
+    r = hub_login(browser, hub_url, user)
     history = [h.url for h in r.history]
     # a page of the notebook that needs a login whatever extensions it has (without
     # JupyterLab its root page may not): the notebook sends the browser through OAuth

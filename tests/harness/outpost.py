@@ -211,13 +211,19 @@ class OutpostProcess:
         """The last n characters of the log."""
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
 
+    def health_channel(self):
+        """The channel wait_serving asks the health service on (plaintext here)."""
+        import grpc
+
+        return grpc.aio.insecure_channel(self.address)
+
     async def wait_serving(self, timeout: float = 30) -> None:
         """Until the health service answers SERVING."""
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with self.health_channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc.poll() is not None:
