@@ -28,6 +28,7 @@ from . import convert, metrics
 from .aio import cancel_and_wait, wait_event
 from .hosting import certs_location, install_certificates, maybe_await, normalise_address
 from .journal import Journal
+from .output_tail import OutputTails
 from .records import ACTIVE, Record, Records
 from .runtime import admitted_message
 from .spawners import recall_state, remove_start_certificates, run_post_stop_hook, safe_state, user_message
@@ -50,6 +51,7 @@ class StartRun:
         start_message: str,
         records: Records | None = None,
         cleanup_timeout: float | None = None,
+        tails: OutputTails | None = None,
     ):
         self.rec = rec
         self.journal = journal
@@ -58,6 +60,8 @@ class StartRun:
         #: every server (to refuse an address another one has); None: not checked
         self.records = records
         self.cleanup_timeout = cleanup_timeout
+        #: the notebook's output tail for a failed start (None: none is got)
+        self.tails = tails
         self.task: asyncio.Task | None = None
         #: when the start was accepted (time.monotonic()), for its duration's metric
         self.accepted_at = time.monotonic()
@@ -77,7 +81,9 @@ class StartRun:
 
     async def _fail(self, error: BaseException) -> None:
         try:
-            await fail_start(self.rec, error, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
+            await fail_start(
+                self.rec, error, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout, tails=self.tails
+            )
         finally:
             if self.rec.run is self:
                 self.rec.run = None
@@ -113,19 +119,25 @@ class StartRun:
                 )
                 rec.spec.certificates = {}  # on disk now; not kept in memory too
             checkpoint_task = asyncio.create_task(self._checkpoint(spawner))
+            if self.tails is not None:
+                self.tails.attach(rec, spawner)  # a local process's output, captured
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(spawner))
             try:
-                done, _ = await asyncio.wait({start}, timeout=spawner.start_timeout)
-            except asyncio.CancelledError:
-                checkpoint_task.cancel()  # what a cancelled Spawner forgets is not stored
-                await cancel_and_wait(start)  # Stop or shutdown: the start ends first
-                raise
-            checkpoint_task.cancel()
-            if not done:
-                await cancel_and_wait(start)
-                raise asyncio.TimeoutError()
+                try:
+                    done, _ = await asyncio.wait({start}, timeout=spawner.start_timeout)
+                except asyncio.CancelledError:
+                    checkpoint_task.cancel()  # what a cancelled Spawner forgets is not stored
+                    await cancel_and_wait(start)  # Stop or shutdown: the start ends first
+                    raise
+                checkpoint_task.cancel()
+                if not done:
+                    await cancel_and_wait(start)
+                    raise asyncio.TimeoutError()
+            finally:
+                if self.tails is not None:
+                    self.tails.started(rec, spawner)
             scheme, host, port = normalise_address(start.result(), spawner)
             self._check_address(host, port)
             spawner._spawn_pending = spawner._start_pending = False
@@ -150,7 +162,9 @@ class StartRun:
         except Exception as e:
             if progress_task is not None:
                 await self._stop_progress(progress_task)
-            await fail_start(rec, e, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
+            await fail_start(
+                rec, e, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout, tails=self.tails
+            )
             self._observe("failure")
         finally:
             if rec.run is self:
@@ -328,17 +342,24 @@ async def fail_start(
     certs_dir: str | None,
     *,
     cleanup_timeout: float | None = None,
+    tails: OutputTails | None = None,
 ) -> None:
     """End rec's start as failed: stop its Spawner (with the state the checkpoint stored;
     given up after ``cleanup_timeout`` seconds), remove its certificates, then the FAILED
-    event with a message for the user."""
+    event with a message for the user and the end of the notebook's output (``tails``:
+    got before the stop, while the Spawner still knows its job)."""
     message = user_message(error)
     if isinstance(error, asyncio.TimeoutError) and rec.spawner is not None:
         message = f"The server did not start within {rec.spawner.start_timeout:g} seconds."
     log.error("Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error)
+    tail = ""
     if rec.spawner is not None:
         recall_state(rec.spawner, rec.spawner_state)  # what the checkpoint stored
         spawner = rec.spawner
+        if tails is not None:
+            tail = await tails.read(rec, spawner, rec.spawner_state)
+            if tail:
+                log.info("Last output of %s/%s:\n%s", rec.hub, rec.name, tail)
         await stop_bounded(rec, spawner, cleanup_timeout)
         run_post_stop_hook(spawner)
     remove_start_certificates(rec, certs_dir)
@@ -350,12 +371,16 @@ async def fail_start(
         rec.state = pb.SERVER_STATE_STOPPED
         rec.failure_message = message
         rec.error_class = error_class
+        rec.output_tail = tail
         rec.spawner_state = None
         rec.spawner = None
 
+    event = {"kind": pb.EVENT_KIND_FAILED, "message": message, "error_class": error_class}
+    if tail:
+        event["output_tail"] = tail
     await journal.emit(
         rec,
-        {"kind": pb.EVENT_KIND_FAILED, "message": message, "error_class": error_class},
+        event,
         durable=True,
         apply=stopped,
         state="stopped",
