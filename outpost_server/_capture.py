@@ -2,7 +2,8 @@
 
 Run by the Outpost (outpost_server/output_tail.py) as its own small process, as
 ``python -I _capture.py PATH SEGMENT_BYTES``, with the read end of the notebook's
-stdout/stderr pipe as stdin. It appends what it reads to PATH; when PATH holds
+stdout/stderr pipe as stdin. It appends what it reads to PATH, and passes it on to its own stderr (the Outpost's,
+where a notebook's output went before, as under JupyterHub); when PATH holds
 SEGMENT_BYTES it becomes PATH.1 (the previous PATH.1 is dropped) and a new PATH begins.
 So the two files never hold more than 2 * SEGMENT_BYTES, however much the notebook
 writes, and PATH.1 + PATH is always the end of its output.
@@ -28,6 +29,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def main(path: str, segment: int) -> None:
+    tee = True
     # the notebook's signals are not ours: only the end of the pipe ends this
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
@@ -42,6 +44,11 @@ def main(path: str, segment: int) -> None:
             continue
         if not chunk:
             break
+        if tee:
+            try:
+                write_all(2, chunk)
+            except OSError:
+                tee = False  # the Outpost's stderr is gone (a restart): the files still hold it
         if len(chunk) > 2 * segment:
             chunk = chunk[-2 * segment :]  # it alone fills both files
         while chunk:

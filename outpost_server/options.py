@@ -864,8 +864,10 @@ class OutputTailOptions(HasTraits):
         (LocalProcessSpawner and its subclasses, when the site's popen_kwargs do not send
         them elsewhere): a small helper process per notebook keeps the end of it in the
         private directory output-tail of state_dir (mode 0700, files 0600; removed when the
-        hub stops the server). Without it (False) those notebooks write to the Outpost's
-        own stdout and stderr, as under JupyterHub, and have no tail.""",
+        hub stops the server) and passes it on to the Outpost's own stderr, where it went
+        before (as under JupyterHub). The helper outlives a restart of the Outpost, as the
+        notebook does. False: the notebooks write to the Outpost's stdout and stderr
+        directly, and have no tail.""",
     )
     output_tail_timeout = Float(
         10.0,

@@ -264,8 +264,7 @@ class OutputTails:
                 helper = subprocess.Popen(
                     [sys.executable, "-I", str(CAPTURE_HELPER), str(current), str(max(1, self.max_bytes // 2))],
                     stdin=read_end,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,  # stderr: the Outpost's, where the output goes on to
                     env={"LC_ALL": "C"},  # never the start's marker: orphans.py finds notebooks by it
                     start_new_session=True,  # the Outpost's signals (SIGINT at a terminal) are not its
                     close_fds=True,
