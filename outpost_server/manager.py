@@ -535,6 +535,11 @@ class LifecycleManager:
                 recall_state(spawner, rec.spawner_state)
         if spawner is None and rec.spawner_state and previous != pb.SERVER_STATE_STOPPED:
             spawner = self.spawners.restored(rec)
+        if spawner is not None and previous == pb.SERVER_STATE_STOPPED and rec.exit_code is not None and not safe_state(spawner):
+            # it exited, and its poll() cleared its state: nothing is left to stop (and
+            # batchspawner's stop() would run its cancel command without a job id and fail)
+            run_post_stop_hook(spawner)
+            spawner = None
         if spawner is not None:
             try:
                 async with asyncio.timeout(timeout):  # None: a hub's Stop waits as long as it takes

@@ -223,6 +223,8 @@ class OutputTails:
         #: marker -> (helper process, the write end the Spawner's Popen passes on)
         self._helpers: dict[str, subprocess.Popen] = {}
         self._write_ends: dict[str, int] = {}
+        #: marker -> the last job id a batch Spawner had (it forgets it when the job ends)
+        self._job_ids: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -252,10 +254,20 @@ class OutputTails:
 
     def attach(self, rec: Record, spawner: Spawner) -> None:
         """Before spawner.start(): send its notebook's stdout and stderr to a capture of
-        their end. Never fails the start: without a capture there is just no tail."""
+        their end; or, for a batch Spawner, remember its job id (batchspawner forgets it
+        when the job ends, before its start fails). Never fails the start: without a
+        capture there is just no tail."""
+        marker = self.marker(rec)
+        if self.enabled and is_batch_spawner(spawner):
+
+            def remember(change) -> None:
+                if change["new"]:
+                    self._job_ids[marker] = change["new"]
+
+            spawner.observe(remember, names="job_id")
+            return
         if not self.capture or not captures_output(spawner):
             return
-        marker = self.marker(rec)
         try:
             self._private_directory()
             _, current = self._paths(marker)
@@ -299,6 +311,7 @@ class OutputTails:
         """The server is forgotten (Stop, or a new start replaces it): end its capture
         and remove its files."""
         marker = self.marker(rec)
+        self._job_ids.pop(marker, None)
         write_end = self._write_ends.pop(marker, None)
         if write_end is not None:
             os.close(write_end)
@@ -389,7 +402,7 @@ class OutputTails:
                     result = await result
                 return result or "", False
             if is_batch_spawner(spawner):
-                job_id = spawner.job_id or str(state.get("job_id") or "")
+                job_id = spawner.job_id or self._job_ids.get(self.marker(rec)) or str(state.get("job_id") or "")
                 if not job_id:
                     return "", False
                 path = batch_output_path(spawner, job_id)
