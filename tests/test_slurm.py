@@ -386,14 +386,14 @@ async def test_output_tail_of_a_failed_job_and_of_one_that_exits(make_slurm_site
     site = await make_slurm_site(
         f"c.Spawner.cmd = [{sys.executable!r}, {str(failing)!r}]\n"
         "del batchspawner.SlurmSpawner.mock_port  # the port a notebook that fails never reports\n"
-        "c.SlurmSpawner.start_timeout = 10\n"
+        "c.SlurmSpawner.start_timeout = 20\n"  # the job runs and fails well before it
     )
     env = site.env("doomed")
     await site.client.start("doomed", uuid.uuid4().hex, user_name="root", spawner_name="doomed", env=env)
     events = await collect(site.client, "doomed", timeout=60)
     failed = events[-1]
     assert failed.kind == pb.EVENT_KIND_FAILED, [e.message for e in events]
-    assert failed.message == "The server did not start within 10 seconds."
+    assert failed.message == "The server did not start within 20 seconds."
     assert "known line [secret]" in failed.output_tail, (failed.output_tail, site.job_logs())
     assert env["JUPYTERHUB_API_TOKEN"] not in failed.output_tail
     assert (await site.client.poll("doomed")).output_tail == failed.output_tail
