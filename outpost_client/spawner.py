@@ -25,6 +25,7 @@ and tunnel the hub holds open to it are :mod:`outpost_client.registry`'s.
 from __future__ import annotations
 
 import asyncio
+import html
 import inspect
 import json
 import re
@@ -166,11 +167,30 @@ def _flavor_form(spawner) -> object:
 
 
 class OutpostStartFailed(Exception):
-    """The Outpost's Spawner failed; the message is meant for the user."""
+    """The Outpost's Spawner failed; the message is meant for the user, and so is the end
+    of the notebook's output (``output_tail``) if the Outpost sent it: JupyterHub shows
+    ``jupyterhub_message`` (text) or ``jupyterhub_html_message`` on the spawn page."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, output_tail: str = ""):
         super().__init__(message)
+        self.output_tail = output_tail
         self.jupyterhub_message = message
+        if output_tail:
+            self.jupyterhub_message = f"{message}\n\n{OUTPUT_TAIL_TITLE}\n{output_tail}"
+            self.jupyterhub_html_message = output_tail_html(message, output_tail)
+
+
+#: what the spawn page says above the end of a notebook's output
+OUTPUT_TAIL_TITLE = "The last output of your server:"
+
+
+def output_tail_html(message: str, output_tail: str) -> str:
+    """message and the notebook's output as the spawn page shows them: both escaped (the
+    output is the notebook user's writing, never HTML), the output as preformatted text."""
+    return (
+        f"<p>{html.escape(message)}</p><p>{html.escape(OUTPUT_TAIL_TITLE)}</p>"
+        f'<pre style="white-space: pre-wrap; max-height: 30em; overflow: auto">{html.escape(output_tail)}</pre>'
+    )
 
 
 @dataclass
@@ -560,6 +580,13 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         if self.stop_message:  # why the last server ended, before this start's events
             self._progress.add({"message": self.stop_message})
             self.stop_message = ""
+        if self.last_output_tail:  # the last words of the server that exited last
+            message = "Your previous server exited."
+            self._progress.add({
+                "message": f"{message} {OUTPUT_TAIL_TITLE}\n{self.last_output_tail}",
+                "html_message": output_tail_html(message, self.last_output_tail),
+            })  # fmt: skip
+            self.last_output_tail = ""
         client = self.client
         # the SSH connection (and the hub API's reverse forward) before the notebook starts:
         # it reaches the hub API while it starts, and the Outpost waits for it to answer
@@ -668,8 +695,10 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                         return event.address
                     if event.kind == pb.EVENT_KIND_FAILED:
                         self.log.warning("Outpost start of %s failed: %s (%s)", self._log_name, event.message, event.error_class)
+                        if event.output_tail:
+                            self._log_output_tail(event.output_tail)
                         self.start_id = ""  # the Outpost has already cleaned up after it
-                        raise OutpostStartFailed(event.message)
+                        raise OutpostStartFailed(event.message, event.output_tail)
                     item = {"message": event.message}
                     if event.HasField("progress"):
                         item["progress"] = event.progress
@@ -755,6 +784,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         if status.state == pb.SERVER_STATE_STOPPED:
             if status.stop_message:
                 self._outpost_stopped(status.stop_message)
+            await self._output_tail_of_stopped(status)
             return status.exit_code if status.HasField("exit_code") else 0
         if status.state == pb.SERVER_STATE_RUNNING and self.local_port:
             await self._restore_tunnel()
@@ -763,6 +793,33 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
     #: why the Outpost last stopped this server on its own (its runtime ended), until the
     #: next start shows it to the user as its first progress message
     stop_message = Unicode("")
+    #: the end of the output of the server that exited last, likewise until the next start
+    last_output_tail = Unicode("")
+    #: the start whose output tail was asked for already (one Poll per exit, not per poll)
+    _tail_of_start = ""
+
+    async def _output_tail_of_stopped(self, status: pb.ServerStatus) -> None:
+        """A stopped server's last words: to the hub's log (WARNING) and the next start's
+        spawn page. BatchPoll never carries them (it stays small), so a stop seen there
+        costs one Poll; best effort: without an answer there is no tail."""
+        if self._tail_of_start == status.start_id:
+            return
+        self._tail_of_start = status.start_id
+        tail = status.output_tail
+        if not tail and self.poll_batch_window > 0:
+            try:
+                tail = (await self.client.poll(self.remote_name)).output_tail
+            except OutpostError as e:
+                self.log.info("Could not get the last output of %s: %s", self._log_name, e)
+        if tail:
+            self._log_output_tail(tail)
+            self.last_output_tail = tail
+
+    def _log_output_tail(self, tail: str) -> None:
+        self.log.warning(
+            "Last output of %s at Outpost %s:\n%s",
+            self._log_name, self.outpost_name, "\n".join(f"    {line}" for line in tail.splitlines()),
+        )  # fmt: skip
 
     def _outpost_stopped(self, message: str) -> None:
         """The Outpost stopped the server on its own: JupyterHub only logs an exit code,

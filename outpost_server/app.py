@@ -50,7 +50,14 @@ from .migrations import DatabaseSchemaError, SchemaOutdated
 from .manager import LifecycleManager, ManagerSettings, StartPolicies
 from .flavors import FlavorConfigError, FlavorSet
 from .metrics import MetricsServer
-from .options import ConnectionOptions, FlavorOptions, HostingOptions, MetricsOptions, StorageOptions
+from .options import (
+    ConnectionOptions,
+    FlavorOptions,
+    HostingOptions,
+    MetricsOptions,
+    OutputTailOptions,
+    StorageOptions,
+)
 from .policy import auth_state_policy, env_policy, override_policy, user_options_policy
 from .relay import HubAPIRelay, RelayConfigError
 from .servicer import OutpostServicer
@@ -99,7 +106,9 @@ def one_line_exit(error: Exception) -> SystemExit:
     return SystemExit(f"jupyterhub-outpost: {error}")
 
 
-class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, MetricsOptions, Application):
+class Outpost(
+    ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, MetricsOptions, OutputTailOptions, Application
+):
     """Host a JupyterHub Spawner for remote hubs, over gRPC."""
 
     name = "jupyterhub-outpost"
@@ -348,7 +357,8 @@ class Outpost(ConnectionOptions, StorageOptions, HostingOptions, FlavorOptions, 
         if self.flavor_config is None:  # not checked by initialize() (an Outpost made in-process)
             self.flavor_config = self.flavor_set()
         self.manager = LifecycleManager(
-            self.store, spawners, ManagerSettings.from_traits(self), policies, flavors=self.flavor_config
+            self.store, spawners, ManagerSettings.from_traits(self), policies, flavors=self.flavor_config,
+            tails=self.output_tails(self.state_dir),
         )
 
     async def init_relay(self):

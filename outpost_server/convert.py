@@ -198,6 +198,7 @@ def event_to_proto(data: dict[str, Any], *, sequence: int, start_id: str) -> pb.
         message=data.get("message", ""),
         html_message=data.get("html_message", ""),
         error_class=data.get("error_class", ""),
+        output_tail=data.get("output_tail", ""),
     )
     if "progress" in data:
         msg.progress = data["progress"]

@@ -46,6 +46,7 @@ from .expiry import RecordExpiry
 from .flavors import Flavor, FlavorSet, Usage, limit_refusal
 from .hosting import certs_base_warning, default_certs_base
 from .journal import Journal
+from .output_tail import OutputTails
 from .policy import KeyPolicy
 from .poller import SpawnerPoller
 from .records import ACTIVE, EventLog, Record, Records
@@ -134,8 +135,12 @@ class LifecycleManager:
         policies: StartPolicies | None = None,
         *,
         flavors: FlavorSet | None = None,
+        tails: OutputTails | None = None,
     ):
         self.store = store
+        #: the end of a notebook's output for a failed start or an exited server (None:
+        #: none; output_tail.py)
+        self.tails = tails
         #: the site's flavors now (the application replaces it on SIGHUP; a running
         #: server keeps the flavor it was admitted under, in its record)
         self.flavors = flavors if flavors is not None else FlavorSet()
@@ -155,6 +160,7 @@ class LifecycleManager:
             interval=settings.poll_interval,
             timeout=settings.poll_timeout,
             concurrency=settings.poll_concurrency,
+            tails=tails,
         )
         # hub -> records this manager put in STARTING (pruned lazily; only with a limit)
         self._starting: dict[str, set[Record]] = {}
@@ -191,6 +197,8 @@ class LifecycleManager:
         )
         count = await restorer.restore()
         self._cleanups = restorer.cleanups
+        if self.tails is not None:  # captures of servers forgotten while the Outpost was down
+            self.tails.sweep({self.tails.marker(rec) for rec in self.records.values()})
         # end times from the database: those passed while the Outpost was down are
         # stopped at once, in the background
         self.runtime.schedule_all()
@@ -429,6 +437,8 @@ class LifecycleManager:
             raise
         if previous is not None:
             remove_start_certificates(previous, self.certs_dir)  # a stopped start the hub never stopped
+            if self.tails is not None:
+                self.tails.forget(previous)
         new.accepted.set_result(None)
         new.accepted = None
         StartRun(
@@ -442,6 +452,7 @@ class LifecycleManager:
             waiter=waiter,
             readiness=self.readiness,
             on_end=self.queue.wake,
+            tails=self.tails,
         ).launch()
         self.runtime.schedule(new)
 
@@ -470,7 +481,15 @@ class LifecycleManager:
             await rec.wait_changed(timeout=5.0)
 
     def poll(self, hub: str, server_name: str) -> pb.ServerStatus:
-        return self._get(hub, server_name).status()
+        """One server's status; a stopped one's with the end of its notebook's output
+        (only here: BatchPoll and ListServers share the cached status, and stay small)."""
+        rec = self._get(hub, server_name)
+        status = rec.status()
+        if rec.output_tail and rec.state == pb.SERVER_STATE_STOPPED:
+            status = pb.ServerStatus()
+            status.CopyFrom(rec.status())
+            status.output_tail = rec.output_tail
+        return status
 
     def batch_poll(self, hub: str, names: Iterable[str]) -> tuple[list[pb.ServerStatus], list[str]]:
         """Statuses of this hub's servers among names (in order, once each), and the rest."""
@@ -588,6 +607,11 @@ class LifecycleManager:
                 recall_state(spawner, rec.spawner_state)
         if spawner is None and rec.spawner_state and previous != pb.SERVER_STATE_STOPPED:
             spawner = self.spawners.restored(rec)
+        if spawner is not None and previous == pb.SERVER_STATE_STOPPED and rec.exit_code is not None and not safe_state(spawner):
+            # it exited, and its poll() cleared its state: nothing is left to stop (and
+            # batchspawner's stop() would run its cancel command without a job id and fail)
+            run_post_stop_hook(spawner)
+            spawner = None
         if spawner is not None:
             try:
                 async with asyncio.timeout(timeout):  # None: a hub's Stop waits as long as it takes
@@ -604,6 +628,8 @@ class LifecycleManager:
                 ) from None
             run_post_stop_hook(spawner)
         remove_start_certificates(rec, self.certs_dir)
+        if self.tails is not None:
+            self.tails.forget(rec)
         if stop_message:
             await self._keep_stopped(rec, stop_message)
             return

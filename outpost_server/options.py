@@ -939,3 +939,67 @@ def read_flavors_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise FlavorConfigError(f"flavors_file {path}: a mapping of flavor name -> its fields, not {type(data).__name__}")
     return data
+
+
+class OutputTailOptions(HasTraits):
+    """The notebook's last words: the end of its output for a failed start or an exited
+    server (outpost_server/output_tail.py)."""
+
+    output_tail_lines = Integer(
+        50,
+        min=0,
+        max=10000,
+        config=True,
+        help="""How many of the last lines of a notebook's output the Outpost returns when
+        its start fails (with the FAILED event) or it exits (with Poll's STOPPED status);
+        the hub shows them to the user and logs them. 0: none (nothing is captured).
+
+        The values of the server's secret env keys (the notebook's API token, ...) are
+        replaced by [secret], as in the Outpost's log. Where the tail comes from: the
+        Spawner's outpost_output_tail hook, a batchspawner job's output file, or what the
+        Outpost captured of a local process (output_tail_capture); see docs/operations.md.
+        """,
+    )
+    output_tail_bytes = Integer(
+        8192,
+        min=0,
+        max=262144,
+        config=True,
+        help="""The most bytes (UTF-8) of a notebook's output tail, whatever output_tail_lines
+        allows. Also bounds the captured output of a local process on disk: at most this
+        many bytes per server (two files in state_dir/output-tail), however much the
+        notebook writes. 0: no tail.""",
+    )
+    output_tail_capture = Bool(
+        True,
+        config=True,
+        help="""Capture the stdout and stderr of notebooks that run as local processes
+        (LocalProcessSpawner and its subclasses, when the site's popen_kwargs do not send
+        them elsewhere): a small helper process per notebook keeps the end of it in the
+        private directory output-tail of state_dir (mode 0700, files 0600; removed when the
+        hub stops the server) and passes it on to the Outpost's own stderr, where it went
+        before (as under JupyterHub). The helper outlives a restart of the Outpost, as the
+        notebook does. False: the notebooks write to the Outpost's stdout and stderr
+        directly, and have no tail.""",
+    )
+    output_tail_timeout = Float(
+        10.0,
+        min=0.1,
+        max=300.0,
+        config=True,
+        help="""Seconds the Outpost waits for a notebook's output tail (a Spawner's hook, a
+        batch job's output file on a slow shared file system). After it the FAILED event or
+        STOPPED status goes on without a tail, and a WARNING is logged.""",
+    )
+
+    def output_tails(self, state_dir: str):
+        """The lifecycle manager's OutputTails, from these options."""
+        from .output_tail import CAPTURE_SUBDIR, OutputTails
+
+        return OutputTails(
+            max_lines=self.output_tail_lines,
+            max_bytes=self.output_tail_bytes,
+            capture=self.output_tail_capture,
+            directory=os.path.join(os.path.abspath(state_dir or os.getcwd()), CAPTURE_SUBDIR),
+            timeout=self.output_tail_timeout,
+        )

@@ -16,6 +16,7 @@ from outpost_client.errors import Unavailable
 from outpost_client.v1 import outpost_pb2 as pb
 
 from .journal import Journal
+from .output_tail import OutputTails
 from .records import Record, Records
 from .spawners import safe_state
 
@@ -27,8 +28,19 @@ POLLED = (pb.SERVER_STATE_RUNNING, pb.SERVER_STATE_UNKNOWN)
 class SpawnerPoller:
     """Polls every running server's Spawner on a schedule; stores and shows the answers."""
 
-    def __init__(self, records: Records, journal: Journal, *, interval: float, timeout: float, concurrency: int):
+    def __init__(
+        self,
+        records: Records,
+        journal: Journal,
+        *,
+        interval: float,
+        timeout: float,
+        concurrency: int,
+        tails: OutputTails | None = None,
+    ):
         self.records = records
+        #: the notebook's output tail when poll() says it exited (None: none is got)
+        self.tails = tails
         self.journal = journal
         self.interval = interval
         self.timeout = timeout
@@ -142,9 +154,18 @@ class SpawnerPoller:
                 rec.changed()
             return
         exit_code = int(result)
+        tail = ""
+        if self.tails is not None:
+            # before the state is replaced: the stored one still names the job
+            tail = await self.tails.read(rec, spawner, rec.spawner_state)
+            if not current():
+                return
         await self.journal.write(rec, state="stopped", exit_code=exit_code, spawner_state=new_state)
         if current():
             log.info("%s/%s exited with status %s", rec.hub, rec.name, result)
+            if tail:
+                log.info("Last output of %s/%s:\n%s", rec.hub, rec.name, tail)
+            rec.output_tail = tail
             rec.state = pb.SERVER_STATE_STOPPED
             rec.stopped_at = time.time()  # expires after exited_server_retention (expiry.py)
             rec.exit_code = exit_code

@@ -96,6 +96,9 @@ class Record:
     end_time: datetime | None = None
     #: why the Outpost stopped the server on its own (its runtime ended): for the user
     stop_message: str = ""
+    #: the end of the notebook's output when its start failed or it exited (output_tail.py;
+    #: Poll only, never in the cached status that BatchPoll and ListServers share)
+    output_tail: str = ""
     #: the start while it runs (its tasks: start, checkpoint, progress); see starts.py
     run: StartRun | None = None
     #: waiting in the admission queue (admission.py): STARTING, but not yet a start in
@@ -239,6 +242,8 @@ class Record:
             rec.address = {"scheme": row["scheme"], "host": row["host"], "port": row["port"]}
         for ev in events:
             rec.events.append(ev["sequence"], ev["data"])
+            if ev["data"].get("kind") == pb.EVENT_KIND_FAILED:
+                rec.output_tail = ev["data"].get("output_tail", "")  # kept with the event
         return rec
 
 

@@ -129,7 +129,7 @@ class Restorer:
                 continue  # its Spawner could not be made again: UNKNOWN (_reconcile)
             log.warning("%s/%s was starting when the Outpost stopped; cleaning up", rec.hub, rec.name)
             run = StartRun(rec, self.journal, certs_dir=self.certs_dir, start_message="",
-                           cleanup_timeout=self.cleanup_timeout)  # fmt: skip
+                           cleanup_timeout=self.cleanup_timeout, tails=self.poller.tails)  # fmt: skip
             run.launch_failure(RestartDuringStart(RESTART_DURING_START))
             runs.append(run.task)
         return runs

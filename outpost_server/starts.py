@@ -34,6 +34,7 @@ from .aio import cancel_and_wait, wait_event
 from .hosting import certs_location, install_certificates, maybe_await, normalise_address
 from .journal import Journal
 from .late import ReportRefused
+from .output_tail import OutputTails
 from .records import ACTIVE, Record, Records
 from .runtime import admitted_message
 from .spawners import recall_state, remove_start_certificates, run_post_stop_hook, safe_state, user_message
@@ -70,6 +71,7 @@ class StartRun:
         waiter: Waiter | None = None,
         readiness: Readiness | None = None,
         on_end: Callable[[], None] | None = None,
+        tails: OutputTails | None = None,
     ):
         self.rec = rec
         self.journal = journal
@@ -88,6 +90,8 @@ class StartRun:
         #: whether the Spawner's start() was called (a queued start stopped before it was
         #: admitted has nothing at the site to stop)
         self.spawner_called = False
+        #: the notebook's output tail for a failed start (None: none is got)
+        self.tails = tails
         self.task: asyncio.Task | None = None
         #: when the start was accepted (time.monotonic()), for its duration's metric
         self.accepted_at = time.monotonic()
@@ -115,7 +119,9 @@ class StartRun:
 
     async def _fail(self, error: BaseException) -> None:
         try:
-            await fail_start(self.rec, error, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout)
+            await fail_start(
+                self.rec, error, self.journal, self.certs_dir, cleanup_timeout=self.cleanup_timeout, tails=self.tails
+            )
         finally:
             if self.rec.run is self:
                 self.rec.run = None
@@ -159,6 +165,8 @@ class StartRun:
             checkpoint_task = asyncio.create_task(self._checkpoint(spawner))
             self.accepts_report = True
             self.spawner_called = True
+            if self.tails is not None:
+                self.tails.attach(rec, spawner)  # a local process's output, captured
             start = asyncio.ensure_future(spawner.start())
             spawner._spawn_future = start
             progress_task = asyncio.create_task(self._follow_progress(spawner))
@@ -167,6 +175,8 @@ class StartRun:
             finally:
                 checkpoint_task.cancel()
                 self.accepts_report = False
+                if self.tails is not None:
+                    self.tails.started(rec, spawner)
             self._check_address(host, port)
             if self.readiness is not None:
                 await self._wait_answers(spawner, scheme, host, port)
@@ -194,7 +204,7 @@ class StartRun:
                 await self._stop_progress(progress_task)
             await fail_start(
                 rec, e, self.journal, self.certs_dir,
-                cleanup_timeout=self.cleanup_timeout, stop_spawner=self.spawner_called,
+                cleanup_timeout=self.cleanup_timeout, stop_spawner=self.spawner_called, tails=self.tails,
             )  # fmt: skip
             self._observe("failure")
         finally:
@@ -515,18 +525,25 @@ async def fail_start(
     *,
     cleanup_timeout: float | None = None,
     stop_spawner: bool = True,
+    tails: OutputTails | None = None,
 ) -> None:
     """End rec's start as failed: stop its Spawner (with the state the checkpoint stored;
     given up after ``cleanup_timeout`` seconds; not with ``stop_spawner`` False: a queued
     start whose Spawner never ran), remove its certificates, then the FAILED event with a
-    message for the user (its stored auth_state deleted with it)."""
+    message for the user and the end of the notebook's output (``tails``: got before the
+    stop, while the Spawner still knows its job); its stored auth_state is deleted with it."""
     message = user_message(error)
     if isinstance(error, asyncio.TimeoutError) and rec.spawner is not None:
         message = f"The server did not start within {rec.spawner.start_timeout:g} seconds."
     log.error("Start of %s/%s failed: %s", rec.hub, rec.name, message, exc_info=error)
+    tail = ""
     if rec.spawner is not None and stop_spawner:
         recall_state(rec.spawner, rec.spawner_state)  # what the checkpoint stored
         spawner = rec.spawner
+        if tails is not None:
+            tail = await tails.read(rec, spawner, rec.spawner_state)
+            if tail:
+                log.info("Last output of %s/%s:\n%s", rec.hub, rec.name, tail)
         await stop_bounded(rec, spawner, cleanup_timeout)
         run_post_stop_hook(spawner)
     remove_start_certificates(rec, certs_dir)
@@ -538,13 +555,17 @@ async def fail_start(
         rec.state = pb.SERVER_STATE_STOPPED
         rec.failure_message = message
         rec.error_class = error_class
+        rec.output_tail = tail
         rec.spawner_state = None
         rec.spawner = None
         rec.spec.auth_state = None  # its clean-up is done: the user's credentials go
 
+    event = {"kind": pb.EVENT_KIND_FAILED, "message": message, "error_class": error_class}
+    if tail:
+        event["output_tail"] = tail
     await journal.emit(
         rec,
-        {"kind": pb.EVENT_KIND_FAILED, "message": message, "error_class": error_class},
+        event,
         durable=True,
         apply=stopped,
         state="stopped",

@@ -16,7 +16,7 @@ import signal
 import sys
 import zlib
 
-from jupyterhub.spawner import Spawner
+from jupyterhub.spawner import SimpleLocalProcessSpawner, Spawner
 from traitlets import Float, Integer, List, Unicode
 
 _CLASS_STATE: dict[type, dict[str, object]] = {}
@@ -418,3 +418,20 @@ class LateListenSpawner(Spawner):
         server = getattr(self, "_late_server", None)
         if server is not None:
             server.close()
+
+
+class CheckedLocalProcessSpawner(SimpleLocalProcessSpawner):
+    """JupyterHub's SimpleLocalProcessSpawner whose start() fails when the notebook
+    process exits within ``settle`` seconds, as a Spawner that waits for its notebook
+    does: a notebook command that fails makes a failed start (FAILED), not a READY one."""
+
+    settle = Float(1.0, config=True, help="Seconds start() watches the new process before it returns.")
+
+    async def start(self):
+        address = await super().start()
+        for _ in range(max(1, int(self.settle / 0.05))):
+            status = self.proc.poll()  # not self.poll(): that forgets the pid
+            if status is not None:
+                raise RuntimeError(f"The notebook exited with status {status} while it started.")
+            await asyncio.sleep(0.05)
+        return address

@@ -6,7 +6,8 @@ Index:
   `Outpost` application's own init steps: database, lifecycle manager, grpc.aio server
   with health and reflection) plus a real `OutpostClient`; torn down after the test.
   Pass a Spawner class from ``outpost_server.testing`` (the zoo: Instant, Slow, Failing,
-  NeverReady, FailingPoll, SlowPoll, HangingStart, Recording, LatePort, HangingStop) or a
+  NeverReady, FailingPoll, SlowPoll, HangingStart, Recording, LatePort, HangingStop,
+  CheckedLocalProcess: real processes, a start that fails when they exit early) or a
   real one, and any `Outpost` traits. (``harness.outpost.running_outpost``)
 - ``outpost``: ``start_outpost`` with the InstantSpawner and SQLite.
 - ``outpost_process`` (factory): the `jupyterhub-outpost` console script as a real

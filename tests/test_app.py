@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from outpost_client import OutpostClient, pb
 
 from .harness.outpost import grpcurl, one_line, run_outpost, stored_rows
-from .harness.procs import children_of, process_alive
+from .harness.procs import children_of, process_alive, process_name
 from .harness.util import notebook_account, wait_for
 
 pytestmark = pytest.mark.rpc
@@ -80,7 +80,8 @@ async def test_sigterm_process_exits_cleanly_notebook_survives(tmp_path, outpost
     await op.wait_serving()
     async with OutpostClient(op.address) as client:
         await client.start("keep", "k1", user_name=notebook_account(), wait_until_ready=True)
-    pid = children_of(op.proc.pid)[0]
+    # the notebook (the other child is its output capture, outpost_server/_capture.py)
+    pid = next(p for p in children_of(op.proc.pid) if process_name(p) == "sleep")
     subreaper.pids.add(pid)
     assert op.kill(signal.SIGTERM) == 0
     assert "running notebooks keep running" in op.log.read_text()

@@ -11,7 +11,7 @@ import pytest
 from outpost_client import OutpostClient, ServerNotFound, pb
 
 from .harness.outpost import outpost_config, running_outpost
-from .harness.procs import children_of, process_alive
+from .harness.procs import children_of, process_alive, process_name
 from .harness.util import notebook_account, wait_for
 
 pytestmark = pytest.mark.rpc
@@ -97,7 +97,10 @@ async def test_sigkill_restart_keeps_localprocess_servers(db_url, outpost_proces
         for name in names:
             r = await client.start(name, uuid.uuid4().hex, user_name=notebook_account(), wait_until_ready=True)
             assert r.status.state == pb.SERVER_STATE_RUNNING, r.status.failure_message
-    pids = await wait_for(lambda: len(children_of(op.proc.pid)) == 3 and children_of(op.proc.pid))
+    def notebooks():  # not their output captures (outpost_server/_capture.py)
+        return [p for p in children_of(op.proc.pid) if process_name(p) == "sleep"]
+
+    pids = await wait_for(lambda: len(notebooks()) == 3 and notebooks())
     subreaper.pids.update(pids)
     assert op.kill(signal.SIGKILL) == -signal.SIGKILL
     assert all(process_alive(p) for p in pids), "notebooks must survive the Outpost"

@@ -371,3 +371,47 @@ async def test_hostile_env_and_user_options_never_reach_sbatch(site):
     assert "Partition=debug" in shown, shown
     script = site.slurm.run("scontrol", "write", "batch_script", job.id, "-").stdout
     assert "--partition=debug" in script and "gpu" not in script and "evil" not in script, script
+
+
+async def test_output_tail_of_a_failed_job_and_of_one_that_exits(make_slurm_site, tmp_path):
+    """The notebook's last words from the job's output file (batchspawner's --output).
+
+    A job whose notebook command fails at once: as in a hub, no port is ever reported
+    (this site has no ``mock_port``), start() times out, and the FAILED event carries what
+    the job wrote. A job that ran and then ended: Poll's STOPPED status carries its last
+    lines. The API token the job's env holds is redacted.
+    """
+    failing = tmp_path / "failing_notebook.py"
+    failing.write_text("import os\nprint('known line', os.environ['JUPYTERHUB_API_TOKEN'])\nraise SystemExit(3)\n")
+    site = await make_slurm_site(
+        f"c.Spawner.cmd = [{sys.executable!r}, {str(failing)!r}]\n"
+        "del batchspawner.SlurmSpawner.mock_port  # the port a notebook that fails never reports\n"
+        "c.SlurmSpawner.start_timeout = 20\n"  # the job runs and fails well before it
+    )
+    env = site.env("doomed")
+    await site.client.start("doomed", uuid.uuid4().hex, user_name="root", spawner_name="doomed", env=env)
+    events = await collect(site.client, "doomed", timeout=60)
+    failed = events[-1]
+    assert failed.kind == pb.EVENT_KIND_FAILED, [e.message for e in events]
+    assert failed.message == "The server did not start within 20 seconds."
+    assert "known line [secret]" in failed.output_tail, (failed.output_tail, site.job_logs())
+    assert env["JUPYTERHUB_API_TOKEN"] not in failed.output_tail
+    assert (await site.client.poll("doomed")).output_tail == failed.output_tail
+    await site.client.stop("doomed")
+
+    exiting = tmp_path / "exiting_notebook.py"
+    exiting.write_text(
+        "import time\nprint('serving', flush=True)\ntime.sleep(2)\n"
+        "print('the kernel died', flush=True)\nraise SystemExit(5)\n"
+    )
+    site = await make_slurm_site(f"c.Spawner.cmd = [{sys.executable!r}, {str(exiting)!r}]\n")
+    await site.start_server("short")
+    assert (await collect(site.client, "short", timeout=60))[-1].kind == pb.EVENT_KIND_READY
+
+    async def stopped():
+        status = await site.client.poll("short")
+        return status if status.state == pb.SERVER_STATE_STOPPED else None
+
+    status = await wait_for(stopped, timeout=30, interval=0.5, message="the job never ended")
+    assert "serving\nthe kernel died" in status.output_tail, (status.output_tail, site.job_logs())
+    await site.client.stop("short")

@@ -82,7 +82,7 @@ class ServerAddress(_message.Message):
     def __init__(self, scheme: _Optional[str] = ..., host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("server_name", "start_id", "state", "address", "exit_code", "failure_message", "user_name", "start_time", "flavor", "end_time", "stop_message")
+    __slots__ = ("server_name", "start_id", "state", "address", "exit_code", "failure_message", "user_name", "start_time", "flavor", "end_time", "stop_message", "output_tail")
     SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
     START_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class ServerStatus(_message.Message):
     FLAVOR_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     STOP_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TAIL_FIELD_NUMBER: _ClassVar[int]
     server_name: str
     start_id: str
     state: ServerState
@@ -105,7 +106,8 @@ class ServerStatus(_message.Message):
     flavor: str
     end_time: _timestamp_pb2.Timestamp
     stop_message: str
-    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., state: _Optional[_Union[ServerState, str]] = ..., address: _Optional[_Union[ServerAddress, _Mapping]] = ..., exit_code: _Optional[int] = ..., failure_message: _Optional[str] = ..., user_name: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., flavor: _Optional[str] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_message: _Optional[str] = ...) -> None: ...
+    output_tail: str
+    def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., state: _Optional[_Union[ServerState, str]] = ..., address: _Optional[_Union[ServerAddress, _Mapping]] = ..., exit_code: _Optional[int] = ..., failure_message: _Optional[str] = ..., user_name: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., flavor: _Optional[str] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stop_message: _Optional[str] = ..., output_tail: _Optional[str] = ...) -> None: ...
 
 class StartRequest(_message.Message):
     __slots__ = ("server_name", "start_id", "user", "env", "user_options", "config_overrides", "internal_ssl", "spawner_name", "wait_until_ready", "flavor", "auth_state")
@@ -159,7 +161,7 @@ class EventsRequest(_message.Message):
     def __init__(self, server_name: _Optional[str] = ..., start_id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
 class EventsResponse(_message.Message):
-    __slots__ = ("sequence", "start_id", "kind", "message", "html_message", "progress", "time", "address", "error_class")
+    __slots__ = ("sequence", "start_id", "kind", "message", "html_message", "progress", "time", "address", "error_class", "output_tail")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     START_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +171,7 @@ class EventsResponse(_message.Message):
     TIME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ERROR_CLASS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TAIL_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     start_id: str
     kind: EventKind
@@ -178,7 +181,8 @@ class EventsResponse(_message.Message):
     time: _timestamp_pb2.Timestamp
     address: ServerAddress
     error_class: str
-    def __init__(self, sequence: _Optional[int] = ..., start_id: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., message: _Optional[str] = ..., html_message: _Optional[str] = ..., progress: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., address: _Optional[_Union[ServerAddress, _Mapping]] = ..., error_class: _Optional[str] = ...) -> None: ...
+    output_tail: str
+    def __init__(self, sequence: _Optional[int] = ..., start_id: _Optional[str] = ..., kind: _Optional[_Union[EventKind, str]] = ..., message: _Optional[str] = ..., html_message: _Optional[str] = ..., progress: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., address: _Optional[_Union[ServerAddress, _Mapping]] = ..., error_class: _Optional[str] = ..., output_tail: _Optional[str] = ...) -> None: ...
 
 class PollRequest(_message.Message):
     __slots__ = ("server_name",)

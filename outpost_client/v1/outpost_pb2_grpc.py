@@ -171,6 +171,9 @@ class OutpostServiceServicer:
         A server the Outpost stopped on its own at its end time is STOPPED with
         stop_message (ServerStatus) until the hub Stops it.
 
+        Only Poll carries ServerStatus.output_tail (a STOPPED server's last output, bounded
+        and redacted): BatchPoll and ListServers leave it out.
+
         Status codes:
         - OK: the status.
         - NOT_FOUND: no such server for this hub (reason SERVER_NOT_FOUND). A hub should

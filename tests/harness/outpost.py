@@ -83,6 +83,7 @@ def outpost_config(tmp_path: Path, spawner_class, db_url: str | None = None, **t
     cfg.Outpost.db_url = db_url or f"sqlite:///{tmp_path}/outpost-{uuid.uuid4().hex[:8]}.sqlite"
     cfg.Outpost.shutdown_grace = 1.0
     cfg.Outpost.certs_dir = str(tmp_path / "outpost-certs")  # not the shared /tmp default
+    cfg.Outpost.state_dir = str(tmp_path)  # its other files (captured output), not the working directory
     # plaintext without hub_tokens is the tests' "default" hub: an explicit opt-in (nobody
     # else on a test machine matters); TLS and token tests are unaffected by it
     cfg.Outpost.allow_unauthenticated = True
