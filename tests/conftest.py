@@ -39,6 +39,9 @@ Index:
 - ``_reset_spawner_class_state`` (autouse): puts the class-level state of the test
   Spawners (``outpost_server.testing.class_state``: counters, lists of calls) back as
   defined, before each test.
+- ``_restore_outpost_logger`` (autouse): the ``outpost`` logger as it was before the test
+  (an OutpostSpawner in this process sends it to its hub's log handlers,
+  ``adopt_hub_logging``: later tests' ``caplog`` would not see it).
 
 ``TEST_CRYPT_KEY`` (harness.outpost) is the database encryption key of the whole session:
 this module sets ``OUTPOST_CRYPT_KEY`` to it in ``os.environ`` when imported, so every
@@ -98,6 +101,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _reset_spawner_class_state():
     reset_class_state()
+
+
+@pytest.fixture(autouse=True)
+def _restore_outpost_logger():
+    import logging
+
+    logger = logging.getLogger("outpost")
+    saved = (list(logger.handlers), logger.level, logger.propagate, getattr(logger, "_outpost_adopted", False))
+    yield
+    logger.handlers, level, logger.propagate, logger._outpost_adopted = saved
+    logger.setLevel(level)
 
 
 # --- the Outpost ------------------------------------------------------------------------
