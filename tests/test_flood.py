@@ -256,14 +256,16 @@ async def test_a_failed_start_expires_from_memory_and_database(tmp_path):
             await op.client.poll("failed")
 
 
-async def test_an_exited_server_expires_through_its_spawners_stop(start_outpost):
+async def test_an_exited_server_expires_as_a_hubs_stop_of_it_would(start_outpost):
     traits = {"failed_server_retention": 0, "exited_server_retention": 0.3, "poll_interval": 0.05}
     async with start_outpost(FloodSpawner, **traits) as op:
         c = op.client
         await c.start("exited", sid(), user_name="exit-e", wait_until_ready=True)
         await c.start("failed", sid(), user_name="fail-f", wait_until_ready=True)
         await wait_for(lambda: ("default", "exited") not in op.manager.records, timeout=30)
-        assert "exit-e" in FloodSpawner.stopped  # as a hub's Stop would have
+        # as JupyterHub's User.stop(): a Spawner whose poll() says it exited (and that
+        # kept no state) gets no stop() call; its failed sibling's clean-up stop() ran
+        assert "exit-e" not in FloodSpawner.stopped and "fail-f" in FloodSpawner.stopped
         assert held(op) == {"failed"}  # failed starts kept with retention 0
         assert (await stored(op))[0] == {("default", "failed")}
 

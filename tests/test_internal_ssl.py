@@ -290,6 +290,7 @@ async def test_by_default_certificates_go_to_a_private_directory_of_the_state_di
     if configured == "state_dir":
         traits["state_dir"] = str(state)
     else:
+        traits["state_dir"] = ""  # the default (the harness sets one)
         monkeypatch.chdir(state)
     async with start_outpost(CertSpawner, **traits) as op:
         assert op.manager.certs_dir == str(state / "internal-ssl")

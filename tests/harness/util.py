@@ -28,11 +28,23 @@ async def collect(client, name: str, into: list | None = None, *, timeout: float
     return events
 
 
+#: ports free_port() handed out in this process: the kernel may offer a port again as soon
+#: as the probing socket closes, before whoever got it binds it (two ports of one Outpost
+#: came out equal that way), so a port is handed out once per run
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that was free on 127.0.0.1 a moment ago, and not handed out before in
+    this process."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh free port on 127.0.0.1 in 1000 tries")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
