@@ -590,7 +590,10 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         client = self.client
         # the SSH connection (and the hub API's reverse forward) before the notebook starts:
         # it reaches the hub API while it starts, and the Outpost waits for it to answer
-        # (readiness_check) before READY; its errors surface in _connect()
+        # (readiness_check) before READY. A connection that can never work (host key,
+        # login refused) ends the start at once (_follow_events_or_unreachable); other
+        # errors surface in _connect(), which tries again
+        connecting: asyncio.Future | None = None
         if config.ssh_host:
             tunnel = self._tunnel()
             connect = getattr(tunnel, "connect", None)
@@ -616,7 +619,7 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
                 ),
             )
             self._internal_ssl_pems = None  # sent; the Outpost has them now
-            address = await self._follow_events(client)
+            address = await self._follow_events_or_unreachable(client, connecting)
             self.remote_scheme, self.remote_host, self.remote_port = address.scheme, address.host, address.port
             if self.internal_ssl and self.remote_scheme != "https":
                 self.log.warning(
@@ -681,6 +684,27 @@ class OutpostSpawner(Spawner, DefaultOutpostTraits):
         except OutpostError:
             self.start_id = ""
             raise
+
+    async def _follow_events_or_unreachable(
+        self, client: OutpostClient, connecting: asyncio.Future | None
+    ) -> pb.ServerAddress:
+        """_follow_events, unless the hub's SSH connection fails for good first (the site's
+        host key is not the one the hub knows, the login is refused): then the notebook
+        could never be reached and would wait for its hub API in vain, so it is stopped at
+        the Outpost now and the start fails with the reason."""
+        follow = asyncio.ensure_future(self._follow_events(client))
+        try:
+            if connecting is not None:
+                await asyncio.wait({follow, connecting}, return_when=asyncio.FIRST_COMPLETED)
+                error = None if not connecting.done() or connecting.cancelled() else connecting.exception()
+                if not follow.done() and getattr(error, "permanent", False):
+                    follow.cancel()
+                    await asyncio.gather(follow, return_exceptions=True)
+                    await self._stop_unreachable(error)
+                    raise error
+            return await follow
+        finally:
+            follow.cancel()
 
     async def _follow_events(self, client: OutpostClient) -> pb.ServerAddress:
         """Follow the start's events to its terminal event, resuming after drops."""

@@ -89,7 +89,13 @@ LOCAL_WRITE_HIGH = 64 * 1024
 
 
 class TunnelError(Exception):
-    """A tunnel cannot be used; the message says why, for a person."""
+    """A tunnel cannot be used; the message says why, for a person. ``permanent``: retrying
+    cannot help until someone changes the configuration (a host key that does not match,
+    a refused login), as against a server that is down or a network that dropped."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -521,7 +527,7 @@ class Tunnel:
         t = self.target
         problem = host_key_problem(t)
         if problem:
-            raise self._failed(problem)
+            raise self._failed(problem, permanent=True)
         if not t.known_hosts and t not in Tunnel._warned_unchecked:
             Tunnel._warned_unchecked.add(t)
             log.warning(
@@ -532,12 +538,14 @@ class Tunnel:
         except asyncssh.HostKeyNotVerifiable as e:
             raise self._failed(
                 f"the SSH host key of {t.host}:{t.port} does not match {t.known_hosts} ({e.reason}); "
-                "refusing to connect"
+                "refusing to connect",
+                permanent=True,
             ) from None
         except asyncssh.PermissionDenied as e:
             keys = ", ".join(t.client_keys) or "the default keys"
             raise self._failed(
-                f"SSH login as {t.username!r} to {t.host}:{t.port} was refused with {keys} ({e.reason})"
+                f"SSH login as {t.username!r} to {t.host}:{t.port} was refused with {keys} ({e.reason})",
+                permanent=True,
             ) from None
         except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
             raise self._failed(f"cannot connect to the SSH server {t.host}:{t.port}: {_describe(e)}") from None
@@ -552,9 +560,9 @@ class Tunnel:
             self._start_reverse(conn, entry)
         return conn
 
-    def _failed(self, message: str) -> TunnelError:
+    def _failed(self, message: str, permanent: bool = False) -> TunnelError:
         self._last_error = message
-        return TunnelError(message)
+        return TunnelError(message, permanent=permanent)
 
     def _lost(self, conn: asyncssh.SSHClientConnection, exc: Exception | None) -> None:
         """asyncssh's callback: conn is gone (the supervisor reconnects)."""

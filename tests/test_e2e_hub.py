@@ -366,6 +366,10 @@ async def test_unreachable_notebook_is_stopped_and_the_user_told(site, hub_facto
     events = await spawn_page_after_failure(hub, "lou")
     assert "host key" in events[-1]["message"].lower(), events[-1]
     assert "lou" not in await site.servers()
+    # the hub's SSH connection, opened with the Start, failed for good: the start ended
+    # there, before READY (the notebook, without the hub API's reverse forward, would
+    # never answer the Outpost's readiness check)
+    assert " started at " not in site.op.log.read_text(), site.op.log.read_text()[-3000:]
 
 
 # --- a real JupyterHub with internal_ssl -----------------------------------------------------

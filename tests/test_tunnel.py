@@ -399,6 +399,7 @@ async def test_host_key_mismatch_is_a_clear_error(sshd_server, tunnels, tmp_path
         await tunnel.forward("alice", "127.0.0.1", 9)
     message = str(err.value)
     assert "host key" in message and "does not match" in message and str(wrong) in message
+    assert err.value.permanent  # a start fails at once (OutpostSpawner), no retry helps
     assert not tunnel.connected
     assert tunnel.local_port("alice") is None
     assert "Connection from" in sshd.log.read_text()  # it was the host key, not the network
@@ -416,6 +417,7 @@ async def test_refused_login_is_a_clear_error(sshd_server, tunnels):
     with pytest.raises(TunnelError) as err:
         await tunnel.forward("alice", "127.0.0.1", 9)
     assert "login" in str(err.value) and "refused" in str(err.value) and sshd.user in str(err.value)
+    assert err.value.permanent
 
 
 async def test_nothing_listening_is_a_clear_error(tunnels):
@@ -424,6 +426,7 @@ async def test_nothing_listening_is_a_clear_error(tunnels):
     with pytest.raises(TunnelError) as err:
         await tunnel.forward("alice", "127.0.0.1", 9)
     assert f"127.0.0.1:{port}" in str(err.value)
+    assert not err.value.permanent  # the server may come (back): _connect() tries again
 
 
 async def test_a_requested_local_port_is_used_exactly(sshd_server, tunnels):
