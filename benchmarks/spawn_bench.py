@@ -47,7 +47,9 @@ from benchmarks.common import HubPair, machine_info, versions, warm_notebook_imp
 from tests.harness.hub import JupyterHubProcess  # noqa: E402
 from tests.harness.util import percentile  # noqa: E402
 
-TARGET_RATIO = 1.3
+#: issue 15: through the Outpost faster than in the hub itself, at the median and at p95
+TARGET_RATIO = 0.85
+TARGET_RATIO_P95 = 1.0
 SPAWN_TIMEOUT = 90.0  # seconds for one spawn's progress stream
 
 TOOK = re.compile(r"User (\S+) took ([0-9.]+) seconds to start")
@@ -152,6 +154,7 @@ class Config:
         return {
             "p50": statistics.median(self.times),
             "p90": percentile(self.times, 90),
+            "p95": percentile(self.times, 95),
             "max": max(self.times),
             "min": min(self.times),
         }
@@ -191,6 +194,7 @@ async def run(n: int, root: Path) -> dict:
         "direct": d,
         "outpost": o,
         "ratio": o["p50"] / d["p50"],
+        "ratio_p95": o["p95"] / d["p95"],
         "took": took,
         "phases": phases,
         "times": {cfg.label: cfg.times for cfg in configs},
@@ -210,17 +214,20 @@ def print_table(res: dict, n: int) -> None:
     print()
     print(f"spawn-to-ready (POST server -> progress 'ready'), n={n} per config, seconds")
     head = " ".join(f"{p:>7s}" for p in PHASES)
-    print(f"{'config':8s} {'first':>6s} {'median':>6s} {'p90':>6s} {'max':>6s} {'min':>6s} | {head}")
+    print(f"{'config':8s} {'first':>6s} {'median':>6s} {'p90':>6s} {'p95':>6s} {'max':>6s} {'min':>6s} | {head}")
     for label in ("direct", "outpost"):
         s = res[label]
         ph = phase_medians(res, label)
         ph_s = " ".join(f"{ph[p]:7.3f}" for p in PHASES) if ph else "(no breakdown: log lines not found)"
         print(
-            f"{label:8s} {res['first'][label]:6.2f} {s['p50']:6.2f} {s['p90']:6.2f} {s['max']:6.2f} {s['min']:6.2f} | {ph_s}"
+            f"{label:8s} {res['first'][label]:6.2f} {s['p50']:6.2f} {s['p90']:6.2f} {s['p95']:6.2f} {s['max']:6.2f} "
+            f"{s['min']:6.2f} | {ph_s}"
         )
     print(PHASE_HELP)
     ok = "ok" if res["ratio"] <= TARGET_RATIO else "MISS"
     print(f"ratio outpost/direct median: {res['ratio']:.2f}  (target <= {TARGET_RATIO})  {ok}")
+    ok = "ok" if res["ratio_p95"] <= TARGET_RATIO_P95 else "MISS"
+    print(f"ratio outpost/direct p95:    {res['ratio_p95']:.2f}  (target <= {TARGET_RATIO_P95})  {ok}")
 
 
 def main() -> int:
@@ -255,12 +262,16 @@ def main() -> int:
         out = {
             "spawn_direct_p50_s": round(res["direct"]["p50"], 3),
             "spawn_direct_p90_s": round(res["direct"]["p90"], 3),
+            "spawn_direct_p95_s": round(res["direct"]["p95"], 3),
             "spawn_direct_max_s": round(res["direct"]["max"], 3),
             "spawn_outpost_p50_s": round(res["outpost"]["p50"], 3),
             "spawn_outpost_p90_s": round(res["outpost"]["p90"], 3),
+            "spawn_outpost_p95_s": round(res["outpost"]["p95"], 3),
             "spawn_outpost_max_s": round(res["outpost"]["max"], 3),
             "spawn_ratio": round(res["ratio"], 3),
             "spawn_ratio_target": TARGET_RATIO,
+            "spawn_ratio_p95": round(res["ratio_p95"], 3),
+            "spawn_ratio_p95_target": TARGET_RATIO_P95,
             "spawn_first_direct_s": round(res["first"]["direct"], 3),
             "spawn_first_outpost_s": round(res["first"]["outpost"], 3),
             "spawn_direct_s": [round(t, 3) for t in res["times"]["direct"]],

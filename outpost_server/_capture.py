@@ -1,7 +1,7 @@
 """The output capture of one local notebook process: stdin to two bounded files.
 
 Run by the Outpost (outpost_server/output_tail.py) as its own small process, as
-``python -I _capture.py PATH SEGMENT_BYTES``, with the read end of the notebook's
+``python -I -S _capture.py PATH SEGMENT_BYTES``, with the read end of the notebook's
 stdout/stderr pipe as stdin. It appends what it reads to PATH, and passes it on to its own stderr (the Outpost's,
 where a notebook's output went before, as under JupyterHub); when PATH holds
 SEGMENT_BYTES it becomes PATH.1 (the previous PATH.1 is dropped) and a new PATH begins.

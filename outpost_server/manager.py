@@ -222,13 +222,15 @@ class LifecycleManager:
         return rec
 
     def _starts_in_progress(self, hub: str) -> int:
-        """How many of hub's servers are STARTING (those being accepted included)."""
+        """How many of hub's servers are STARTING (those being accepted included), not
+        counting starts waiting in the queue nor those whose Spawner's start() has returned
+        (launched: only the readiness check is left, which costs the site nothing)."""
         starting = self._starting.get(hub)
         if not starting:
             return 0
         ended = [r for r in starting if r.state != pb.SERVER_STATE_STARTING or not self.records.current(r)]
         starting.difference_update(ended)
-        return sum(1 for r in starting if not r.queued)
+        return sum(1 for r in starting if not r.queued and not r.launched)
 
     def _start_limit_reached(self, hub: str) -> bool:
         limit = self.settings.max_concurrent_starts_per_hub

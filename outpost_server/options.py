@@ -615,8 +615,8 @@ class HostingOptions(HasTraits):
         What happens to a Start beyond it is start_admission's: "queue" (default) accepts
         it and it waits for a free slot, its user reading "N users ahead of you" on the
         spawn page; "refuse" answers it at once with RESOURCE_EXHAUSTED (reason
-        TOO_MANY_STARTS, metadata limit), leaving nothing behind. A slot frees when a start
-        becomes RUNNING (with readiness_check: once its notebook answers), fails or is
+        TOO_MANY_STARTS, metadata limit), leaving nothing behind. A slot frees when a start's
+        Spawner.start() has returned (the readiness_check after it holds none), fails or is
         stopped. Retrying a start already accepted (same start_id) is never refused. The
         limit is per hub, so one hub flooding Starts does not keep the others from starting.
         """,

@@ -274,7 +274,9 @@ class OutputTails:
             read_end, write_end = os.pipe()
             try:
                 helper = subprocess.Popen(
-                    [sys.executable, "-I", str(CAPTURE_HELPER), str(current), str(max(1, self.max_bytes // 2))],
+                    # -S: no site import (the helper needs the standard library only):
+                    # 7 ms of CPU to start instead of 20, once per notebook (a class's burst)
+                    [sys.executable, "-I", "-S", str(CAPTURE_HELPER), str(current), str(max(1, self.max_bytes // 2))],
                     stdin=read_end,
                     stdout=subprocess.DEVNULL,  # stderr: the Outpost's, where the output goes on to
                     env={"LC_ALL": "C"},  # never the start's marker: orphans.py finds notebooks by it

@@ -104,6 +104,9 @@ class Record:
     #: waiting in the admission queue (admission.py): STARTING, but not yet a start in
     #: progress nor a server of its flavor (the limits do not count it)
     queued: bool = False
+    #: the Spawner's start() has returned and the Outpost waits for the notebook to answer
+    #: (readiness_check): no longer a start in progress for max_concurrent_starts_per_hub
+    launched: bool = False
     #: set while the start is being persisted (Start returns when it is done)
     accepted: asyncio.Future | None = None
     stop_task: asyncio.Task | None = None

@@ -85,7 +85,8 @@ class StartRun:
         self.waiter = waiter
         #: READY only once the notebook answers at the site (readiness.py); None: at once
         self.readiness = readiness
-        #: called when the run ends (a slot may have freed: the manager wakes its queue)
+        #: called when the run ends, and when its Spawner's start() returned (a start slot
+        #: may have freed: the manager wakes its queue)
         self.on_end = on_end
         #: whether the Spawner's start() was called (a queued start stopped before it was
         #: admitted has nothing at the site to stop)
@@ -179,6 +180,10 @@ class StartRun:
                     self.tails.started(rec, spawner)
             self._check_address(host, port)
             if self.readiness is not None:
+                # the Spawner's work is done: its start slot goes to the next in the queue
+                rec.launched = True
+                if self.on_end is not None:
+                    self.on_end()
                 await self._wait_answers(spawner, scheme, host, port)
             spawner._spawn_pending = spawner._start_pending = False
             await self._stop_progress(progress_task)

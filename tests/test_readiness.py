@@ -13,7 +13,7 @@ from outpost_client import pb
 from outpost_server import readiness
 from outpost_server.testing import LateListenSpawner
 
-from .harness.util import sid
+from .harness.util import sid, wait_for
 
 pytestmark = pytest.mark.rpc
 
@@ -120,3 +120,24 @@ async def test_readiness_tls_notebook_that_refuses_our_certificate_answers(pki):
     server.close()
     await server.wait_closed()
     assert await readiness.wait_until_answers(url, timeout=0.3, max_interval=0.1, context=context) is None
+
+
+async def test_readiness_wait_holds_no_start_slot_of_the_admission_queue(start_outpost):
+    """max_concurrent_starts_per_hub = 1: a start whose Spawner's start() returned and that
+    only waits for its notebook to answer frees its slot, so the next start of the hub
+    runs its start() meanwhile instead of waiting in the queue."""
+    traits = {"LateListenSpawner.listen_delay": -1.0, "readiness_timeout": 60.0}
+    async with start_outpost(LATE, readiness_check=True, max_concurrent_starts_per_hub=1, **traits) as op:
+        first, second = sid(), sid()
+        await op.client.start("ann", first, user_name="ann", env=ENV)
+        await op.client.start("bob", second, user_name="bob", env=ENV)
+        records = op.manager.records
+
+        def launched() -> set[str]:
+            return {name for (_, name) in records if records[("default", name)].launched}
+
+        # both notebooks launched; neither answers, so both still wait for their answer
+        await wait_for(lambda: launched() == {"ann", "bob"}, timeout=10, message=str(launched()))
+        assert not any(records[key].queued for key in records)
+        assert (await op.client.poll("ann")).state == pb.SERVER_STATE_STARTING
+        assert (await op.client.poll("bob")).state == pb.SERVER_STATE_STARTING
