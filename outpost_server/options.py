@@ -690,12 +690,16 @@ class HostingOptions(HasTraits):
         does not serve HTTP: READY is then sent as soon as start() returns.""",
     )
     readiness_timeout = Float(
-        30.0,
-        min=0.01,
+        0.0,
+        min=0.0,
         config=True,
-        help="""Seconds the readiness check waits for the notebook to answer. Then READY is
-        sent anyway (with a WARNING in the log) and the hub's own check (its
-        c.Spawner.http_timeout) decides, as without the check.""",
+        help="""Seconds the readiness check waits for the notebook to answer; 0 (the
+        default): the hosted Spawner's own http_timeout (c.Spawner.http_timeout, 30 s
+        unless the site sets it), the time JupyterHub gives a started server to answer.
+        Then READY is sent anyway (with a WARNING in the log) and the hub's own check (its
+        c.Spawner.http_timeout) decides, as without the check. Under a burst notebooks
+        start slowly: a bound shorter than their start-up hands the wait back to the hub's
+        backoff, through the tunnel.""",
     )
     readiness_max_interval = Float(
         0.5,

@@ -227,6 +227,8 @@ class StartRun:
         settings = self.readiness
         assert settings is not None
         rec = self.rec
+        # the site's bound, or the Spawner's own: how long JupyterHub gives a server to answer
+        bound = settings.readiness_timeout or float(getattr(spawner, "http_timeout", 0) or 30)
         url = readiness.check_url(scheme, host, port, rec.spec.env.get("JUPYTERHUB_SERVICE_PREFIX", "/"))
         context = readiness.ssl_context(getattr(spawner, "cert_paths", None)) if scheme == "https" else None
 
@@ -235,17 +237,19 @@ class StartRun:
 
         took = await readiness.wait_until_answers(
             url,
-            timeout=settings.readiness_timeout,
+            timeout=bound,
             max_interval=settings.readiness_max_interval,
             context=context,
             exited=exited,
         )
         if took is None:
             log.warning(
-                "The notebook of %s/%s did not answer at %s within %gs (c.Outpost.readiness_timeout): "
+                "The notebook of %s/%s did not answer at %s within %gs (%s): "
                 "READY anyway, the hub's own check decides (last: %s). If the Outpost cannot "
                 "reach its notebooks, set c.Outpost.readiness_check = False.",
-                rec.hub, rec.name, url, settings.readiness_timeout, readiness.last_miss.pop(url, "?"),
+                rec.hub, rec.name, url, bound,
+                "c.Outpost.readiness_timeout" if settings.readiness_timeout else "the Spawner's http_timeout",
+                readiness.last_miss.pop(url, "?"),
             )  # fmt: skip
         else:
             readiness.last_miss.pop(url, None)

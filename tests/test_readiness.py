@@ -4,6 +4,7 @@ switchable off). The real jupyterhub-singleuser behind a real hub: tests/test_e2
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -141,3 +142,16 @@ async def test_readiness_wait_holds_no_start_slot_of_the_admission_queue(start_o
         assert not any(records[key].queued for key in records)
         assert (await op.client.poll("ann")).state == pb.SERVER_STATE_STARTING
         assert (await op.client.poll("bob")).state == pb.SERVER_STATE_STARTING
+
+
+async def test_readiness_bound_is_the_spawners_http_timeout_by_default(start_outpost, caplog):
+    """Without readiness_timeout the check waits as long as JupyterHub would give the
+    started server to answer: the hosted Spawner's http_timeout (here 1 s, not 30)."""
+    traits = {"LateListenSpawner.listen_delay": -1.0, "LateListenSpawner.http_timeout": 1}
+    async with start_outpost(LATE, readiness_check=True, **traits) as op:
+        start_id = sid()
+        with caplog.at_level(logging.WARNING, logger="outpost.manager"):
+            await op.client.start("ann", start_id, user_name="ann", env=ENV)
+            event, _ = await asyncio.wait_for(terminal_event(op.client, "ann", start_id), 20)
+        assert event.kind == pb.EVENT_KIND_READY
+        assert "within 1s (the Spawner's http_timeout)" in caplog.text
