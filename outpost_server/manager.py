@@ -33,17 +33,15 @@ from outpost_client.errors import (
     ShuttingDown,
     SpawnerError,
     StartNotFound,
-    TooManyServers,
-    TooManyStarts,
     Unavailable,
 )
 from outpost_client.v1 import outpost_pb2 as pb
 
 from . import convert
 from .accounts import AccountPolicy
-from .admission import FLAVOR, QUEUE, STARTS, Blocked, QueueClosed, StartQueue
+from .admission import Admission, QueueClosed, StartQueue
 from .expiry import RecordExpiry
-from .flavors import Flavor, FlavorSet, Usage, limit_refusal
+from .flavors import FlavorSet, limit_refusal
 from .hosting import certs_base_warning, default_certs_base
 from .journal import Journal
 from .output_tail import OutputTails
@@ -162,8 +160,6 @@ class LifecycleManager:
             concurrency=settings.poll_concurrency,
             tails=tails,
         )
-        # hub -> records this manager put in STARTING (pruned lazily; only with a limit)
-        self._starting: dict[str, set[Record]] = {}
         self.expiry = RecordExpiry(
             self.records,
             self.stop,
@@ -173,8 +169,9 @@ class LifecycleManager:
         self.runtime = RuntimeLimits(self.records, self.stop, timeout=settings.cleanup_timeout)
         # the restore's clean-ups of interrupted starts, running in the background
         self._cleanups: set[asyncio.Task] = set()
-        #: starts waiting for a free slot (admission.py)
+        #: starts waiting for a free slot, and the limits that decide it (admission.py)
         self.queue = StartQueue(max_per_hub=settings.start_queue_limit, timeout=settings.start_queue_timeout)
+        self.admission = Admission(settings, self.records, self.queue)
         self.readiness = (
             Readiness(settings.readiness_timeout, settings.readiness_max_interval) if settings.readiness_check else None
         )
@@ -221,127 +218,6 @@ class LifecycleManager:
             )
         return rec
 
-    def _starts_in_progress(self, hub: str) -> int:
-        """How many of hub's servers are STARTING (those being accepted included), not
-        counting starts waiting in the queue nor those whose Spawner's start() has returned
-        (launched: only the readiness check is left, which costs the site nothing)."""
-        starting = self._starting.get(hub)
-        if not starting:
-            return 0
-        ended = [r for r in starting if r.state != pb.SERVER_STATE_STARTING or not self.records.current(r)]
-        starting.difference_update(ended)
-        return sum(1 for r in starting if not r.queued and not r.launched)
-
-    def _start_limit_reached(self, hub: str) -> bool:
-        limit = self.settings.max_concurrent_starts_per_hub
-        return limit > 0 and self._starts_in_progress(hub) >= limit
-
-    def _check_start_limit(self, hub: str) -> bool:
-        """Whether a new start of hub must wait (True: queue it). Refuses it
-        (RESOURCE_EXHAUSTED) while hub is at its limit of starts in "refuse" mode, or
-        when its queue is full too."""
-        queueing = self.settings.start_admission == QUEUE
-        if not self._start_limit_reached(hub) and not (queueing and self.queue.waiting(hub)):
-            return False  # a free slot, and nobody of the hub waits before it (FIFO)
-        limit = self.settings.max_concurrent_starts_per_hub
-        in_progress = self._starts_in_progress(hub)
-        if not queueing:
-            log.warning("Refused a start of hub %r: %d starts in progress (the limit)", hub, in_progress)
-            raise TooManyStarts(
-                f"Hub {hub!r} already has {in_progress} server starts in progress on this "
-                "Outpost (the limit); try again when one of them finishes.",
-                metadata={"limit": str(limit)},
-            )
-        self._check_queue_room(hub)
-        return True
-
-    def _check_queue_room(self, hub: str) -> None:
-        """Refuse a start that would have to wait (RESOURCE_EXHAUSTED) when hub's queue is full."""
-        if not self.queue.full(hub):
-            return
-        waiting = self.queue.waiting(hub)
-        log.warning("Refused a start of hub %r: %d starts already wait (c.Outpost.start_queue_limit)", hub, waiting)
-        raise TooManyStarts(
-            f"Hub {hub!r} already has {self._starts_in_progress(hub)} server starts in progress "
-            f"and {waiting} waiting on this Outpost (the limits); try again when one of them finishes.",
-            metadata={"limit": str(self.settings.max_concurrent_starts_per_hub), "queue_limit": str(waiting)},
-        )
-
-    def _blocked(self, hub: str, spec: convert.StartSpec, flavor: Flavor | None) -> Blocked:
-        """Why a queued start must still wait (admission.py), or None: it may start now.
-        A queued start's user limits were checked when it was accepted; what is left is
-        the hub's limit of starts and its flavor's hub and total limits."""
-        if self._start_limit_reached(hub):
-            limit = self.settings.max_concurrent_starts_per_hub
-            starts = "1 server" if limit == 1 else f"{limit} servers"
-            return STARTS, f"this Outpost starts at most {starts} of your hub at a time"
-        if flavor is not None:
-            usage = self.flavor_usage(flavor.name, hub, spec.user["name"])
-            refusal = limit_refusal(flavor, Usage(total=usage.total, hub=usage.hub), 0)
-            if refusal is not None:
-                return FLAVOR, f"every server of flavor {flavor.name!r} that may run is in use"
-        return None
-
-    def server_limit(self, hub: str) -> int:
-        """How many servers hub may hold (0: no limit)."""
-        return self.settings.max_servers_by_hub.get(hub, self.settings.max_servers_per_hub)
-
-    def _check_server_limit(self, hub: str) -> None:
-        """Refuse a new server (RESOURCE_EXHAUSTED) while hub holds as many as it may, in any
-        state: a stopped or failed one counts until the hub stops it or it expires."""
-        limit = self.server_limit(hub)
-        if limit <= 0:
-            return
-        held = len(self.records.of_hub(hub))
-        if held >= limit:
-            log.warning("Refused a new server of hub %r: it holds %d servers (the limit)", hub, held)
-            servers = "1 server" if held == 1 else f"{held} servers"
-            raise TooManyServers(
-                f"This Outpost already holds {servers} of your hub {hub!r}, the most it "
-                "allows (stopped and failed ones count until they are stopped). Stop a "
-                "server you no longer need, or ask your hub's administrators, then try again.",
-                metadata={"limit": str(limit)},
-            )
-
-    def flavor_usage(self, flavor: str, hub: str, user_name: str) -> Usage:
-        """Active servers of flavor (in total, of hub, of hub's user) and of that user
-        across flavors, from memory."""
-        of_flavor = self.records.active_of_flavor(flavor) if flavor else []
-        admitted = [r for r in of_flavor if not r.queued]  # a queued start holds no server yet
-        return Usage(
-            total=len(admitted),
-            hub=sum(1 for r in admitted if r.hub == hub),
-            # a user's own queued starts count: they hold the user's claim
-            user=sum(1 for r in of_flavor if r.hub == hub and r.user_name == user_name),
-            user_total=len(self.records.active_of_user(hub, user_name)),
-        )
-
-    def _check_flavor_limits(self, hub: str, spec: convert.StartSpec, flavor: Flavor | None, flavors: FlavorSet) -> bool:
-        """Refuse (RESOURCE_EXHAUSTED, FLAVOR_LIMIT_REACHED) a start beyond a limit of its
-        flavor or the site's per-user cap; True: it waits for its flavor's hub or total
-        limit instead (c.Outpost.flavor_admission "queue"; a user's own limits are always
-        refused: only the user can free them). Synchronous: the caller takes the record
-        in the same step, so no other start can be admitted between the count and the
-        taking."""
-        if flavor is None and flavors.max_servers_per_user <= 0:
-            return False
-        user = spec.user["name"]
-        usage = self.flavor_usage(spec.flavor, hub, user)
-        refusal = limit_refusal(flavor, usage, flavors.max_servers_per_user)
-        if (
-            refusal is not None
-            and self.settings.flavor_admission == QUEUE
-            and refusal.metadata["limit"] in ("hub", "total")
-        ):
-            self._check_queue_room(hub)
-            return True
-        if refusal is not None:
-            log.warning(
-                "Refused a start of %s/%s (user %r, flavor %r): %s limit %s reached",
-                hub, spec.server_name, user, spec.flavor, refusal.metadata["limit"], refusal.metadata["max"],
-            )  # fmt: skip
-            raise refusal
-
     async def start(self, hub: str, spec: convert.StartSpec) -> tuple[pb.ServerStatus, bool]:
         if self.closing:
             raise ShuttingDown("The Outpost is shutting down; try again shortly.")
@@ -367,8 +243,8 @@ class LifecycleManager:
         # record is taken: an idempotent retry (above) is never refused, and a new start
         # of a name the hub holds (a stopped one) takes no new record
         if rec is None:
-            self._check_server_limit(hub)
-        self._check_start_limit(hub)  # refused early; queued or not: decided below
+            self.admission.check_server_limit(hub)
+        self.admission.check_start_limit(hub)  # refused early; queued or not: decided below
         # the flavor: allowed for this hub and user (refused before anything is made), and
         # its limits (checked again below, in the step that takes the record). Admitted
         # under this set of flavors even if a SIGHUP replaces it meanwhile.
@@ -376,7 +252,7 @@ class LifecycleManager:
         flavor = flavors.resolve(hub, spec.user, spec.flavor)
         spec.flavor = flavor.name if flavor is not None else ""
         spec.flavor_spec = flavor.record() if flavor is not None else {}
-        self._check_flavor_limits(hub, spec, flavor, flavors)
+        self.admission.check_flavor_limits(hub, spec, flavor, flavors)
         await self.policies.check(hub, spec)
 
         new = Record(
@@ -404,14 +280,14 @@ class LifecycleManager:
             return await self.start(hub, spec)
         # no await between these checks and taking the record
         if rec is None:
-            self._check_server_limit(hub)
-        wait = self._check_start_limit(hub)
-        wait = self._check_flavor_limits(hub, spec, flavor, flavors) or wait
+            self.admission.check_server_limit(hub)
+        wait = self.admission.check_start_limit(hub)
+        wait = self.admission.check_flavor_limits(hub, spec, flavor, flavors) or wait
         new.accepted = asyncio.get_running_loop().create_future()
         self.records.put(new)
         if self.settings.max_concurrent_starts_per_hub > 0:
-            self._starting.setdefault(hub, set()).add(new)
-        waiter = self.queue.enqueue(new, lambda: self._blocked(hub, spec, flavor)) if wait else None
+            self.admission.starting(hub, new)
+        waiter = self.queue.enqueue(new, lambda: self.admission.blocked(hub, spec, flavor)) if wait else None
         # shielded: a client that goes away mid-Start does not undo an accepted start
         await asyncio.shield(asyncio.ensure_future(self._accept(new, previous=rec, waiter=waiter)))
         if spec.wait_until_ready:
@@ -521,7 +397,7 @@ class LifecycleManager:
         user_total = len(self.records.active_of_user(hub, name))
         listed = []
         for flavor in flavors.offered(hub):
-            usage = self.flavor_usage(flavor.name, hub, name)
+            usage = self.admission.flavor_usage(flavor.name, hub, name)
             why = flavor.refusal_for_user(user)
             if not why:
                 refusal = limit_refusal(flavor, usage, flavors.max_servers_per_user)

@@ -121,7 +121,7 @@ async def test_per_hub_limits_and_zero_for_none(start_outpost):
         with pytest.raises(TooManyServers) as err:
             await op.client.start("c", sid(), user_name="u")
         assert err.value.metadata == {"limit": "2"}
-        assert op.manager.server_limit("another-hub") == 1
+        assert op.manager.admission.server_limit("another-hub") == 1
     async with start_outpost(NEVER_READY, max_servers_per_hub=0, max_concurrent_starts_per_hub=0) as op:
         results = await asyncio.gather(*(op.client.start(f"s{i}", sid(), user_name="u") for i in range(60)))
         assert all(r.created for r in results)
