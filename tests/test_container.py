@@ -38,7 +38,7 @@ from outpost_server.certs import Pair
 from .harness.docker import PrivateDockerd, base_image_tar, docker_unavailable
 from .harness.hub import hub_client
 from .harness.outpost import BIN, ROOT
-from .harness.slurm import JOB_NAME, our_jobs
+from .harness.slurm import JOB_NAME, SLURM_SPAWNER_REQUESTS, our_jobs
 from .harness.util import free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -80,15 +80,7 @@ c.Outpost.user_mapping = {{"hub-a": {{"alice": "outpost"}}}}
 c.HubAPIRelay.enabled = True
 c.HubAPIRelay.ip = "127.0.0.1"
 c.HubAPIRelay.port = {relay_port}
-c.SlurmSpawner.exec_prefix = ""
-c.SlurmSpawner.req_partition = "debug"
-c.SlurmSpawner.req_nprocs = "1"
-c.SlurmSpawner.req_memory = "200M"
-c.SlurmSpawner.req_runtime = "00:10:00"
-c.SlurmSpawner.startup_poll_interval = 0.5
-c.SlurmSpawner.start_timeout = 120
-c.SlurmSpawner.env_keep.append("SLURM_CONF")
-c.SlurmSpawner.batchspawner_singleuser_cmd = "{python} -m batchspawner.singleuser"
+""" + SLURM_SPAWNER_REQUESTS + """c.SlurmSpawner.batchspawner_singleuser_cmd = "{python} -m batchspawner.singleuser"
 c.Spawner.cmd = ["{bin}/jupyterhub-singleuser"]
 c.Spawner.environment = {{
     "PYTHONPATH": "{site_packages}",

@@ -28,7 +28,7 @@ from outpost_client import pb
 from .harness.e2e_driver import browser_oauth, read_progress
 from .harness.hub import TOKEN
 from .harness.outpost import BIN
-from .harness.slurm import JOB_NAME, SITE_USER_MAPPING, our_jobs, queue_reason_recipe
+from .harness.slurm import JOB_NAME, SITE_USER_MAPPING, SLURM_SPAWNER_REQUESTS, our_jobs, queue_reason_recipe
 from .harness.util import free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.slurm]
@@ -42,15 +42,8 @@ c.HubAPIRelay.enabled = True
 c.HubAPIRelay.ip = "127.0.0.1"         # the "compute node" is this machine
 c.HubAPIRelay.port = {relay_port}
 
-c.SlurmSpawner.exec_prefix = ""        # the Outpost runs as root and submits as itself
-c.SlurmSpawner.req_partition = "debug"
-c.SlurmSpawner.req_nprocs = "1"
-c.SlurmSpawner.req_memory = "200M"
-c.SlurmSpawner.req_runtime = "00:10:00"
-c.SlurmSpawner.startup_poll_interval = 0.5
-c.SlurmSpawner.start_timeout = 120
-c.SlurmSpawner.env_keep.append("SLURM_CONF")   # sbatch runs with get_env(), not os.environ
-c.SlurmSpawner.batchspawner_singleuser_cmd = "{bin}/batchspawner-singleuser"
+# SLURM_SPAWNER_REQUESTS: the Outpost runs as root and submits as itself
+""" + SLURM_SPAWNER_REQUESTS + """c.SlurmSpawner.batchspawner_singleuser_cmd = "{bin}/batchspawner-singleuser"
 c.Spawner.cmd = ["{bin}/jupyterhub-singleuser"]
 c.Spawner.args = ["--allow-root"]
 c.Spawner.environment = {{

@@ -45,6 +45,7 @@ __all__ = [
     "ACCOUNT",
     "JOB_NAME",
     "SITE_USER_MAPPING",
+    "SLURM_SPAWNER_REQUESTS",
     "Job",
     "SlurmCluster",
     "our_jobs",
@@ -63,6 +64,20 @@ ACCOUNT = "outpost-slurm"
 SITE_USER_MAPPING = f'c.Outpost.user_mapping = {{"default": {{"root": "{ACCOUNT}"}}}}\n'
 
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
+
+#: outpost_config.py lines of a SlurmSpawner on the private cluster: what its jobs ask for,
+#: submitted by the Outpost's own user (no sudo), SLURM_CONF passed on to sbatch (which runs
+#: with get_env(), not os.environ). No braces: safe inside a str.format template.
+SLURM_SPAWNER_REQUESTS = """\
+c.SlurmSpawner.exec_prefix = ""
+c.SlurmSpawner.req_partition = "debug"
+c.SlurmSpawner.req_nprocs = "1"
+c.SlurmSpawner.req_memory = "200M"
+c.SlurmSpawner.req_runtime = "00:10:00"
+c.SlurmSpawner.startup_poll_interval = 0.5
+c.SlurmSpawner.start_timeout = 120
+c.SlurmSpawner.env_keep.append("SLURM_CONF")
+"""
 
 
 def slurm_available() -> str:
